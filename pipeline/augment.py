@@ -1,0 +1,448 @@
+"""Random affine augmentation shared by training (cv2 / albumentations) and 100-fold TTA (MXNet).
+
+Bing Xu's NDSB entry (thesis §6.2) trains on "rotation, translation, rescaling, flipping and
+shearing" and predicts by averaging 100 random affine views of every test image. The two uses
+must mean the same thing: a TTA view should be drawn from the distribution the net was trained
+on. This module therefore has ONE parameterization and ONE matrix builder, and two warpers:
+
+* :class:`AffineRanges` - the distribution (ranges), validated, round-trips through a dict
+  (``params.yaml``);
+* :func:`sample_params` - vectorized draws, pseudo-random or quasi-random (Halton) through the
+  same unit-cube -> parameter mapping;
+* :func:`params_to_matrices` - (n, 2, 3) pixel-space matrices;
+* training: :func:`warp_image` (cv2.warpAffine), wrapped as the albumentations transform
+  :class:`RandomAffineNDSB` and :func:`build_train_transform`;
+* TTA: :func:`warp_batch` / :func:`tta_batch` - batched ``GridGenerator`` + ``BilinearSampler``
+  on model-input tensors, one operator call for a whole batch times T transforms.
+
+Matrix convention (identical to ``cv2.warpAffine`` without ``WARP_INVERSE_MAP``)
+-------------------------------------------------------------------------------
+A matrix ``M`` (2x3) is the FORWARD map, input pixel -> output pixel::
+
+    [x_out, y_out] = M @ [x_in, y_in, 1],    i.e.  out(M p) = in(p),  out(q) = in(M^-1 q)
+
+with x the column and y the row index, pixel centres at integer coordinates, origin at the
+top-left pixel centre. About the image centre ``c = ((W-1)/2, (H-1)/2)`` the linear part is
+composed, first applied first, as
+
+    flip -> stretch -> shear -> zoom -> rotation, then translation:
+    A = R(rotation) @ zoom @ Shear(shear) @ diag(sqrt(s), 1/sqrt(s)) @ diag(+-1, +-1)
+    M = [A | c + t - A c],   t = (tx * W, ty * H)
+
+* flip_h mirrors columns (x -> W-1-x, exactly ``np.fliplr``), flip_v mirrors rows;
+* stretch ``s`` changes the aspect ratio by ``s`` keeping the area (Dieleman et al.'s NDSB
+  "stretch": x scaled by sqrt(s), y by 1/sqrt(s));
+* shear ``phi`` degrees: x += tan(phi) * y (area-preserving);
+* zoom ``z`` > 1 enlarges the plankton (zoom in), < 1 shrinks it;
+* rotation ``theta`` degrees is COUNTER-clockwise as displayed (y axis points down), the same
+  sign as ``cv2.getRotationMatrix2D``;
+* tx, ty are fractions of the width / height; positive moves the content right / down.
+
+Background: raw images are dark plankton on white (255); the model input is inverted,
+``(255 - pixel) / 255``, so background is 0 there. The cv2 path fills with 255 on raw uint8
+images; the MXNet path fills with 0 on model-input tensors (``BilinearSampler`` pads with 0).
+Both are the same picture, which ``tests/test_augment.py`` checks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import multiprocessing
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import albumentations as A
+import cv2
+import mxnet as mx
+import numpy as np
+
+Params = Dict[str, np.ndarray]
+Size = Union[int, Tuple[int, int]]
+
+# Order of the unit-cube coordinates. Halton's first dimensions (small prime bases) are the
+# most uniform, so the most influential parameters come first; flips are thresholds on the last.
+PARAM_NAMES = ("rotation", "zoom", "tx", "ty", "shear", "stretch", "flip_h", "flip_v")
+_N_DIMS = len(PARAM_NAMES)
+METHODS = ("random", "halton")
+
+
+class RangesError(ValueError):
+    """An augmentation range is unknown, malformed or out of its valid domain."""
+
+
+# --------------------------------------------------------------------------------------------
+# Ranges
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class AffineRanges:
+    """Distribution of one random affine transform (defaults: thesis §6.2 / NDSB winners).
+
+    rotation: (lo, hi) degrees, uniform.        translate: max |tx|, |ty| as a fraction of side.
+    zoom:     (lo, hi), log-uniform, > 0.       shear: max |angle| in degrees, uniform, < 90.
+    stretch:  (lo, hi) aspect ratio, log-uniform, > 0.
+    flip_h, flip_v: probability of a horizontal / vertical mirror.
+    """
+
+    rotation: Tuple[float, float] = (0.0, 360.0)
+    translate: float = 0.1
+    zoom: Tuple[float, float] = (1 / 1.6, 1.6)
+    shear: float = 20.0
+    stretch: Tuple[float, float] = (1 / 1.3, 1.3)
+    flip_h: float = 0.5
+    flip_v: float = 0.5
+
+    def __post_init__(self) -> None:
+        # Normalize to plain floats/tuples (YAML gives lists, numpy scalars sneak in) and validate,
+        # so a bad range fails here with its name, not later inside a warp.
+        for name in ("rotation", "zoom", "stretch"):
+            object.__setattr__(self, name, _interval(name, getattr(self, name)))
+        for name in ("translate", "shear", "flip_h", "flip_v"):
+            object.__setattr__(self, name, _number(name, getattr(self, name)))
+        if self.zoom[0] <= 0 or self.stretch[0] <= 0:
+            raise RangesError(f"zoom and stretch must be > 0, got zoom={self.zoom}, "
+                              f"stretch={self.stretch}")
+        if not 0.0 <= self.translate <= 1.0:
+            raise RangesError(f"translate must be in [0, 1] (fraction of the side), "
+                              f"got {self.translate}")
+        if not 0.0 <= self.shear < 90.0:
+            raise RangesError(f"shear must be in [0, 90) degrees, got {self.shear}")
+        for name in ("flip_h", "flip_v"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise RangesError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "AffineRanges":
+        """Build from a mapping (e.g. a ``params.yaml`` section); missing keys keep defaults."""
+        if not isinstance(d, Mapping):
+            raise RangesError(f"augmentation ranges must be a mapping, got {type(d).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise RangesError(f"unknown augmentation key(s) {unknown}; valid keys: {valid}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain floats and lists (YAML/JSON safe); ``from_dict(to_dict())`` round-trips."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def identity(cls) -> "AffineRanges":
+        """All ranges degenerate: every sample is the identity transform."""
+        return cls(rotation=(0.0, 0.0), translate=0.0, zoom=(1.0, 1.0), shear=0.0,
+                   stretch=(1.0, 1.0), flip_h=0.0, flip_v=0.0)
+
+    def narrowed(self, factor: float) -> "AffineRanges":
+        """Shrink the DISTORTIONS (translate, zoom, stretch, shear) towards identity by ``factor``.
+
+        ``factor`` = 1 keeps the ranges, 0 removes the distortions. Zoom and stretch shrink in
+        log space (so 1/1.6..1.6 becomes 1/1.6**f..1.6**f). Rotation and flips are kept: plankton
+        have no preferred orientation, so they are label-preserving symmetries, not distortions.
+        Useful for milder test-time views than training views.
+        """
+        factor = _number("factor", factor)
+        if not 0.0 <= factor <= 1.0:
+            raise RangesError(f"narrowed factor must be in [0, 1], got {factor}")
+        return dataclasses.replace(
+            self, translate=self.translate * factor, shear=self.shear * factor,
+            zoom=(self.zoom[0] ** factor, self.zoom[1] ** factor),
+            stretch=(self.stretch[0] ** factor, self.stretch[1] ** factor))
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RangesError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise RangesError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _interval(name: str, value: Any) -> Tuple[float, float]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise RangesError(f"{name} must be a (low, high) pair, got {value!r}")
+    lo, hi = (_number(name, v) for v in value)
+    if lo > hi:
+        raise RangesError(f"{name}: low {lo} > high {hi}")
+    return lo, hi
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+def sample_params(ranges: AffineRanges, n: int, rng: np.random.Generator,
+                  method: str = "random") -> Params:
+    """Draw ``n`` transforms: a dict of length-``n`` arrays keyed by :data:`PARAM_NAMES`.
+
+    rotation (deg), zoom, stretch, shear (deg), tx, ty (fractions of the side) are float64;
+    flip_h, flip_v are bool. ``method='random'`` uses ``rng`` directly; ``method='halton'``
+    uses a scrambled Halton sequence (scrambling seeded from ``rng``) - lower discrepancy, so
+    100 TTA views cover the range more evenly. Both go through the same unit-cube mapping.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if method == "random":
+        u = rng.random((n, _N_DIMS))
+    else:
+        u = _halton(n, rng)
+    return unit_to_params(ranges, u)
+
+
+def _halton(n: int, rng: np.random.Generator) -> np.ndarray:
+    from scipy.stats import qmc  # scipy import is slow; only the Halton path needs it
+    try:
+        engine = qmc.Halton(d=_N_DIMS, scramble=True, rng=rng)
+    except TypeError:  # scipy < 1.15 names the argument `seed`
+        engine = qmc.Halton(d=_N_DIMS, scramble=True, seed=rng)
+    return engine.random(n)
+
+
+def unit_to_params(ranges: AffineRanges, u: np.ndarray) -> Params:
+    """Map points of the unit cube, shape (n, 8) in :data:`PARAM_NAMES` order, to parameters.
+
+    Uniform ``u`` gives: uniform rotation / shear / translation, log-uniform zoom / stretch,
+    Bernoulli(flip_*) flips (``u < p``).
+    """
+    u = np.asarray(u, dtype=np.float64)
+    if u.ndim != 2 or u.shape[1] != _N_DIMS:
+        raise ValueError(f"unit samples must have shape (n, {_N_DIMS}), got {u.shape}")
+    col = dict(zip(PARAM_NAMES, u.T))
+    return {
+        "rotation": _lerp(ranges.rotation, col["rotation"]),
+        "zoom": np.exp(_lerp(np.log(ranges.zoom), col["zoom"])),
+        "tx": _lerp((-ranges.translate, ranges.translate), col["tx"]),
+        "ty": _lerp((-ranges.translate, ranges.translate), col["ty"]),
+        "shear": _lerp((-ranges.shear, ranges.shear), col["shear"]),
+        "stretch": np.exp(_lerp(np.log(ranges.stretch), col["stretch"])),
+        "flip_h": col["flip_h"] < ranges.flip_h,
+        "flip_v": col["flip_v"] < ranges.flip_v,
+    }
+
+
+def _lerp(bounds: Any, t: np.ndarray) -> np.ndarray:
+    lo, hi = bounds
+    return lo + (hi - lo) * t
+
+
+# --------------------------------------------------------------------------------------------
+# Matrices
+# --------------------------------------------------------------------------------------------
+
+def params_to_matrices(params: Mapping[str, np.ndarray], size: Size) -> np.ndarray:
+    """Forward pixel matrices, shape (n, 2, 3) float64, for images of ``size`` (side or (H, W)).
+
+    See the module docstring for the convention; feed them to ``cv2.warpAffine`` as-is.
+    """
+    h, w = _hw(size)
+    rot = np.deg2rad(np.asarray(params["rotation"], dtype=np.float64))
+    n = rot.shape[0]
+    cos, sin = np.cos(rot), np.sin(rot)
+    zoom = np.asarray(params["zoom"], dtype=np.float64)
+    sqrt_s = np.sqrt(np.asarray(params["stretch"], dtype=np.float64))
+    tan_sh = np.tan(np.deg2rad(np.asarray(params["shear"], dtype=np.float64)))
+    fx = np.where(np.asarray(params["flip_h"], dtype=bool), -1.0, 1.0)
+    fy = np.where(np.asarray(params["flip_v"], dtype=bool), -1.0, 1.0)
+
+    # Linear part, built factor by factor (each (n, 2, 2)) so the order is explicit.
+    flip = _diag(fx, fy)
+    stretch = _diag(sqrt_s, 1.0 / sqrt_s)
+    shear = _stack2(np.ones(n), tan_sh, np.zeros(n), np.ones(n))
+    scale = _diag(zoom, zoom)
+    rotation = _stack2(cos, sin, -sin, cos)  # CCW as displayed with y down (cv2 sign)
+    lin = rotation @ scale @ shear @ stretch @ flip
+
+    centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+    shift = np.stack([np.asarray(params["tx"], dtype=np.float64) * w,
+                      np.asarray(params["ty"], dtype=np.float64) * h], axis=-1)
+    offset = centre + shift - lin @ centre
+    return np.concatenate([lin, offset[:, :, None]], axis=2)
+
+
+def sample_matrices(ranges: AffineRanges, n: int, size: Size, rng: np.random.Generator,
+                    method: str = "random") -> np.ndarray:
+    """``params_to_matrices(sample_params(...), size)`` - e.g. the T matrices of a TTA run."""
+    return params_to_matrices(sample_params(ranges, n, rng, method), size)
+
+
+def _diag(a: Any, b: Any) -> np.ndarray:
+    a, b = np.broadcast_arrays(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))
+    z = np.zeros_like(a)
+    return _stack2(a, z, z, b)
+
+
+def _stack2(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> np.ndarray:
+    return np.stack([np.stack([a, b], -1), np.stack([c, d], -1)], -2)
+
+
+def _hw(size: Size) -> Tuple[int, int]:
+    h, w = (size, size) if np.isscalar(size) else size
+    return int(h), int(w)
+
+
+def invert_matrices(matrices: np.ndarray) -> np.ndarray:
+    """Inverse affine maps, (n, 2, 3) -> (n, 2, 3) (forward <-> ``WARP_INVERSE_MAP`` form)."""
+    m = np.asarray(matrices, dtype=np.float64).reshape(-1, 2, 3)
+    lin_inv = np.linalg.inv(m[:, :, :2])
+    return np.concatenate([lin_inv, -lin_inv @ m[:, :, 2:]], axis=2)
+
+
+def matrices_to_theta(matrices: np.ndarray, size: Size) -> np.ndarray:
+    """Forward pixel matrices -> ``GridGenerator(transform_type='affine')`` thetas, (n, 6).
+
+    GridGenerator maps each OUTPUT position to the INPUT position to sample, both in normalized
+    coordinates where -1 / +1 are the centres of the first / last pixel (align-corners;
+    ``x_pix = (x_norm + 1) (W - 1) / 2``, checked against MXNet 1.9.1). So theta is
+    N @ M^-1 @ N^-1, with N the pixel -> normalized map.
+    """
+    h, w = _hw(size)
+    if h < 2 or w < 2:
+        raise ValueError(f"images must be at least 2x2 to warp, got {(h, w)}")
+    inv = _homogeneous(invert_matrices(matrices))
+    norm = np.array([[2.0 / (w - 1), 0.0, -1.0], [0.0, 2.0 / (h - 1), -1.0], [0.0, 0.0, 1.0]])
+    theta = norm @ inv @ np.linalg.inv(norm)
+    return theta[:, :2, :].reshape(-1, 6)
+
+
+def _homogeneous(m: np.ndarray) -> np.ndarray:
+    bottom = np.broadcast_to(np.array([0.0, 0.0, 1.0]), (m.shape[0], 1, 3))
+    return np.concatenate([m, bottom], axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Training path: cv2 + albumentations
+# --------------------------------------------------------------------------------------------
+
+def warp_image(image: np.ndarray, matrix: np.ndarray, background: float = 255) -> np.ndarray:
+    """Warp one HxW or HxWxC image by a forward pixel matrix (bilinear, constant ``background``)."""
+    h, w = image.shape[:2]
+    out = cv2.warpAffine(image, np.asarray(matrix, dtype=np.float64).reshape(2, 3), (w, h),
+                         flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                         borderValue=background)
+    # cv2 drops a trailing channel axis of length 1; keep the caller's layout.
+    return out.reshape(image.shape)
+
+
+class RandomAffineNDSB(A.ImageOnlyTransform):
+    """albumentations transform: one random affine from :func:`sample_params`, warped by cv2.
+
+    Randomness and seeding: parameters (and the apply-or-not decision when ``p < 1``) come from
+    this object's own ``numpy.random.Generator``, never from python ``random`` (which
+    albumentations 1.3.1 uses for its own ``p``; we pass ``p=1`` to the base class so that draw
+    is always "apply"). With ``seed`` set, a single process is fully reproducible; ``reseed``
+    restarts the stream (e.g. per epoch).
+
+    DataLoader workers: a forked worker would inherit an identical Generator, so every worker
+    would produce the same augmentations. On first use in a new process the stream is therefore
+    re-derived as ``SeedSequence(seed entropy, spawn_key=worker identity)``; the identity is the
+    multiprocessing Pool index (stable across runs) or the pid for other processes. Streams then
+    differ per worker; which sample meets which draw still depends on batch scheduling, so for
+    bit-exact reruns use ``num_workers=0``.
+    """
+
+    def __init__(self, ranges: Optional[AffineRanges] = None, background: float = 255,
+                 p: float = 1.0, seed: Optional[int] = None, always_apply: bool = False):
+        super().__init__(always_apply=always_apply, p=1.0)
+        self.ranges = ranges if ranges is not None else AffineRanges()
+        self.background = background
+        self.apply_p = _number("p", p)
+        if not 0.0 <= self.apply_p <= 1.0:
+            raise RangesError(f"p must be in [0, 1], got {p}")
+        self.always = always_apply
+        self.reseed(seed)
+
+    def reseed(self, seed: Optional[int] = None) -> None:
+        """Restart the parameter stream from ``seed`` (None: fresh OS entropy)."""
+        self._seedseq = np.random.SeedSequence(seed)
+        self._rng = np.random.default_rng(self._seedseq)
+        self._pid = os.getpid()
+
+    def _generator(self) -> np.random.Generator:
+        pid = os.getpid()
+        if pid != self._pid:  # forked/spawned worker: derive a distinct, seed-determined stream
+            key = multiprocessing.current_process()._identity or (pid,)
+            self._rng = np.random.default_rng(
+                np.random.SeedSequence(self._seedseq.entropy, spawn_key=tuple(key)))
+            self._pid = pid
+        return self._rng
+
+    def get_params(self) -> Dict[str, Any]:
+        rng = self._generator()
+        if self.apply_p < 1.0 and not self.always and rng.random() >= self.apply_p:
+            return {"affine": None}
+        return {"affine": sample_params(self.ranges, 1, rng)}
+
+    def apply(self, img: np.ndarray, affine: Optional[Params] = None, **params: Any) -> np.ndarray:
+        if affine is None:
+            return img
+        matrix = params_to_matrices(affine, img.shape[:2])[0]
+        return warp_image(img, matrix, self.background)
+
+    def get_transform_init_args(self) -> Dict[str, Any]:
+        return {"ranges": self.ranges.to_dict(), "background": self.background,
+                "p": self.apply_p}
+
+
+def build_train_transform(ranges: Optional[AffineRanges] = None, size: int = 64,
+                          background: float = 255, seed: Optional[int] = None) -> A.Compose:
+    """Training pipeline for raw uint8 images: area-resize to ``size`` if needed, random affine.
+
+    The resize comes first (INTER_AREA, anti-aliased; a no-op when the record is already
+    ``size`` x ``size``) so the affine acts at the net's resolution - the same resolution the
+    TTA path warps at - and ``translate`` means the same number of net-input pixels in both.
+    Call as ``build_train_transform(...)(image=img)["image"]``.
+    """
+    return A.Compose([
+        A.Resize(size, size, interpolation=cv2.INTER_AREA, p=1.0),
+        RandomAffineNDSB(ranges, background=background, seed=seed),
+    ])
+
+
+# --------------------------------------------------------------------------------------------
+# TTA path: batched MXNet warps on model-input tensors (background 0)
+# --------------------------------------------------------------------------------------------
+
+def warp_batch(images: mx.nd.NDArray, matrices: np.ndarray,
+               background: float = 0.0) -> mx.nd.NDArray:
+    """Warp a (B, C, H, W) float batch by forward pixel matrices (B, 2, 3), or one shared (2, 3).
+
+    Meant for model-input tensors, whose background is 0, so ``BilinearSampler``'s zero padding
+    is already the right fill; for another ``background`` the warp runs on ``images -
+    background``. One GridGenerator + one BilinearSampler call for the whole batch.
+    """
+    b, c, h, w = images.shape
+    m = np.asarray(matrices, dtype=np.float64).reshape(-1, 2, 3)
+    if m.shape[0] == 1 and b > 1:
+        # One transform for all: fold the batch into channels and build a single grid.
+        return tta_batch(images, m, background)
+    if m.shape[0] != b:
+        raise ValueError(f"need {b} matrices (or 1) for a batch of {b}, got {m.shape[0]}")
+    theta = mx.nd.array(matrices_to_theta(m, (h, w)), ctx=images.context, dtype="float32")
+    grid = mx.nd.GridGenerator(data=theta, transform_type="affine", target_shape=(h, w))
+    return _sample(images, grid, background)
+
+
+def tta_batch(images_nchw: mx.nd.NDArray, matrices_t: np.ndarray,
+              background: float = 0.0) -> mx.nd.NDArray:
+    """Every image under every one of T transforms: (B, C, H, W) -> (B*T, C, H, W).
+
+    Row ``b * T + t`` is image ``b`` warped by ``matrices_t[t]``, so class probabilities average
+    as ``probs.reshape(B, T, K).mean(axis=1)``. The T grids are built once and shared by all
+    images: the batch is folded into the channel axis (``BilinearSampler`` samples every channel
+    at the same grid), which keeps the grid at (T, 2, H, W) instead of (B*T, 2, H, W).
+    """
+    b, c, h, w = images_nchw.shape
+    m = np.asarray(matrices_t, dtype=np.float64).reshape(-1, 2, 3)
+    t = m.shape[0]
+    theta = mx.nd.array(matrices_to_theta(m, (h, w)), ctx=images_nchw.context, dtype="float32")
+    grid = mx.nd.GridGenerator(data=theta, transform_type="affine", target_shape=(h, w))
+    folded = images_nchw.reshape((1, b * c, h, w)).broadcast_to((t, b * c, h, w))
+    out = _sample(folded, grid, background)                      # (T, B*C, H, W)
+    return out.reshape((t, b, c, h, w)).transpose((1, 0, 2, 3, 4)).reshape((b * t, c, h, w))
+
+
+def _sample(data: mx.nd.NDArray, grid: mx.nd.NDArray, background: float) -> mx.nd.NDArray:
+    if background == 0:
+        return mx.nd.BilinearSampler(data=data, grid=grid)
+    return mx.nd.BilinearSampler(data=data - background, grid=grid) + background

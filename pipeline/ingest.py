@@ -1,0 +1,438 @@
+"""Ingest an NDSB-layout folder into MXNet RecordIO: decoded once, read many times.
+
+Input (``data.root``)::
+
+    train/<class>/*     labelled images, one folder per class
+    test/*              unlabelled images (names must be unique)
+    sampleSubmission.csv (optional) its header fixes the class order of the submission
+
+Output (``data/records/``, see :mod:`pipeline.records`): single-channel images whose longer
+side is resized to ``data.size`` keeping the aspect ratio, centred on a square of the
+background value (white for NDSB: dark plankton on white), plus ``meta.json`` with the class
+order, the original width/height of every image and a stratified K-fold assignment.
+
+Bad input never produces half a data set. Every file is decoded first (in parallel, streaming
+into temporary record files); if any is bad, ingest fails with ONE message naming every bad file
+and why, and the temporary files are removed. With ``data.skip_bad: true`` bad files are skipped
+and listed in ``bad_files.json`` instead. The same input always gives byte-identical records.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from pipeline import params as params_mod
+from pipeline.fsutil import write_json
+from pipeline.records import BAD_FILES, META, META_VERSION, rec_paths
+from pipeline.runtime import available_cpus
+
+DEFAULTS: dict[str, Any] = {
+    "root": "data/sample/ndsb",
+    "records": "data/records",
+    "size": 64,
+    "background": 255,
+    "format": "png",
+    "jpeg_quality": 95,
+    "folds": 3,
+    "seed": 0,
+    "skip_bad": False,
+    "workers": 0,  # 0 = every available CPU
+}
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm",
+                  ".webp"}
+SAMPLE_SUBMISSION = "sampleSubmission.csv"
+
+
+class IngestError(ValueError):
+    """The input folder cannot be ingested; the message lists every reason."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to ingest: where it is, the name it is known by, its label (-1 for test)."""
+
+    path: str
+    name: str
+    label: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    size: int = 64
+    background: int = 255
+    format: str = "png"
+    jpeg_quality: int = 95
+
+    def __post_init__(self) -> None:
+        if self.size < 8:
+            raise IngestError(f"data.size must be >= 8, got {self.size}")
+        if not 0 <= self.background <= 255:
+            raise IngestError(f"data.background must be in 0..255, got {self.background}")
+        if self.format not in ("png", "jpg"):
+            raise IngestError(f"data.format must be 'png' or 'jpg', got {self.format!r}")
+
+
+# ---------------------------------------------------------------- discovery and class order
+
+def read_sample_header(path: Path) -> tuple[list[str], list[str]]:
+    """(class columns, image names) of a sample submission; the header's first column is image."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = csv.reader(fh)
+        header = next(rows, None)
+        if not header or header[0].strip().lower() != "image":
+            raise IngestError(f"{path}: first column must be 'image', got {header[:1]}")
+        images = [row[0] for row in rows if row]
+    classes = [c.strip() for c in header[1:]]
+    dupes = sorted(c for c, n in Counter(classes).items() if n > 1)
+    if dupes:
+        raise IngestError(f"{path}: duplicate class columns {dupes}")
+    return classes, images
+
+
+def class_order(root: Path, folders: Sequence[str]) -> list[str]:
+    """Submission order: the sample submission's header when present, else sorted folders."""
+    sample = root / SAMPLE_SUBMISSION
+    if not sample.exists():
+        return sorted(folders)
+    classes, _ = read_sample_header(sample)
+    missing = sorted(set(classes) - set(folders))
+    extra = sorted(set(folders) - set(classes))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"in {SAMPLE_SUBMISSION} but no train/ folder: {missing}")
+        if extra:
+            parts.append(f"train/ folders not in {SAMPLE_SUBMISSION}: {extra}")
+        raise IngestError(f"class lists disagree ({root}): " + "; ".join(parts))
+    return classes
+
+
+def _listing(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def discover(root: str | os.PathLike) -> tuple[list[str], list[Item], list[Item], list[str]]:
+    """Classes, train items, test items and structural problems (missing folders, ...)."""
+    root = Path(root)
+    problems: list[str] = []
+    train_dir, test_dir = root / "train", root / "test"
+    if not root.is_dir():
+        raise IngestError(f"data.root {root} is not a folder")
+    for folder in (train_dir, test_dir):
+        if not folder.is_dir():
+            problems.append(f"{folder}: missing folder (expected the NDSB layout train/<class>/*,"
+                            " test/*)")
+    if problems:
+        raise IngestError("\n".join(problems))
+
+    folders = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    strays = sorted(p.name for p in train_dir.iterdir() if p.is_file())
+    if strays:
+        problems.append(f"{train_dir}: files outside class folders: {strays[:10]}"
+                        + (" ..." if len(strays) > 10 else ""))
+    if not folders:
+        problems.append(f"{train_dir}: no class folders")
+    classes = class_order(root, folders)
+    index = {c: i for i, c in enumerate(classes)}
+
+    train: list[Item] = []
+    for cls in classes:
+        files = _listing(train_dir / cls)
+        if not files:
+            problems.append(f"{train_dir / cls}: empty class folder")
+        train += [Item(str(f), f.relative_to(train_dir).as_posix(), index[cls]) for f in files]
+
+    test = [Item(str(f), f.name, -1) for f in _listing(test_dir)]
+    if not test:
+        problems.append(f"{test_dir}: no images")
+    for name, n in sorted(Counter(i.name for i in test).items()):
+        if n > 1:
+            where = [i.path for i in test if i.name == name]
+            problems.append(f"duplicate test name {name!r} ({n}x): {where}")
+    return classes, train, test, problems
+
+
+# ---------------------------------------------------------------- decoding and conversion
+
+def to_gray8(image: "Image.Image", background: int) -> np.ndarray:  # noqa: F821
+    """8-bit grayscale of any PIL image: RGB(A), palette, 16-bit, float, bilevel.
+
+    Transparent pixels are composited onto the background (not black), and 16-bit images are
+    scaled by their type's range (>> 8), not clipped.
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(image, dtype=np.int64)
+        if mode == "I" and arr.max(initial=0) > 65535:
+            arr = arr * 255 // max(1, int(arr.max()))
+            return arr.clip(0, 255).astype(np.uint8)
+        return (arr.clip(0, 65535) >> 8).astype(np.uint8)
+    if mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+    if mode == "P" or "A" in mode or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (background,) * 3 + (255,))
+        image = Image.alpha_composite(canvas, rgba)
+    return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def decode(path: str, background: int) -> np.ndarray:
+    """Decode a file to an HxW uint8 array; raise ValueError saying why it is bad."""
+    from PIL import Image, UnidentifiedImageError
+
+    data = Path(path).read_bytes()
+    if not data:
+        raise ValueError("zero-byte file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES is off)
+            gray = to_gray8(image, background)
+    except UnidentifiedImageError:
+        raise ValueError("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"corrupt or truncated image ({exc})") from None
+    if gray.ndim != 2 or min(gray.shape) < 1:
+        raise ValueError(f"unexpected decoded shape {gray.shape}")
+    return gray
+
+
+def fit_square(gray: np.ndarray, size: int, background: int) -> np.ndarray:
+    """Resize the longer side to ``size`` keeping the aspect ratio; centre on a square."""
+    import cv2
+
+    h, w = gray.shape
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    # INTER_AREA averages when shrinking (no aliasing); cubic when enlarging small organisms.
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    resized = cv2.resize(gray, (nw, nh), interpolation=interp) if scale != 1 else gray
+    out = np.full((size, size), background, dtype=np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top:top + nh, left:left + nw] = resized
+    return out
+
+
+def encode_record(index: int, label: int, img: np.ndarray, settings: Settings) -> bytes:
+    import mxnet as mx
+
+    header = mx.recordio.IRHeader(flag=0, label=float(label), id=index, id2=0)
+    fmt = ".png" if settings.format == "png" else ".jpg"
+    # pack_img's quality is the PNG compression level for .png (max 9) or JPEG quality.
+    quality = 3 if fmt == ".png" else settings.jpeg_quality
+    return mx.recordio.pack_img(header, img, quality=quality, img_fmt=fmt)
+
+
+def _process(job: tuple[int, Item, Settings]) -> tuple[int, bytes | None, int, int, str]:
+    """Worker: (index, record payload or None, width, height, error)."""
+    index, item, settings = job
+    try:
+        gray = decode(item.path, settings.background)
+    except ValueError as exc:
+        return index, None, 0, 0, str(exc)
+    h, w = gray.shape
+    square = fit_square(gray, settings.size, settings.background)
+    return index, encode_record(index, item.label, square, settings), w, h, ""
+
+
+# ---------------------------------------------------------------- folds
+
+def stratified_folds(labels: Sequence[int], k: int, seed: int) -> np.ndarray:
+    """Stratified K-fold assignment that also works for classes smaller than ``k``.
+
+    Each class is shuffled and dealt round-robin; the dealing continues across classes so
+    that small classes do not all land in fold 0 and the fold sizes stay within one.
+    """
+    if k < 2:
+        raise IngestError(f"data.folds must be >= 2, got {k}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(labels), dtype=np.int64)
+    offset = 0
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        out[members] = (offset + np.arange(len(members))) % k
+        offset += len(members)
+    return out
+
+
+# ---------------------------------------------------------------- writing
+
+class _SplitWriter:
+    """Writes one split's .rec/.idx under temporary names; ``commit`` renames both."""
+
+    def __init__(self, records_dir: Path, split: str):
+        import mxnet as mx
+
+        self.final = rec_paths(records_dir, split)
+        self.tmp = tuple(p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in self.final)
+        self.writer = mx.recordio.MXIndexedRecordIO(str(self.tmp[1]), str(self.tmp[0]), "w")
+        self.count = 0
+
+    def write(self, payload: bytes) -> int:
+        self.writer.write_idx(self.count, payload)
+        self.count += 1
+        return self.count - 1
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def commit(self) -> dict[str, int]:
+        self.close()
+        for tmp, final in zip(self.tmp, self.final):
+            os.replace(tmp, final)
+        return {"rec": self.final[0].stat().st_size, "idx": self.final[1].stat().st_size}
+
+    def discard(self) -> None:
+        self.close()
+        for tmp in self.tmp:
+            tmp.unlink(missing_ok=True)
+
+
+def _convert(items: Sequence[Item], settings: Settings, writer: _SplitWriter, workers: int,
+             desc: str, skip_bad: bool) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Decode, resize and write ``items`` in order; return (entries written, bad files).
+
+    Without ``skip_bad`` the first bad file dooms the run: later files are still decoded, so
+    the error can list every bad file, but no longer written.
+    """
+    from tqdm import tqdm
+
+    entries: list[dict[str, Any]] = []
+    bad: list[dict[str, str]] = []
+    jobs = [(i, item, settings) for i, item in enumerate(items)]
+    bar = tqdm(total=len(jobs), desc=desc, unit="img", mininterval=1.0, smoothing=0.1)
+    results: Iterable = (_process(job) for job in jobs)
+    pool = None
+    if workers > 1 and len(jobs) > 64:
+        pool = get_context("fork").Pool(workers)
+        results = pool.imap(_process, jobs, chunksize=32)  # imap keeps order: determinism
+    try:
+        for index, payload, w, h, error in results:
+            item = items[index]
+            bar.update()
+            if payload is None:
+                bad.append({"path": item.path, "reason": error})
+                continue
+            if bad and not skip_bad:
+                continue
+            entry: dict[str, Any] = {"name": item.name, "width": w, "height": h}
+            if item.label >= 0:
+                entry["label"] = item.label
+            # Record ids are positions among the written records (skipped files leave no gap).
+            writer.write(_reindex(payload, len(entries)) if len(entries) != index else payload)
+            entries.append(entry)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    return entries, bad
+
+
+def _reindex(payload: bytes, index: int) -> bytes:
+    import mxnet as mx
+
+    header, body = mx.recordio.unpack(payload)
+    return mx.recordio.pack(header._replace(id=index), body)
+
+
+def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Settings,
+           folds: int = 3, seed: int = 0, skip_bad: bool = False, workers: int = 0
+           ) -> dict[str, Any]:
+    """Convert ``root`` (NDSB layout) into ``records_dir``; return the meta dict written."""
+    root, records_dir = Path(root), Path(records_dir)
+    classes, train, test, problems = discover(root)
+    if problems and not (skip_bad and _only_skippable(problems)):
+        raise IngestError(f"cannot ingest {root}:\n  " + "\n  ".join(problems))
+    records_dir.mkdir(parents=True, exist_ok=True)
+    workers = workers or available_cpus()
+    started = time.perf_counter()
+
+    writers = {split: _SplitWriter(records_dir, split) for split in ("train", "test")}
+    try:
+        train_entries, bad_train = _convert(train, settings, writers["train"], workers, "train",
+                                         skip_bad)
+        test_entries, bad_test = _convert(test, settings, writers["test"], workers, "test",
+                                       skip_bad)
+        bad = bad_train + bad_test
+        if bad and not skip_bad:
+            raise IngestError(_bad_message(bad))
+        if not train_entries or not test_entries:
+            raise IngestError(f"nothing left to ingest in {root} after skipping bad files")
+        fold_of = stratified_folds([e["label"] for e in train_entries], folds, seed)
+        for entry, fold in zip(train_entries, fold_of):
+            entry["fold"] = int(fold)
+        files = {split: writer.commit() for split, writer in writers.items()}
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
+
+    seconds = time.perf_counter() - started
+    n = len(train) + len(test)
+    meta = {
+        "version": META_VERSION,
+        "root": str(root),
+        "classes": classes,
+        "size": settings.size,
+        "background": settings.background,
+        "format": settings.format,
+        "folds": folds,
+        "seed": seed,
+        "files": files,
+        "train": train_entries,
+        "test": test_entries,
+    }
+    write_json(records_dir / BAD_FILES, {"skipped": bad, "problems": problems})
+    write_json(records_dir / META, meta)  # last: its presence means the pair above is whole
+    print(f"ingest: {len(train_entries)} train + {len(test_entries)} test images, "
+          f"{len(classes)} classes, {len(bad)} skipped, {n / seconds:.0f} img/s "
+          f"on {workers} worker(s)")
+    return meta
+
+
+def _only_skippable(problems: list[str]) -> bool:
+    """Structural problems that skipping can absorb (an empty class folder)."""
+    return all(p.endswith("empty class folder") for p in problems)
+
+
+def _bad_message(bad: list[dict[str, str]]) -> str:
+    lines = [f"{len(bad)} bad file(s); fix or remove them, or set data.skip_bad: true:"]
+    lines += [f"  {b['path']}: {b['reason']}" for b in bad]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CLI
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default=params_mod.PARAMS_FILE)
+    args = parser.parse_args(argv)
+    p = params_mod.section("data", DEFAULTS, args.params)
+    settings = Settings(size=p["size"], background=p["background"], format=p["format"],
+                        jpeg_quality=p["jpeg_quality"])
+    try:
+        ingest(p["root"], p["records"], settings, folds=p["folds"], seed=p["seed"],
+               skip_bad=p["skip_bad"], workers=p["workers"])
+    except IngestError as exc:
+        raise SystemExit(f"ingest failed: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

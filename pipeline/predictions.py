@@ -1,0 +1,135 @@
+"""Read and write prediction files: one ``.npy`` probability matrix plus a ``.names.txt`` list.
+
+Predict writes one pair per model (net, fold) and split; ensemble reads them and writes its
+own pair without a fold. Keeping the naming and the format in one module means the writer and
+the readers cannot drift apart:
+
+* ``{dir}/{split}--{net}--fold{k}.npy``: float32 ``(N, C)`` class probabilities, columns in
+  ``meta.json`` ``classes`` order (the submission order, not alphabetical);
+* ``{dir}/{split}--{net}--fold{k}.names.txt``: the N image names, one per line, same order.
+
+Names are stored beside the matrix (rather than relying on a shared order) so every consumer
+aligns rows by image name and a reordering upstream can never silently mislabel rows.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.fsutil import save_npy, write_text
+
+SPLITS = ("valid", "test")
+NAMES_SUFFIX = ".names.txt"
+
+
+def prediction_path(directory: str | os.PathLike, split: str, net: str,
+                    fold: int | None = None) -> Path:
+    """Path of the ``.npy`` file for ``(split, net, fold)``; ``fold=None`` for fold-less files.
+
+    The fold-less form (``{split}--{net}.npy``) is what the ensemble writes.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    # "--" separates the fields and "/" would leave the directory, so neither may occur in a net.
+    if not net or "--" in net or "/" in net or os.sep in net:
+        raise ValueError(f"invalid net name {net!r} (must be non-empty, without '--' or '/')")
+    stem = f"{split}--{net}" if fold is None else f"{split}--{net}--fold{int(fold)}"
+    return Path(directory) / f"{stem}.npy"
+
+
+def names_path(npy_path: str | os.PathLike) -> Path:
+    """The ``.names.txt`` file that accompanies a prediction ``.npy`` file."""
+    npy_path = Path(npy_path)
+    if npy_path.suffix != ".npy":
+        raise ValueError(f"prediction file must end in .npy: {npy_path}")
+    return npy_path.with_name(npy_path.name[:-len(".npy")] + NAMES_SUFFIX)
+
+
+def prediction_files(directory: str | os.PathLike, split: str, net: str,
+                     fold: int | None = None) -> tuple[Path, Path]:
+    """Both files of one prediction: ``(npy, names)``."""
+    npy = prediction_path(directory, split, net, fold)
+    return npy, names_path(npy)
+
+
+def save_prediction_file(npy_path: str | os.PathLike, probs: np.ndarray,
+                         names: Sequence[str]) -> None:
+    """Atomically write ``probs`` (cast to float32) and ``names`` to a file pair."""
+    probs = np.asarray(probs)
+    names = [str(n) for n in names]
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be 2-D (N, C), got shape {probs.shape}")
+    if len(names) != probs.shape[0]:
+        raise ValueError(f"{len(names)} names for {probs.shape[0]} prediction rows")
+    bad = [n for n in names if not n or "\n" in n or "\r" in n]
+    if bad:
+        raise ValueError(f"image names must be non-empty single lines, got {bad[:3]!r}")
+    # Names first: a crash between the two writes leaves the new names with the old matrix,
+    # which load_prediction_file rejects by length (or the aligners by name) in the usual case.
+    write_text(names_path(npy_path), "".join(f"{n}\n" for n in names))
+    save_npy(npy_path, probs.astype(np.float32, copy=False))
+
+
+def load_prediction_file(npy_path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+    """Read a file pair written by :func:`save_prediction_file`; return ``(probs, names)``."""
+    npy_path = Path(npy_path)
+    probs = np.load(npy_path, allow_pickle=False)
+    names = names_path(npy_path).read_text(encoding="utf-8").splitlines()
+    if probs.ndim != 2 or probs.shape[0] != len(names):
+        raise ValueError(f"{npy_path}: shape {probs.shape} does not match "
+                         f"{len(names)} names in {names_path(npy_path).name}")
+    return probs, names
+
+
+def save_predictions(directory: str | os.PathLike, split: str, net: str, fold: int | None,
+                     probs: np.ndarray, names: Sequence[str]) -> Path:
+    """Write the predictions of model ``(net, fold)`` on ``split``; return the ``.npy`` path."""
+    path = prediction_path(directory, split, net, fold)
+    save_prediction_file(path, probs, names)
+    return path
+
+
+def load_predictions(directory: str | os.PathLike, split: str, net: str,
+                     fold: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """Read the predictions of model ``(net, fold)`` on ``split``: ``(probs, names)``."""
+    return load_prediction_file(prediction_path(directory, split, net, fold))
+
+
+def align_rows(probs: np.ndarray, names: Sequence[str], order: Sequence[str],
+               what: str = "predictions") -> np.ndarray:
+    """Return the rows of ``probs`` reordered to ``order`` (matched by image name).
+
+    Every name in ``order`` must occur exactly once in ``names`` and vice versa; otherwise a
+    ``ValueError`` names the missing, extra and duplicated images (``what`` says whose).
+    """
+    index = {}
+    duplicates = []
+    for i, name in enumerate(names):
+        if name in index:
+            duplicates.append(name)
+        index[name] = i
+    missing = [n for n in order if n not in index]
+    extra = sorted(set(index) - set(order))
+    if duplicates or missing or extra:
+        raise ValueError(f"{what}: rows do not match the expected images: "
+                         + describe_mismatch(missing, extra, duplicates))
+    return np.asarray(probs)[[index[n] for n in order]]
+
+
+def describe_mismatch(missing: Sequence[str], extra: Sequence[str],
+                      duplicates: Sequence[str] = (), limit: int = 5) -> str:
+    """Human-readable ``missing/extra/duplicate`` summary with a few examples of each."""
+    parts = []
+    for label, items in (("missing", missing), ("extra", extra), ("duplicate", duplicates)):
+        if items:
+            parts.append(f"{len(items)} {label} {_examples(items, limit)}")
+    return "; ".join(parts)
+
+
+def _examples(items: Sequence[str], limit: int) -> str:
+    shown = list(items)[:limit]
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{shown!r}{more}"

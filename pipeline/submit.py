@@ -1,0 +1,197 @@
+"""Turn the ensemble's test probabilities into a Kaggle submission file.
+
+The header is ``image`` followed by the class names in the sample submission's order, which is
+NOT alphabetical (nor necessarily meta's order): columns are matched by class NAME, never by
+position, so a permuted class list cannot silently shift probabilities onto the wrong class.
+Without a sample submission the ``meta.json`` class order is used. Rows are renormalized to sum
+to 1 and written with 6 significant digits (Kaggle's 1e-15 clipping makes more digits useless),
+gzip-compressed with a fixed timestamp so identical predictions give identical bytes (stable
+DVC hashes). The written file is re-read and checked with :func:`pipeline.score.check_submission`.
+
+Run as ``python -m pipeline.submit``; options default to the ``submit`` section of params.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline import params
+from pipeline.fsutil import atomic_path, read_json
+from pipeline.predictions import describe_mismatch, load_prediction_file
+from pipeline.score import IMAGE_COLUMN, check_submission, read_sample
+
+FLOAT_FORMAT = "%.6g"
+
+DEFAULTS: dict[str, Any] = {
+    "predictions": "predictions/test--ensemble.npy",
+    "sample_submission": None,
+    "meta": "data/records/meta.json",
+    "out": "submissions/submission.csv.gz",
+    "plain_csv": False,
+}
+
+
+class SubmitError(ValueError):
+    """The predictions cannot be turned into a valid submission; the message says why."""
+
+
+def build_submission(probs: np.ndarray, names: Sequence[str], classes: Sequence[str],
+                     test_images: Sequence[str] | None = None,
+                     sample_classes: Sequence[str] | None = None,
+                     sample_images: Sequence[str] | None = None) -> pd.DataFrame:
+    """Submission table: ``image`` + one column per class, one normalized row per image.
+
+    ``probs`` has rows ``names`` and columns ``classes`` (meta order). Columns follow
+    ``sample_classes`` when given (matched by name; the two class sets must be equal), else
+    ``classes``. Rows follow ``sample_images`` when given, else ``test_images``, else ``names``;
+    the predicted images must be exactly those rows.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape != (len(names), len(classes)):
+        raise SubmitError(f"predictions have shape {probs.shape}, expected "
+                          f"({len(names)} names, {len(classes)} classes)")
+    columns = _column_order(classes, sample_classes)
+    rows = list(sample_images if sample_images is not None
+                else test_images if test_images is not None else names)
+    order = _row_order(names, rows, "the sample submission" if sample_images is not None
+                       else "meta.json test images")
+    col_index = {c: k for k, c in enumerate(classes)}
+    values = normalize_rows(probs[np.ix_(order, [col_index[c] for c in columns])])
+    frame = pd.DataFrame(values, columns=columns)
+    frame.insert(0, IMAGE_COLUMN, rows)
+    return frame
+
+
+def normalize_rows(probs: np.ndarray) -> np.ndarray:
+    """Divide each row by its sum; NaN, infinite, negative or all-zero rows are an error.
+
+    Bad values are refused rather than repaired: they mean a bug upstream, and a "fixed"
+    uniform row would hide it while costing log loss.
+    """
+    problems = []
+    if not np.isfinite(probs).all():
+        problems.append(f"{int((~np.isfinite(probs)).sum())} NaN or infinite value(s)")
+    elif (probs < 0).any():
+        problems.append(f"{int((probs < 0).sum())} negative value(s)")
+    elif (probs.sum(axis=1) <= 0).any():
+        problems.append(f"{int((probs.sum(axis=1) <= 0).sum())} all-zero row(s)")
+    if problems:
+        raise SubmitError("predictions contain " + ", ".join(problems))
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def _column_order(classes: Sequence[str], sample_classes: Sequence[str] | None) -> list[str]:
+    if len(set(classes)) != len(classes):
+        raise SubmitError("meta.json classes contain duplicates")
+    if sample_classes is None:
+        return list(classes)
+    duplicates = sorted({c for c in sample_classes if list(sample_classes).count(c) > 1})
+    missing = [c for c in classes if c not in set(sample_classes)]
+    extra = [c for c in sample_classes if c not in set(classes)]
+    if missing or extra or duplicates:
+        raise SubmitError("sample submission classes differ from meta.json classes: "
+                          + describe_mismatch(missing, extra, duplicates, limit=10)
+                          + " (missing/extra relative to meta.json)")
+    return list(sample_classes)
+
+
+def _row_order(names: Sequence[str], rows: Sequence[str], source: str) -> list[int]:
+    index = {n: i for i, n in enumerate(names)}
+    duplicates = sorted({n for n in names if n in index and names[index[n]] is not n}
+                        | _duplicates(names))
+    missing = [n for n in rows if n not in index]
+    extra = sorted(set(index) - set(rows))
+    if missing or extra or duplicates or len(set(rows)) != len(rows):
+        detail = describe_mismatch(missing, extra, duplicates)
+        if len(set(rows)) != len(rows):
+            detail += f"; {source} lists {len(rows) - len(set(rows))} image(s) twice"
+        raise SubmitError(f"predicted images do not match {source}: {detail} "
+                          f"(missing/extra relative to {source})")
+    return [index[n] for n in rows]
+
+
+def _duplicates(items: Sequence[str]) -> set[str]:
+    seen: set[str] = set()
+    return {x for x in items if x in seen or seen.add(x)}
+
+
+def write_submission(frame: pd.DataFrame, out: str | os.PathLike, plain_csv: bool = False
+                     ) -> Path:
+    """Atomically write ``frame`` as CSV to ``out``: gzip unless ``plain_csv``; return the path.
+
+    ``out`` must end in ``.gz`` exactly when the file is gzipped, so the name never lies.
+    """
+    out = Path(out)
+    if plain_csv == out.name.endswith(".gz"):
+        raise SubmitError(f"out={out} but plain_csv={plain_csv}: use a .csv.gz name for gzip "
+                          f"output and a .csv name with plain_csv: true")
+    with atomic_path(out) as tmp, open(tmp, "wb") as raw:
+        if plain_csv:
+            _write_csv(frame, raw)
+        else:
+            # filename="" and mtime=0 keep the gzip header free of the temporary name and the
+            # clock, so the same predictions always produce the same bytes.
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+                _write_csv(frame, gz)
+    return out
+
+
+def _write_csv(frame: pd.DataFrame, binary) -> None:
+    text = io.TextIOWrapper(binary, encoding="utf-8", newline="")
+    frame.to_csv(text, index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+    text.flush()
+    text.detach()  # leave closing the binary stream to its owner
+
+
+def make_submission(predictions: str | os.PathLike, meta: str | os.PathLike,
+                    out: str | os.PathLike, sample_submission: str | os.PathLike | None = None,
+                    plain_csv: bool = False) -> pd.DataFrame:
+    """Read predictions, meta and the optional sample; write and verify the submission."""
+    probs, names = load_prediction_file(predictions)
+    info = read_json(meta)
+    sample_classes = sample_images = None
+    if sample_submission:
+        sample_classes, sample_images = read_sample(sample_submission)
+    test_images = [t["name"] for t in info["test"]]
+    frame = build_submission(probs, names, info["classes"], test_images,
+                             sample_classes, sample_images)
+    write_submission(frame, out, plain_csv)
+    problems = check_submission(out, list(frame.columns[1:]), list(frame[IMAGE_COLUMN]))
+    if problems:
+        raise SubmitError(f"{out}: written file failed validation: " + "; ".join(problems))
+    return frame
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.submit",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--predictions", help="test prediction .npy (with .names.txt beside)")
+    parser.add_argument("--sample-submission", help="Kaggle sample submission CSV(.gz)")
+    parser.add_argument("--meta", help="data/records/meta.json written by ingest")
+    parser.add_argument("--out", help="submission file to write")
+    parser.add_argument("--plain-csv", action="store_true", default=None,
+                        help="write uncompressed CSV (out must then end in .csv)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = vars(_parser().parse_args(argv))
+    cfg = params.section("submit", DEFAULTS) if Path(params.PARAMS_FILE).exists() else DEFAULTS
+    cfg = {**cfg, **{k: v for k, v in args.items() if v is not None}}
+    try:
+        frame = make_submission(cfg["predictions"], cfg["meta"], cfg["out"],
+                                cfg["sample_submission"], cfg["plain_csv"])
+    except (SubmitError, OSError, KeyError, ValueError) as exc:
+        raise SystemExit(f"submit: {exc}") from None
+    print(f"wrote {cfg['out']}: {len(frame)} images x {frame.shape[1] - 1} classes")
+
+
+if __name__ == "__main__":
+    main()
