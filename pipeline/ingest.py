@@ -119,7 +119,9 @@ def class_order(root: Path, folders: Sequence[str]) -> list[str]:
 
 
 def _listing(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """Every non-folder entry (broken links included: they are reported, not dropped)."""
+    return sorted(p for p in folder.rglob("*")
+                  if not p.is_dir() and not p.name.startswith("."))
 
 
 def discover(root: str | os.PathLike) -> tuple[list[str], list[Item], list[Item], list[str]]:
@@ -195,7 +197,10 @@ def decode(path: str, background: int) -> np.ndarray:
     """Decode a file to an HxW uint8 array; raise ValueError saying why it is bad."""
     from PIL import Image, UnidentifiedImageError
 
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"unreadable ({exc.strerror or exc})") from None
     if not data:
         raise ValueError("zero-byte file")
     try:

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny NDSB folders built from real-looking images, and a thread cap."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Tests share 2 cores with each other's subprocesses; set before any mxnet import.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def organism(h: int, w: int, seed: int, grey: int = 60) -> np.ndarray:
+    """A dark ellipse on white with a gradient: enough structure to test resampling."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w), 255, np.uint8)
+    axes = (max(2, w // 3), max(2, h // 3))
+    cv2.ellipse(img, (w // 2, h // 2), axes, float(rng.uniform(0, 180)), 0, 360, grey, -1)
+    return img
+
+
+def write_png(path: Path, img: np.ndarray) -> Path:
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), img)
+    return path
+
+
+@pytest.fixture
+def ndsb_folder(tmp_path: Path) -> Path:
+    """train/<3 classes>/ 4 PNGs each of varied sizes, test/ 3 PNGs, no sample submission."""
+    root = tmp_path / "ndsb"
+    sizes = [(40, 30), (25, 70), (64, 64), (100, 20)]
+    for c, cls in enumerate(["copepod", "amphipod", "diatom"]):
+        for j, (h, w) in enumerate(sizes):
+            write_png(root / "train" / cls / f"{cls}_{j}.png", organism(h, w, 10 * c + j, 40 + c * 40))
+    for j in range(3):
+        write_png(root / "test" / f"{j + 1}.png", organism(30 + 10 * j, 50, 100 + j))
+    return root

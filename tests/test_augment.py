@@ -1,0 +1,325 @@
+"""Tests for pipeline.augment: sampled ranges, matrix convention, and train (cv2) == TTA (MXNet)."""
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import cv2
+import mxnet as mx
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+from scipy.stats import qmc
+
+from pipeline import augment as au
+
+N = 4000  # draws for the statistical tests; seeds are fixed, so these are deterministic
+
+
+def _smooth_image(size: int = 64) -> np.ndarray:
+    """Dark Gaussian blobs on white: smooth, so bilinear implementations agree closely."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) * (64.0 / size)
+    img = (255 - 200 * np.exp(-((xx - 25) ** 2 + (yy - 36) ** 2) / (2 * 8.0 ** 2))
+           - 120 * np.exp(-((xx - 42) ** 2 + (yy - 20) ** 2) / (2 * 5.0 ** 2)))
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def _model_input(raw: np.ndarray) -> np.ndarray:
+    """Raw uint8 (white background) -> model input (background 0)."""
+    return (255.0 - raw.astype(np.float32)) / 255.0
+
+
+def _params(**kw) -> dict:
+    """One identity transform, with the given parameters overridden."""
+    base = dict(rotation=0.0, zoom=1.0, stretch=1.0, shear=0.0, tx=0.0, ty=0.0,
+                flip_h=False, flip_v=False)
+    base.update(kw)
+    return {k: np.array([v]) for k, v in base.items()}
+
+
+def _homog(m: np.ndarray) -> np.ndarray:
+    return np.vstack([m, [0.0, 0.0, 1.0]])
+
+
+# ---------------------------------------------------------------- sampled parameter statistics
+
+@pytest.fixture(scope="module")
+def draws() -> dict:
+    return au.sample_params(au.AffineRanges(), N, np.random.default_rng(1))
+
+
+def test_rotation_covers_full_circle_uniformly(draws):
+    rot = draws["rotation"]
+    assert rot.min() >= 0.0 and rot.max() < 360.0
+    assert stats.kstest(rot, "uniform", args=(0.0, 360.0)).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("name, bounds", [("zoom", (1 / 1.6, 1.6)), ("stretch", (1 / 1.3, 1.3))])
+def test_zoom_and_stretch_are_log_uniform(draws, name, bounds):
+    logs, (lo, hi) = np.log(draws[name]), np.log(bounds)
+    assert logs.min() >= lo and logs.max() <= hi
+    assert stats.kstest(logs, "uniform", args=(lo, hi - lo)).pvalue > 1e-3
+    # Log-uniform, not uniform: the median is the geometric mean (1.0), not the midpoint.
+    assert abs(np.median(draws[name]) - 1.0) < 0.03
+
+
+def test_shear_and_translation_within_bounds_and_uniform(draws):
+    r = au.AffineRanges()
+    for name, half in (("shear", r.shear), ("tx", r.translate), ("ty", r.translate)):
+        x = draws[name]
+        assert np.abs(x).max() <= half
+        assert stats.kstest(x, "uniform", args=(-half, 2 * half)).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("method", au.METHODS)
+def test_flip_rates_match_probabilities(method):
+    ranges = au.AffineRanges(flip_h=0.5, flip_v=0.2)
+    p = au.sample_params(ranges, N, np.random.default_rng(2), method)
+    for name, rate in (("flip_h", 0.5), ("flip_v", 0.2)):
+        assert p[name].dtype == bool
+        sigma = np.sqrt(rate * (1 - rate) / N)
+        assert abs(p[name].mean() - rate) < 4 * sigma, (name, p[name].mean())
+
+
+@pytest.mark.parametrize("method", au.METHODS)
+def test_sampling_is_deterministic_given_a_seed(method):
+    r = au.AffineRanges()
+    a = au.sample_params(r, 50, np.random.default_rng(7), method)
+    b = au.sample_params(r, 50, np.random.default_rng(7), method)
+    c = au.sample_params(r, 50, np.random.default_rng(8), method)
+    assert set(a) == set(au.PARAM_NAMES)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(a["rotation"], c["rotation"])
+
+
+def _to_unit(p: dict, r: au.AffineRanges) -> np.ndarray:
+    """Invert the mapping of the six continuous parameters back to the unit cube."""
+    def lin(x, lo, hi):
+        return (x - lo) / (hi - lo)
+    return np.stack([
+        lin(p["rotation"], *r.rotation),
+        lin(np.log(p["zoom"]), *np.log(r.zoom)),
+        lin(p["tx"], -r.translate, r.translate),
+        lin(p["ty"], -r.translate, r.translate),
+        lin(p["shear"], -r.shear, r.shear),
+        lin(np.log(p["stretch"]), *np.log(r.stretch)),
+    ], axis=1)
+
+
+def test_halton_is_more_uniform_than_random():
+    r = au.AffineRanges()
+    for seed in range(3):
+        halton = _to_unit(au.sample_params(r, 256, np.random.default_rng(seed), "halton"), r)
+        rand = _to_unit(au.sample_params(r, 256, np.random.default_rng(seed), "random"), r)
+        assert halton.min() >= 0 and halton.max() <= 1
+        assert qmc.discrepancy(halton) < 0.5 * qmc.discrepancy(rand)
+
+
+def test_unknown_method_rejected():
+    with pytest.raises(ValueError, match="method"):
+        au.sample_params(au.AffineRanges(), 3, np.random.default_rng(0), "sobol")
+
+
+# ---------------------------------------------------------------- ranges: dict round trip, errors
+
+def test_to_dict_round_trips_through_yaml():
+    r = au.AffineRanges(rotation=(10, 20), shear=5)
+    d = yaml.safe_load(yaml.safe_dump(r.to_dict()))
+    assert au.AffineRanges.from_dict(d) == r
+    assert au.AffineRanges.from_dict({}) == au.AffineRanges()
+    assert au.AffineRanges().to_dict()["rotation"] == [0.0, 360.0]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"rotaton": [0, 360]}, "unknown augmentation key"),
+    ({"zoom": [1.6, 0.5]}, "low 1.6 > high 0.5"),
+    ({"zoom": [0.0, 1.6]}, "must be > 0"),
+    ({"stretch": [-1.0, 1.3]}, "must be > 0"),
+    ({"zoom": [1.0]}, r"\(low, high\) pair"),
+    ({"rotation": "0-360"}, r"\(low, high\) pair"),
+    ({"shear": 90}, r"shear must be in \[0, 90\)"),
+    ({"shear": "20"}, "must be a number"),
+    ({"translate": -0.1}, "translate must be in"),
+    ({"flip_h": 1.5}, "probability"),
+    ({"flip_v": True}, "must be a number"),
+    ({"zoom": [float("nan"), 1.0]}, "finite"),
+])
+def test_from_dict_rejects_bad_ranges(bad, message):
+    with pytest.raises(au.RangesError, match=message):
+        au.AffineRanges.from_dict(bad)
+
+
+def test_narrowed_shrinks_distortions_only():
+    r = au.AffineRanges()
+    assert r.narrowed(1.0) == r
+    flat = r.narrowed(0.0)
+    assert flat.zoom == (1.0, 1.0) and flat.stretch == (1.0, 1.0)
+    assert flat.shear == 0.0 and flat.translate == 0.0
+    assert flat.rotation == r.rotation and flat.flip_h == r.flip_h
+    assert np.allclose(r.narrowed(0.5).zoom, (1.6 ** -0.5, 1.6 ** 0.5))
+    with pytest.raises(au.RangesError):
+        r.narrowed(1.5)
+
+
+# ---------------------------------------------------------------- matrix convention
+
+def test_identity_ranges_give_identity_matrices_and_warps():
+    p = au.sample_params(au.AffineRanges.identity(), 5, np.random.default_rng(0), "halton")
+    m = au.params_to_matrices(p, 64)
+    np.testing.assert_allclose(m, np.broadcast_to([[1, 0, 0], [0, 1, 0]], (5, 2, 3)), atol=1e-12)
+    np.testing.assert_allclose(au.matrices_to_theta(m, 64), [[1, 0, 0, 0, 1, 0]] * 5, atol=1e-12)
+
+    raw = _smooth_image()
+    np.testing.assert_array_equal(au.warp_image(raw, m[0]), raw)
+    x = mx.nd.array(_model_input(raw)[None, None])
+    np.testing.assert_allclose(au.warp_batch(x, m[:1]).asnumpy()[0, 0], _model_input(raw), atol=1e-5)
+    np.testing.assert_allclose(au.tta_batch(x, m).asnumpy()[:, 0],
+                               np.broadcast_to(_model_input(raw), (5, 64, 64)), atol=1e-5)
+
+
+def test_rotation_and_zoom_match_cv2_sign_convention():
+    m = au.params_to_matrices(_params(rotation=30.0, zoom=1.25), 64)[0]
+    np.testing.assert_allclose(m, cv2.getRotationMatrix2D((31.5, 31.5), 30.0, 1.25), atol=1e-12)
+
+
+def test_composition_order_flip_stretch_shear_zoom_rotation_translation():
+    full = _params(rotation=40.0, zoom=1.3, stretch=1.2, shear=15.0, tx=0.05, ty=-0.08,
+                   flip_h=True, flip_v=False)
+    size = (48, 64)  # non-square, to check H/W are not swapped
+    single = {k: au.params_to_matrices(_params(**{k: full[k][0]}), size)[0]
+              for k in ("flip_h", "stretch", "shear", "zoom", "rotation")}
+    translate = au.params_to_matrices(_params(tx=0.05, ty=-0.08), size)[0]
+    expected = _homog(translate)
+    for k in ("rotation", "zoom", "shear", "stretch", "flip_h"):  # rightmost applies first
+        expected = expected @ _homog(single[k])
+    np.testing.assert_allclose(au.params_to_matrices(full, size)[0], expected[:2], atol=1e-12)
+    np.testing.assert_allclose(translate[:, 2], [0.05 * 64, -0.08 * 48])
+
+
+def test_translation_moves_content_right_and_down():
+    raw = _smooth_image()
+    m = au.params_to_matrices(_params(tx=0.1, ty=0.05), 64)[0]
+    out = _model_input(au.warp_image(raw, m))
+    src = _model_input(raw)
+    yy, xx = np.mgrid[0:64, 0:64]
+    dx = (out * xx).sum() / out.sum() - (src * xx).sum() / src.sum()
+    dy = (out * yy).sum() / out.sum() - (src * yy).sum() / src.sum()
+    assert abs(dx - 6.4) < 0.3 and abs(dy - 3.2) < 0.3
+
+
+def test_flips_equal_numpy_flips_in_both_paths():
+    raw = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
+    only_flip_h = au.AffineRanges.from_dict({**au.AffineRanges.identity().to_dict(), "flip_h": 1.0})
+    flip_h = au.RandomAffineNDSB(only_flip_h, seed=0)
+    np.testing.assert_array_equal(flip_h(image=raw)["image"], np.fliplr(raw))
+
+    m_h = au.params_to_matrices(_params(flip_h=True), 32)
+    m_v = au.params_to_matrices(_params(flip_v=True), 32)
+    np.testing.assert_array_equal(au.warp_image(raw, m_v[0]), np.flipud(raw))
+    x = mx.nd.array(_model_input(raw)[None, None])
+    out = au.tta_batch(x, np.concatenate([m_h, m_v])).asnumpy()[:, 0]
+    np.testing.assert_allclose(out[0], np.fliplr(_model_input(raw)), atol=1e-5)
+    np.testing.assert_allclose(out[1], np.flipud(_model_input(raw)), atol=1e-5)
+
+
+# ---------------------------------------------------------------- train (cv2) == TTA (MXNet)
+
+def test_train_transform_and_tta_batch_give_the_same_images():
+    """The SAME parameters mean the SAME transform in the albumentations and MXNet paths."""
+    raw, seed, n = _smooth_image(), 123, 16
+    train = au.build_train_transform(au.AffineRanges(), size=64, seed=seed)
+    train_views = np.stack([_model_input(train(image=raw)["image"]) for _ in range(n)])
+
+    rng = np.random.default_rng(seed)  # the transform's stream, drawn one image at a time
+    draws = [au.sample_params(au.AffineRanges(), 1, rng) for _ in range(n)]
+    params = {k: np.concatenate([d[k] for d in draws]) for k in au.PARAM_NAMES}
+    matrices = au.params_to_matrices(params, 64)
+    tta_views = au.tta_batch(mx.nd.array(_model_input(raw)[None, None]), matrices).asnumpy()[:, 0]
+
+    assert np.abs(train_views - _model_input(raw)).mean() > 0.02  # the views really do change
+    diff = np.abs(train_views - tta_views)[:, 2:-2, 2:-2]
+    assert diff.mean(axis=(1, 2)).max() < 2 / 255, diff.mean(axis=(1, 2)) * 255
+    assert diff.max() < 8 / 255
+
+
+def test_train_transform_resizes_and_keeps_layout():
+    big = cv2.resize(_smooth_image(), (100, 100), interpolation=cv2.INTER_LINEAR)
+    t = au.build_train_transform(size=48, seed=0)
+    out = t(image=big)["image"]
+    assert out.shape == (48, 48) and out.dtype == np.uint8
+    assert t(image=big[:, :, None])["image"].shape == (48, 48, 1)
+    # Corners of a zoomed-out / shifted view are filled with the white background.
+    zoomed_out = au.params_to_matrices(_params(zoom=0.5), 48)[0]
+    assert au.warp_image(np.zeros((48, 48), np.uint8), zoomed_out)[0, 0] == 255
+
+
+def test_transform_probability_uses_its_own_generator():
+    raw = _smooth_image(32)
+    never = au.RandomAffineNDSB(p=0.0, seed=0)
+    assert all(never(image=raw)["image"] is raw for _ in range(5))
+    half = au.RandomAffineNDSB(p=0.5, seed=0)
+    applied = [half.get_params()["affine"] is not None for _ in range(2000)]
+    assert abs(np.mean(applied) - 0.5) < 4 * np.sqrt(0.25 / 2000)
+    with pytest.raises(au.RangesError):
+        au.RandomAffineNDSB(p=1.5)
+
+
+def test_reseed_restarts_the_stream():
+    t = au.RandomAffineNDSB(seed=5)
+    first = [t.get_params()["affine"]["rotation"][0] for _ in range(3)]
+    t.reseed(5)
+    assert [t.get_params()["affine"]["rotation"][0] for _ in range(3)] == first
+
+
+_WORKER_TRANSFORM: au.RandomAffineNDSB | None = None
+
+
+def _init_worker(transform: au.RandomAffineNDSB) -> None:
+    # Like MXNet's DataLoader: the dataset (and its transform) is installed once per worker.
+    global _WORKER_TRANSFORM
+    _WORKER_TRANSFORM = transform
+
+
+def _worker_rotation(_: int) -> float:
+    time.sleep(0.05)  # let both workers pick up tasks
+    return float(_WORKER_TRANSFORM.get_params()["affine"]["rotation"][0])
+
+
+def test_forked_workers_do_not_repeat_the_parent_stream():
+    t = au.RandomAffineNDSB(seed=11)
+    t.get_params()
+    ref = au.RandomAffineNDSB(seed=11)  # a copy that kept the parent's Generator draws this next
+    ref.get_params()
+    parent_next = float(ref.get_params()["affine"]["rotation"][0])
+    with multiprocessing.get_context("fork").Pool(2, _init_worker, (t,)) as pool:
+        got = pool.map(_worker_rotation, range(6), chunksize=1)
+    assert len(set(got)) == 6
+    assert parent_next not in got
+
+
+# ---------------------------------------------------------------- batched MXNet warps
+
+def test_tta_batch_is_image_major_and_matches_per_image_warps():
+    rng = np.random.default_rng(3)
+    imgs = rng.random((2, 3, 20, 24)).astype(np.float32)  # B=2, C=3, non-square
+    mats = au.sample_matrices(au.AffineRanges(), 4, (20, 24), rng)
+    out = au.tta_batch(mx.nd.array(imgs), mats).asnumpy()
+    assert out.shape == (8, 3, 20, 24)
+    for b in range(2):
+        per = au.warp_batch(mx.nd.array(np.repeat(imgs[b:b + 1], 4, 0)), mats).asnumpy()
+        np.testing.assert_allclose(out[b * 4:(b + 1) * 4], per, atol=1e-6)
+    shared = au.warp_batch(mx.nd.array(imgs), mats[0]).asnumpy()
+    np.testing.assert_allclose(shared, out[[0, 4]], atol=1e-6)
+    with pytest.raises(ValueError, match="matrices"):
+        au.warp_batch(mx.nd.array(imgs), mats[:3])
+
+
+def test_warp_batch_background_fill_matches_cv2_on_raw_values():
+    raw = _smooth_image().astype(np.float32)
+    m = au.params_to_matrices(_params(zoom=0.6, rotation=20.0, tx=0.1), 64)
+    mx_out = au.warp_batch(mx.nd.array(raw[None, None]), m, background=255.0).asnumpy()[0, 0]
+    cv_out = au.warp_image(raw, m[0], background=255.0)
+    assert mx_out[0, 0] == pytest.approx(255.0)
+    assert np.abs(mx_out - cv_out)[2:-2, 2:-2].max() < 0.5

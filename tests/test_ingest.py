@@ -1,0 +1,230 @@
+"""Ingest: round trips, class order, every bad-input case, determinism, folds, conversions."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.ingest import IngestError, Settings, fit_square, ingest, stratified_folds
+from pipeline.records import RecordReader, fold_indices, load_meta
+from pipeline.synth import write_sample_submission
+from tests.conftest import organism, write_png
+
+SIZE = 32
+
+
+def run(root: Path, out: Path, **kw):
+    settings = Settings(size=kw.pop("size", SIZE), format=kw.pop("format", "png"))
+    return ingest(root, out, settings, folds=kw.pop("folds", 2), workers=kw.pop("workers", 1),
+                  **kw)
+
+
+def test_round_trip_png_is_exact(ndsb_folder, tmp_path):
+    meta = run(ndsb_folder, tmp_path / "rec")
+    reader = RecordReader(tmp_path / "rec", "train")
+    assert len(reader) == len(meta["train"]) == 12
+    for i, entry in enumerate(meta["train"]):
+        label, img = reader.read(i)
+        cls, _ = entry["name"].split("/")
+        assert meta["classes"][int(label)] == cls == meta["classes"][entry["label"]]
+        original = np.asarray(Image.open(ndsb_folder / "train" / entry["name"]))
+        assert (entry["height"], entry["width"]) == original.shape
+        np.testing.assert_array_equal(img, fit_square(original, SIZE, 255))
+    test = RecordReader(tmp_path / "rec", "test")
+    assert [e["name"] for e in meta["test"]] == ["1.png", "2.png", "3.png"]
+    assert all(test.read(i)[0] == -1 for i in range(len(test)))
+
+
+def test_round_trip_jpeg_within_tolerance(ndsb_folder, tmp_path):
+    meta = run(ndsb_folder, tmp_path / "rec", format="jpg")
+    reader = RecordReader(tmp_path / "rec", "train")
+    for i, entry in enumerate(meta["train"]):
+        original = np.asarray(Image.open(ndsb_folder / "train" / entry["name"]))
+        diff = np.abs(reader.read(i)[1].astype(int) - fit_square(original, SIZE, 255))
+        assert diff.mean() < 3 and np.percentile(diff, 99) < 40
+
+
+def test_fit_square_keeps_aspect_and_pads_with_background():
+    img = np.zeros((20, 80), np.uint8)
+    out = fit_square(img, 40, 255)
+    assert out.shape == (40, 40)
+    dark_rows = np.flatnonzero(out.min(axis=1) < 128)
+    assert len(dark_rows) == 10 and out[:15].min() == 255 and out[25:].min() == 255
+
+
+def test_class_order_sorted_without_sample(ndsb_folder, tmp_path):
+    assert run(ndsb_folder, tmp_path / "rec")["classes"] == ["amphipod", "copepod", "diatom"]
+
+
+def test_class_order_follows_non_alphabetical_sample_header(ndsb_folder, tmp_path):
+    order = ["diatom", "copepod", "amphipod"]
+    write_sample_submission(ndsb_folder / "sampleSubmission.csv", ["1.png"], order)
+    meta = run(ndsb_folder, tmp_path / "rec")
+    assert meta["classes"] == order
+    reader = RecordReader(tmp_path / "rec", "train")
+    for i, entry in enumerate(meta["train"]):
+        assert order[int(reader.read(i)[0])] == entry["name"].split("/")[0]
+
+
+def test_sample_header_disagreeing_with_folders_names_differences(ndsb_folder, tmp_path):
+    write_sample_submission(ndsb_folder / "sampleSubmission.csv", ["1.png"],
+                            ["diatom", "copepod", "shrimp"])
+    with pytest.raises(IngestError) as err:
+        run(ndsb_folder, tmp_path / "rec")
+    assert "shrimp" in str(err.value) and "amphipod" in str(err.value)
+
+
+def _corrupt_cases(root: Path) -> dict[str, str]:
+    """Write one bad file of every kind; return {file name: expected words in the reason}."""
+    train = root / "train" / "copepod"
+    (train / "zero.png").write_bytes(b"")
+    (train / "notes.txt").write_text("not an image at all")
+    (train / "garbage.jpg").write_bytes(os.urandom(2000))
+    good = (train / "copepod_0.png").read_bytes()
+    (train / "truncated.png").write_bytes(good[: len(good) // 2])
+    jpeg = root / "full.jpg"
+    Image.fromarray(organism(80, 80, 1)).save(jpeg, quality=90)
+    (root / "test" / "truncated.jpg").write_bytes(jpeg.read_bytes()[:600])
+    jpeg.unlink()
+    os.symlink(root / "does-not-exist.png", root / "test" / "dangling.png")
+    return {"zero.png": "zero-byte", "notes.txt": "not an image", "garbage.jpg": "not an image",
+            "truncated.png": "truncated", "truncated.jpg": "truncated",
+            "dangling.png": "unreadable"}
+
+
+def test_every_bad_file_is_named_and_nothing_is_written(ndsb_folder, tmp_path):
+    cases = _corrupt_cases(ndsb_folder)
+    out = tmp_path / "rec"
+    with pytest.raises(IngestError) as err:
+        run(ndsb_folder, out)
+    message = str(err.value)
+    for name, reason in cases.items():
+        line = next(l for l in message.splitlines() if name in l)
+        assert reason in line, (name, line)
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_failed_ingest_leaves_previous_records_untouched(ndsb_folder, tmp_path):
+    out = tmp_path / "rec"
+    run(ndsb_folder, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _corrupt_cases(ndsb_folder)
+    with pytest.raises(IngestError):
+        run(ndsb_folder, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    load_meta(out)  # still consistent
+
+
+def test_skip_bad_skips_and_reports(ndsb_folder, tmp_path):
+    cases = _corrupt_cases(ndsb_folder)
+    out = tmp_path / "rec"
+    meta = run(ndsb_folder, out, skip_bad=True)
+    report = json.loads((out / "bad_files.json").read_text())
+    assert sorted(Path(b["path"]).name for b in report["skipped"]) == sorted(cases)
+    assert len(meta["train"]) == 12 and len(meta["test"]) == 3
+    reader = RecordReader(out, "train")
+    assert len(reader) == 12
+    for i in range(len(reader)):  # record ids are contiguous after skipping
+        assert reader.read(i)[1].shape == (SIZE, SIZE)
+
+
+@pytest.mark.parametrize("layout_problem, expected", [
+    ("no_train", "train: missing folder"),
+    ("no_test", "test: missing folder"),
+    ("empty_class", "empty class folder"),
+    ("duplicate_test", "duplicate test name"),
+    ("empty_test", "no images"),
+])
+def test_structural_problems(ndsb_folder, tmp_path, layout_problem, expected):
+    import shutil
+
+    if layout_problem == "no_train":
+        shutil.rmtree(ndsb_folder / "train")
+    elif layout_problem == "no_test":
+        shutil.rmtree(ndsb_folder / "test")
+    elif layout_problem == "empty_class":
+        (ndsb_folder / "train" / "krill").mkdir()
+    elif layout_problem == "duplicate_test":
+        write_png(ndsb_folder / "test" / "batch2" / "1.png", organism(20, 20, 5))
+    elif layout_problem == "empty_test":
+        shutil.rmtree(ndsb_folder / "test")
+        (ndsb_folder / "test").mkdir()
+    with pytest.raises(IngestError) as err:
+        run(ndsb_folder, tmp_path / "rec")
+    assert expected in str(err.value)
+    assert not (tmp_path / "rec" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "I;16", "LA", "1"])
+def test_color_palette_alpha_and_16bit_become_8bit_gray(ndsb_folder, tmp_path, mode):
+    gray = organism(40, 40, 3)
+    if mode == "I;16":
+        image = Image.fromarray(gray.astype(np.uint16) * 257)
+    elif mode == "RGBA":
+        rgba = np.dstack([gray] * 3 + [np.full_like(gray, 255)])
+        rgba[:5, :, 3] = 0  # transparent strip: must become background, not black
+        image = Image.fromarray(rgba, "RGBA")
+    else:
+        image = Image.fromarray(gray).convert(mode)
+    image.save(ndsb_folder / "train" / "diatom" / "odd.png")
+    meta = run(ndsb_folder, tmp_path / "rec", size=40)
+    i = next(i for i, e in enumerate(meta["train"]) if e["name"].endswith("odd.png"))
+    img = RecordReader(tmp_path / "rec", "train").read(i)[1]
+    assert img.dtype == np.uint8 and img.shape == (40, 40)
+    if mode in ("RGB", "P", "I;16", "LA"):
+        assert np.abs(img.astype(int) - gray).max() <= 2
+    if mode == "RGBA":
+        assert img[:5].min() == 255 and np.abs(img[5:].astype(int) - gray[5:]).max() <= 2
+
+
+def test_deterministic_bytes(ndsb_folder, tmp_path):
+    run(ndsb_folder, tmp_path / "a", workers=2)
+    run(ndsb_folder, tmp_path / "b", workers=1)
+    for name in ("train.rec", "train.idx", "test.rec", "test.idx", "meta.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_parallel_ingest_of_many_files_matches_serial(tmp_path):
+    from pipeline.synth import generate
+
+    generate(tmp_path / "synth", classes=4, per_class=30, test=20, seed=1, max_size=60)
+    serial = run(tmp_path / "synth", tmp_path / "s", workers=1)
+    parallel = run(tmp_path / "synth", tmp_path / "p", workers=2)
+    assert serial == parallel
+    assert (tmp_path / "s" / "train.rec").read_bytes() == (tmp_path / "p" / "train.rec").read_bytes()
+
+
+def test_stratified_folds_balance_every_class():
+    labels = np.repeat(np.arange(5), [10, 7, 3, 1, 30])
+    folds = stratified_folds(labels, 3, seed=0)
+    for cls in range(5):
+        counts = np.bincount(folds[labels == cls], minlength=3)
+        assert counts.max() - counts.min() <= 1
+    assert np.ptp(np.bincount(folds)) <= 1
+    np.testing.assert_array_equal(folds, stratified_folds(labels, 3, seed=0))
+    assert not np.array_equal(folds, stratified_folds(labels, 3, seed=1))
+
+
+def test_fold_indices_partition(ndsb_folder, tmp_path):
+    meta = run(ndsb_folder, tmp_path / "rec", folds=3)
+    seen = []
+    for k in range(3):
+        tr, va = fold_indices(meta, k)
+        assert not set(tr) & set(va)
+        seen += list(va)
+    assert sorted(seen) == list(range(12))
+
+
+def test_load_meta_detects_mismatched_records(ndsb_folder, tmp_path):
+    from pipeline.records import RecordsError
+
+    out = tmp_path / "rec"
+    run(ndsb_folder, out)
+    with open(out / "train.rec", "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(RecordsError, match="train.rec"):
+        load_meta(out)
