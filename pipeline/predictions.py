@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.fsutil import save_npy, write_text
+from pipeline.fsutil import atomic_path
 
 SPLITS = ("valid", "test")
 NAMES_SUFFIX = ".names.txt"
@@ -67,17 +67,23 @@ def save_prediction_file(npy_path: str | os.PathLike, probs: np.ndarray,
     bad = [n for n in names if not n or "\n" in n or "\r" in n]
     if bad:
         raise ValueError(f"image names must be non-empty single lines, got {bad[:3]!r}")
-    # Names first: a crash between the two writes leaves the new names with the old matrix,
-    # which load_prediction_file rejects by length (or the aligners by name) in the usual case.
-    write_text(names_path(npy_path), "".join(f"{n}\n" for n in names))
-    save_npy(npy_path, probs.astype(np.float32, copy=False))
+    # Both files are written to temporary names first and renamed only when both writes have
+    # succeeded, so a failure leaves neither (not one new file beside one stale one).
+    with atomic_path(names_path(npy_path)) as tmp_names, \
+            atomic_path(npy_path, suffix=".npy") as tmp_npy:
+        tmp_names.write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+        np.save(tmp_npy, probs.astype(np.float32, copy=False))
 
 
 def load_prediction_file(npy_path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
     """Read a file pair written by :func:`save_prediction_file`; return ``(probs, names)``."""
     npy_path = Path(npy_path)
     probs = np.load(npy_path, allow_pickle=False)
-    names = names_path(npy_path).read_text(encoding="utf-8").splitlines()
+    # split("\n") rather than splitlines(): the latter also breaks on rarer separators
+    # (\x1c, \u2028, ...) that are legal inside a file name.
+    names = names_path(npy_path).read_text(encoding="utf-8").split("\n")
+    if names[-1] == "":
+        names.pop()
     if probs.ndim != 2 or probs.shape[0] != len(names):
         raise ValueError(f"{npy_path}: shape {probs.shape} does not match "
                          f"{len(names)} names in {names_path(npy_path).name}")
@@ -99,24 +105,39 @@ def load_predictions(directory: str | os.PathLike, split: str, net: str,
 
 
 def align_rows(probs: np.ndarray, names: Sequence[str], order: Sequence[str],
-               what: str = "predictions") -> np.ndarray:
+               what: str = "predictions", expected: str = "the expected images") -> np.ndarray:
     """Return the rows of ``probs`` reordered to ``order`` (matched by image name).
 
-    Every name in ``order`` must occur exactly once in ``names`` and vice versa; otherwise a
-    ``ValueError`` names the missing, extra and duplicated images (``what`` says whose).
+    See :func:`row_indices` for the checks; ``what`` and ``expected`` name the two sides in
+    the error message.
     """
-    index = {}
-    duplicates = []
-    for i, name in enumerate(names):
-        if name in index:
-            duplicates.append(name)
-        index[name] = i
+    return np.asarray(probs)[row_indices(names, order, what, expected)]
+
+
+def row_indices(names: Sequence[str], order: Sequence[str], what: str = "predictions",
+                expected: str = "the expected images") -> list[int]:
+    """Index into ``names`` of each name in ``order``.
+
+    The two must hold the same names, each once; otherwise a ``ValueError`` names every kind
+    of mismatch (missing, extra, duplicated) with examples.
+    """
+    index = {n: i for i, n in enumerate(names)}
     missing = [n for n in order if n not in index]
     extra = sorted(set(index) - set(order))
-    if duplicates or missing or extra:
-        raise ValueError(f"{what}: rows do not match the expected images: "
-                         + describe_mismatch(missing, extra, duplicates))
-    return np.asarray(probs)[[index[n] for n in order]]
+    dup_names, dup_order = sorted(duplicates(names)), sorted(duplicates(order))
+    if not (missing or extra or dup_names or dup_order):
+        return [index[n] for n in order]
+    detail = describe_mismatch(missing, extra, dup_names)
+    if dup_order:
+        detail += f"; {len(dup_order)} listed twice in {expected} {_examples(dup_order, 5)}"
+    raise ValueError(f"{what} do not match {expected}: {detail} (missing = expected but "
+                     f"absent, extra = present but not expected)")
+
+
+def duplicates(items: Sequence[str]) -> set[str]:
+    """The items that occur more than once."""
+    seen: set[str] = set()
+    return {x for x in items if x in seen or seen.add(x)}
 
 
 def describe_mismatch(missing: Sequence[str], extra: Sequence[str],

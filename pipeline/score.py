@@ -197,13 +197,27 @@ def check_frame(header: Sequence[str], rows: pd.DataFrame,
     if rows.shape[1] != len(header):
         return problems + [f"data rows have {rows.shape[1]} fields but the header has "
                            f"{len(header)} columns"]
-    image_col = header.index(IMAGE_COLUMN) if IMAGE_COLUMN in header else None
+    image_col = _image_column(header, rows)
     labels = _row_labels(rows, image_col)
     if image_col is not None:
         problems += _check_images(rows[image_col].fillna("").astype(str).tolist(), images)
     value_cols = [j for j in range(len(header)) if j != image_col]
     problems += _check_values(rows, value_cols, [header[j] for j in value_cols], labels)
     return problems
+
+
+def _image_column(header: Sequence[str], rows: pd.DataFrame) -> int | None:
+    """Position of the image-name column, or ``None``.
+
+    Without an ``image`` header, a text first column is still taken as the names (the header
+    was merely misnamed, which is reported separately); numbers in it would otherwise drown
+    the report in one "non-numeric" complaint per row.
+    """
+    if IMAGE_COLUMN in header:
+        return list(header).index(IMAGE_COLUMN)
+    if pd.api.types.is_object_dtype(rows[0]):
+        return 0
+    return None
 
 
 def _check_columns(header: list[str], classes: Sequence[str] | None) -> list[str]:
@@ -397,6 +411,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", metavar="FILE", help="only validate FILE and exit")
     parser.add_argument("--sample", metavar="SAMPLE.csv",
                         help="with --check: expect this sample submission's columns and rows")
+    parser.add_argument("--params", default=params.PARAMS_FILE,
+                        help="params file for defaults (optional unless given explicitly)")
     return parser
 
 
@@ -407,8 +423,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.sample:
         raise SystemExit("score: --sample is only used with --check")
-    # params.yaml is optional here so the scorer also works outside the project root.
-    cfg = params.section("score", DEFAULTS) if Path(params.PARAMS_FILE).exists() else DEFAULTS
+    # The default params.yaml is optional here so the scorer also works outside the project.
+    use_params = args.params != params.PARAMS_FILE or Path(args.params).exists()
+    cfg = params.section("score", DEFAULTS, args.params) if use_params else DEFAULTS
     submission = args.submission or cfg["submission"]
     labels = args.labels or cfg["labels"]
     out = args.out or cfg["out"]

@@ -24,7 +24,8 @@ import pandas as pd
 
 from pipeline import params
 from pipeline.fsutil import atomic_path, read_json
-from pipeline.predictions import describe_mismatch, load_prediction_file
+from pipeline.predictions import (describe_mismatch, duplicates, load_prediction_file,
+                                  row_indices)
 from pipeline.score import IMAGE_COLUMN, check_submission, read_sample
 
 FLOAT_FORMAT = "%.6g"
@@ -60,8 +61,12 @@ def build_submission(probs: np.ndarray, names: Sequence[str], classes: Sequence[
     columns = _column_order(classes, sample_classes)
     rows = list(sample_images if sample_images is not None
                 else test_images if test_images is not None else names)
-    order = _row_order(names, rows, "the sample submission" if sample_images is not None
-                       else "meta.json test images")
+    source = ("the sample submission" if sample_images is not None
+              else "meta.json test images" if test_images is not None else "the names")
+    try:
+        order = row_indices(names, rows, "the predicted images", source)
+    except ValueError as exc:
+        raise SubmitError(str(exc)) from None
     col_index = {c: k for k, c in enumerate(classes)}
     values = normalize_rows(probs[np.ix_(order, [col_index[c] for c in columns])])
     frame = pd.DataFrame(values, columns=columns)
@@ -88,38 +93,20 @@ def normalize_rows(probs: np.ndarray) -> np.ndarray:
 
 
 def _column_order(classes: Sequence[str], sample_classes: Sequence[str] | None) -> list[str]:
-    if len(set(classes)) != len(classes):
-        raise SubmitError("meta.json classes contain duplicates")
+    if duplicates(classes):
+        raise SubmitError(f"meta.json classes contain duplicates: {sorted(duplicates(classes))}")
     if sample_classes is None:
         return list(classes)
-    duplicates = sorted({c for c in sample_classes if list(sample_classes).count(c) > 1})
-    missing = [c for c in classes if c not in set(sample_classes)]
-    extra = [c for c in sample_classes if c not in set(classes)]
-    if missing or extra or duplicates:
+    repeated = sorted(duplicates(sample_classes))
+    in_sample, in_meta = set(sample_classes), set(classes)
+    missing = [c for c in classes if c not in in_sample]
+    extra = [c for c in sample_classes if c not in in_meta]
+    if missing or extra or repeated:
         raise SubmitError("sample submission classes differ from meta.json classes: "
-                          + describe_mismatch(missing, extra, duplicates, limit=10)
-                          + " (missing/extra relative to meta.json)")
+                          + describe_mismatch(missing, extra, repeated, limit=10)
+                          + " (missing = in meta.json but not in the sample; extra = in the "
+                          "sample but not in meta.json)")
     return list(sample_classes)
-
-
-def _row_order(names: Sequence[str], rows: Sequence[str], source: str) -> list[int]:
-    index = {n: i for i, n in enumerate(names)}
-    duplicates = sorted({n for n in names if n in index and names[index[n]] is not n}
-                        | _duplicates(names))
-    missing = [n for n in rows if n not in index]
-    extra = sorted(set(index) - set(rows))
-    if missing or extra or duplicates or len(set(rows)) != len(rows):
-        detail = describe_mismatch(missing, extra, duplicates)
-        if len(set(rows)) != len(rows):
-            detail += f"; {source} lists {len(rows) - len(set(rows))} image(s) twice"
-        raise SubmitError(f"predicted images do not match {source}: {detail} "
-                          f"(missing/extra relative to {source})")
-    return [index[n] for n in rows]
-
-
-def _duplicates(items: Sequence[str]) -> set[str]:
-    seen: set[str] = set()
-    return {x for x in items if x in seen or seen.add(x)}
 
 
 def write_submission(frame: pd.DataFrame, out: str | os.PathLike, plain_csv: bool = False
@@ -178,17 +165,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="submission file to write")
     parser.add_argument("--plain-csv", action="store_true", default=None,
                         help="write uncompressed CSV (out must then end in .csv)")
+    parser.add_argument("--params", default=params.PARAMS_FILE, help="params file to read")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = vars(_parser().parse_args(argv))
-    cfg = params.section("submit", DEFAULTS) if Path(params.PARAMS_FILE).exists() else DEFAULTS
-    cfg = {**cfg, **{k: v for k, v in args.items() if v is not None}}
+    cfg = params.section("submit", DEFAULTS, args.pop("params"))
+    cfg.update({k: v for k, v in args.items() if v is not None})  # CLI overrides params.yaml
     try:
         frame = make_submission(cfg["predictions"], cfg["meta"], cfg["out"],
                                 cfg["sample_submission"], cfg["plain_csv"])
-    except (SubmitError, OSError, KeyError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # SubmitError is a ValueError
         raise SystemExit(f"submit: {exc}") from None
     print(f"wrote {cfg['out']}: {len(frame)} images x {frame.shape[1] - 1} classes")
 

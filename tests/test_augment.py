@@ -241,7 +241,9 @@ def test_train_transform_and_tta_batch_give_the_same_images():
     assert np.abs(train_views - _model_input(raw)).mean() > 0.02  # the views really do change
     diff = np.abs(train_views - tta_views)[:, 2:-2, 2:-2]
     assert diff.mean(axis=(1, 2)).max() < 2 / 255, diff.mean(axis=(1, 2)) * 255
-    assert diff.max() < 8 / 255
+    # cv2 quantizes sample positions to 1/32 px and rounds to uint8: measured max 0.76/255. A
+    # half-pixel (align-corners) mistake in the theta conversion gives 2.6/255, so keep this tight.
+    assert diff.max() < 1.5 / 255, diff.max() * 255
 
 
 def test_train_transform_resizes_and_keeps_layout():
@@ -297,6 +299,24 @@ def test_forked_workers_do_not_repeat_the_parent_stream():
         got = pool.map(_worker_rotation, range(6), chunksize=1)
     assert len(set(got)) == 6
     assert parent_next not in got
+
+
+
+def _reseeded_worker_rotation(seed: int) -> float:
+    _WORKER_TRANSFORM.reseed(seed)
+    return float(_WORKER_TRANSFORM.get_params()["affine"]["rotation"][0])
+
+
+def test_reseed_in_a_worker_gives_the_same_stream_as_in_the_parent():
+    """Per-batch reseeding (pipeline.data) must not depend on which worker runs the batch."""
+    t = au.RandomAffineNDSB(seed=11)
+    expected = []
+    for seed in range(4):
+        t.reseed(seed)
+        expected.append(float(t.get_params()["affine"]["rotation"][0]))
+    with multiprocessing.get_context("fork").Pool(2, _init_worker, (t,)) as pool:
+        assert pool.map(_reseeded_worker_rotation, range(4), chunksize=1) == expected
+    assert au.build_train_transform(seed=0).transforms[-1].__class__ is au.RandomAffineNDSB
 
 
 # ---------------------------------------------------------------- batched MXNet warps

@@ -1,0 +1,139 @@
+"""Self-describing, crash-safe checkpoints: enough to predict without training code.
+
+A run directory ``checkpoints/{net}--fold{k}/`` holds, per finished epoch ``e``::
+
+    epoch-000e.params   network parameters (``save_parameters``)
+    epoch-000e.states   optimizer state (``Trainer.save_states``: momentum buffers)
+    epoch-000e.json     the spec (net name + kwargs, classes, input size and normalization,
+                        augmentation ranges), epoch, history, config fingerprint, and the
+                        sha256 of the two files above
+
+Every file is written to a temporary name and renamed; the ``.json`` is written last, so its
+presence means a complete epoch. On load the hashes are checked: a corrupt or truncated latest
+checkpoint is reported with a warning and the previous one is used. The newest two epochs are
+kept. ``model.json`` + ``model.params`` are the final model, for prediction.
+
+Randomness needs no saved generator state: shuffling, augmentation and MXNet's RNG are seeded
+from (seed, epoch[, batch]), so resuming at epoch e reproduces exactly what a run without the
+interruption would have done from there.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from pipeline.fsutil import atomic_path, read_json, write_json
+
+KEEP = 2
+_EPOCH = re.compile(r"epoch-(\d+)\.json$")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was required."""
+
+
+def run_dir(root: str | Path, net: str, fold: int) -> Path:
+    return Path(root) / f"{net}--fold{fold}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stem(directory: Path, epoch: int) -> Path:
+    return directory / f"epoch-{epoch:04d}"
+
+
+def save(directory: str | Path, epoch: int, net, trainer, record: dict[str, Any]) -> Path:
+    """Write epoch ``epoch`` of a run; ``record`` holds spec, history, fingerprint."""
+    directory = Path(directory)
+    stem = _stem(directory, epoch)
+    params, states = stem.with_suffix(".params"), stem.with_suffix(".states")
+    with atomic_path(params) as tmp:
+        net.save_parameters(str(tmp))
+    with atomic_path(states) as tmp:
+        trainer.save_states(str(tmp))
+    record = dict(record, epoch=epoch,
+                  sha256={"params": _sha256(params), "states": _sha256(states)})
+    write_json(stem.with_suffix(".json"), record)
+    _prune(directory)
+    return stem.with_suffix(".json")
+
+
+def _epochs(directory: Path) -> list[int]:
+    if not directory.is_dir():
+        return []
+    found = (_EPOCH.search(p.name) for p in directory.iterdir())
+    return sorted((int(m.group(1)) for m in found if m), reverse=True)
+
+
+def _prune(directory: Path) -> None:
+    for epoch in _epochs(directory)[KEEP:]:
+        for suffix in (".json", ".params", ".states"):
+            _stem(directory, epoch).with_suffix(suffix).unlink(missing_ok=True)
+
+
+def verify(directory: Path, epoch: int) -> dict[str, Any]:
+    """The record of ``epoch`` if its files exist and match their hashes; else raise."""
+    stem = _stem(directory, epoch)
+    try:
+        record = read_json(stem.with_suffix(".json"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{stem}.json unreadable: {exc}") from None
+    for kind, digest in record.get("sha256", {}).items():
+        path = stem.with_suffix(f".{kind}")
+        if not path.exists() or _sha256(path) != digest:
+            raise CheckpointError(f"{path} is missing or corrupt (sha256 mismatch)")
+    return record
+
+
+def latest(directory: str | Path) -> dict[str, Any] | None:
+    """The newest verified epoch record (with ``_stem``), warning about any skipped."""
+    directory = Path(directory)
+    for epoch in _epochs(directory):
+        try:
+            record = verify(directory, epoch)
+        except CheckpointError as exc:
+            warnings.warn(f"skipping checkpoint: {exc}; falling back to an earlier epoch")
+            continue
+        record["_stem"] = str(_stem(directory, epoch))
+        return record
+    return None
+
+
+def finalize(directory: str | Path, record: dict[str, Any]) -> None:
+    """Publish the verified epoch ``record`` as ``model.params`` + ``model.json``."""
+    directory = Path(directory)
+    stem = Path(record["_stem"])
+    with atomic_path(directory / "model.params") as tmp:
+        shutil.copyfile(stem.with_suffix(".params"), tmp)
+    spec = {k: v for k, v in record.items() if k not in ("_stem", "sha256")}
+    spec["sha256"] = {"params": _sha256(directory / "model.params")}
+    write_json(directory / "model.json", spec)
+
+
+def load_model(directory: str | Path, ctx=None):
+    """(network with parameters, spec) of a finished run; needs only ``nets`` and MXNet."""
+    import mxnet as mx
+
+    import nets
+
+    directory = Path(directory)
+    spec_path = directory / "model.json"
+    if not spec_path.exists():
+        raise CheckpointError(f"{spec_path} not found: train this model first")
+    spec = read_json(spec_path)
+    params = directory / "model.params"
+    if not params.exists() or _sha256(params) != spec["sha256"]["params"]:
+        raise CheckpointError(f"{params} is missing or does not match {spec_path}")
+    net = nets.get_model(spec["net"], **spec["kwargs"])
+    net.load_parameters(str(params), ctx=ctx or mx.cpu())
+    return net, spec

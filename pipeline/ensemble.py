@@ -1,0 +1,241 @@
+"""Blend the per-net predictions with log-loss-optimal weights fitted out of fold.
+
+A *model* is a net. Its out-of-fold (OOF) prediction is the concatenation of its fold-k
+``valid`` predictions, aligned by image name to the train images of the chosen folds, so every
+train image is predicted by a network that never saw it; its test prediction is the mean of
+its per-fold test predictions (aligned by name). The blend is ``sum_i w_i * P_i`` with
+``w_i >= 0``, ``sum w_i = 1``, fitted to minimize the OOF NDSB log loss.
+
+Why this works well: on the simplex, ``-mean log(sum_i w_i p_i(true))`` is convex in ``w``
+(negative log of a linear function), so SLSQP from uniform weights reaches the global optimum;
+as a guard the fitted blend is compared with every single model and the best is kept, so the
+blend is never worse than the best model on OOF data. The reported blend loss is fitted and
+evaluated on the same OOF rows, hence slightly optimistic (by about M-1 parameters' worth).
+
+Run as ``python -m pipeline.ensemble``; options default to the ``ensemble`` section of
+params.yaml. Writes ``{valid,test}--ensemble.npy`` (+ ``.names.txt``) and the metrics JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.optimize import minimize
+
+from pipeline import params
+from pipeline.fsutil import read_json, write_json
+from pipeline.predictions import (SPLITS, align_rows, duplicates, load_predictions,
+                                  prediction_files, save_predictions)
+from pipeline.score import EPS, accuracy, ndsb_log_loss
+
+ENSEMBLE_NAME = "ensemble"
+
+DEFAULTS: dict[str, Any] = {
+    "nets": [],
+    "folds": None,  # null: every fold in meta.json; K: folds 0..K-1; or an explicit list
+    "predictions_dir": "predictions",
+    "meta": "data/records/meta.json",
+    "metrics": "metrics/ensemble.json",
+}
+
+
+class EnsembleError(ValueError):
+    """The ensemble cannot be built from the given predictions; the message says why."""
+
+
+class MissingPredictionsError(FileNotFoundError):
+    """Some prediction files do not exist; the message lists every one of them."""
+
+
+@dataclass
+class Model:
+    """One net's predictions: OOF rows in ``valid_names`` order, test rows in test order."""
+
+    net: str
+    valid: np.ndarray
+    test: np.ndarray
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+def fit_weights(valid_probs: Sequence[np.ndarray], y_true_idx: np.ndarray) -> np.ndarray:
+    """Non-negative weights summing to 1 that minimize the NDSB log loss of the blend.
+
+    Each model's rows are first clipped and renormalized as the metric does, so the blend's
+    rows sum to 1 and only the true-class probabilities matter: ``Q[n, i] = P_i[n, y_n]``.
+    """
+    if len(valid_probs) == 1:
+        return np.ones(1)
+    y = np.asarray(y_true_idx)
+    q = np.stack([_kaggle_normalize(p)[np.arange(len(y)), y] for p in valid_probs], axis=1)
+
+    def loss(w: np.ndarray) -> float:
+        return float(-np.mean(np.log(q @ w)))
+
+    def grad(w: np.ndarray) -> np.ndarray:
+        return -np.mean(q / (q @ w)[:, None], axis=0)
+
+    m = q.shape[1]
+    result = minimize(loss, np.full(m, 1.0 / m), jac=grad, method="SLSQP",
+                      bounds=[(0.0, 1.0)] * m, options={"ftol": 1e-12, "maxiter": 500},
+                      constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0,
+                                    "jac": lambda w: np.ones_like(w)}])
+    # SLSQP leaves round-off like 1e-17 (or -1e-17) on dropped models: make those exactly 0.
+    fitted = np.where(result.x > 1e-9, result.x, 0.0)
+    fitted = fitted / fitted.sum() if fitted.sum() > 0 else np.full(m, 1.0 / m)
+    # Guard against an optimizer hiccup: never return something worse than a single model.
+    candidates = [fitted] + list(np.eye(m))
+    return min(candidates, key=loss)
+
+
+def _kaggle_normalize(probs: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1 - EPS)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def blend(probs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Weighted sum of the models' (clipped, renormalized) probability matrices."""
+    return sum(w * _kaggle_normalize(p) for w, p in zip(weights, probs))
+
+
+def ensemble(models: Sequence[Model], y_true_idx: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Fit weights on OOF data; return ``(weights, valid_blend, test_blend, metrics)``."""
+    valid = [m.valid for m in models]
+    weights = fit_weights(valid, y_true_idx)
+    valid_blend = blend(valid, weights)
+    test_blend = blend([m.test for m in models], weights)
+    metrics = {
+        "nets": [m.net for m in models],
+        "weights": {m.net: float(w) for m, w in zip(models, weights)},
+        "models": {m.net: _summary(y_true_idx, m.valid) for m in models},
+        "ensemble": _summary(y_true_idx, valid_blend),
+        "n_valid": int(len(y_true_idx)),
+        "n_test": int(len(test_blend)),
+    }
+    return weights, valid_blend, test_blend, metrics
+
+
+def _summary(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    return {"logloss": ndsb_log_loss(y, probs), "accuracy": accuracy(y, probs)}
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def resolve_folds(folds: int | Sequence[int] | None, n_folds: int) -> list[int]:
+    """``None`` -> all ``n_folds`` folds; ``K`` -> folds ``0..K-1``; a list is kept as given."""
+    if folds is None:
+        chosen = list(range(n_folds))
+    elif isinstance(folds, (list, tuple)):
+        chosen = [int(k) for k in folds]
+    else:
+        chosen = list(range(int(folds)))
+    bad = [k for k in chosen if not 0 <= k < n_folds]
+    if not chosen or bad or duplicates(chosen):
+        raise EnsembleError(f"folds {folds!r} invalid: meta.json has folds 0..{n_folds - 1}")
+    return chosen
+
+
+def expected_files(directory: str | os.PathLike, nets: Sequence[str],
+                   folds: Sequence[int]) -> list[Path]:
+    """Every file the ensemble reads: both splits, ``.npy`` and ``.names.txt``, per model."""
+    return [path for net in nets for fold in folds for split in SPLITS
+            for path in prediction_files(directory, split, net, fold)]
+
+
+def check_files(directory: str | os.PathLike, nets: Sequence[str], folds: Sequence[int]) -> None:
+    """Raise :class:`MissingPredictionsError` listing every missing prediction file at once."""
+    missing = [str(p) for p in expected_files(directory, nets, folds) if not p.is_file()]
+    if missing:
+        raise MissingPredictionsError(
+            f"{len(missing)} prediction file(s) missing (run predict for these models):\n  "
+            + "\n  ".join(missing))
+
+
+def load_model(directory: str | os.PathLike, net: str, folds: Sequence[int],
+               valid_order: Sequence[str], test_order: Sequence[str], n_classes: int) -> Model:
+    """Read one net's fold predictions; OOF rows in ``valid_order``, fold-mean test rows."""
+    valid_parts = [load_predictions(directory, "valid", net, k) for k in folds]
+    probs = np.concatenate([p for p, _ in valid_parts])
+    names = [n for _, part in valid_parts for n in part]
+    _check_classes(net, probs, n_classes)
+    valid = align_rows(probs, names, valid_order, f"{net} valid predictions of folds {folds}",
+                       f"the train images of folds {folds}")
+    test = np.zeros((len(test_order), n_classes))
+    for k in folds:
+        fold_probs, fold_names = load_predictions(directory, "test", net, k)
+        _check_classes(f"{net} fold {k}", fold_probs, n_classes)
+        test += align_rows(fold_probs, fold_names, test_order,
+                           f"{net} fold {k} test predictions", "the meta.json test images")
+    # float32 like the files: the full NDSB test set is 130k x 121 per net.
+    return Model(net, valid.astype(np.float32), (test / len(folds)).astype(np.float32))
+
+
+def _check_classes(what: str, probs: np.ndarray, n_classes: int) -> None:
+    if probs.shape[1] != n_classes:
+        raise EnsembleError(f"{what}: {probs.shape[1]} probability columns, meta.json has "
+                            f"{n_classes} classes")
+
+
+def run(nets: Sequence[str], folds: int | Sequence[int] | None,
+        predictions_dir: str | os.PathLike, meta: str | os.PathLike,
+        metrics_path: str | os.PathLike) -> dict[str, Any]:
+    """Load every model, blend, write the ensemble predictions and metrics; return metrics."""
+    nets = list(nets)
+    if not nets or duplicates(nets):
+        raise EnsembleError(f"need a list of distinct nets (params ensemble.nets or --nets), "
+                            f"got {nets!r}")
+    info = read_json(meta)
+    chosen = resolve_folds(folds, int(info["folds"]))
+    check_files(predictions_dir, nets, chosen)
+    train = [t for t in info["train"] if int(t["fold"]) in set(chosen)]
+    valid_order = [t["name"] for t in train]
+    y = np.array([int(t["label"]) for t in train], dtype=np.int64)
+    test_order = [t["name"] for t in info["test"]]
+    try:
+        models = [load_model(predictions_dir, net, chosen, valid_order, test_order,
+                             len(info["classes"])) for net in nets]
+    except ValueError as exc:  # misaligned rows: say so as an ensemble problem
+        raise EnsembleError(str(exc)) from None
+    _, valid_blend, test_blend, metrics = ensemble(models, y)
+    metrics["folds"] = chosen
+    save_predictions(predictions_dir, "valid", ENSEMBLE_NAME, None, valid_blend, valid_order)
+    save_predictions(predictions_dir, "test", ENSEMBLE_NAME, None, test_blend, test_order)
+    write_json(metrics_path, metrics)
+    return metrics
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.ensemble",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nets", nargs="+", help="nets to blend (default: params ensemble.nets)")
+    parser.add_argument("--folds", type=int, help="use folds 0..K-1 (default: all in meta.json)")
+    parser.add_argument("--predictions-dir", help="directory of the prediction files")
+    parser.add_argument("--meta", help="data/records/meta.json written by ingest")
+    parser.add_argument("--metrics", help="metrics JSON to write")
+    parser.add_argument("--params", default=params.PARAMS_FILE, help="params file to read")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = vars(_parser().parse_args(argv))
+    cfg = params.section("ensemble", DEFAULTS, args.pop("params"))
+    cfg.update({k: v for k, v in args.items() if v is not None})  # CLI overrides params.yaml
+    try:
+        metrics = run(cfg["nets"], cfg["folds"], cfg["predictions_dir"], cfg["meta"],
+                      cfg["metrics"])
+    except (OSError, ValueError) as exc:  # EnsembleError is a ValueError
+        raise SystemExit(f"ensemble: {exc}") from None
+    weights = ", ".join(f"{net} {w:.3f}" for net, w in metrics["weights"].items())
+    print(f"ensemble OOF logloss {metrics['ensemble']['logloss']:.5f} "
+          f"accuracy {metrics['ensemble']['accuracy']:.4f}; weights: {weights}")
+
+
+if __name__ == "__main__":
+    main()

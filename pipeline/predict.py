@@ -1,0 +1,167 @@
+"""Predict with test-time augmentation: every image under ``tta.n`` random affine views.
+
+``python -m pipeline.predict --net NET --fold K`` loads ``checkpoints/NET--foldK/model.*``
+(self-describing: no training code needed), then predicts
+
+* ``valid``: the fold's out-of-fold training images (for fitting ensemble weights), and
+* ``test``: every test image, streamed batch by batch (memory does not grow with the set),
+
+and writes ``predictions/{split}--NET--foldK.npy`` + ``.names.txt`` (:mod:`pipeline.predictions`).
+
+The thesis averages 100 random augmentations per image (§6.2). The T transforms are drawn once
+per model from the training ranges stored in the checkpoint, or from narrower ``tta.ranges``;
+``tta.method: halton`` draws them quasi-randomly (more even coverage for small T). The warps run
+batched on tensors: one ``GridGenerator`` + ``BilinearSampler`` call turns a batch of B images
+into B*T views (:func:`pipeline.augment.tta_batch`). ``tta.n: 0`` predicts the plain images.
+
+Averaging (``tta.mean``): ``probs`` (arithmetic mean of probabilities), ``logits`` (softmax of
+the mean logit) or ``geometric`` (normalized geometric mean of probabilities).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from pipeline import params as params_mod
+from pipeline.runtime import configure_threads
+
+DEFAULTS: dict[str, Any] = {
+    "n": 100,
+    "method": "random",      # random | halton
+    "mean": "probs",         # probs | logits | geometric
+    "seed": 0,
+    "ranges": {},            # narrower augment ranges for TTA; {} = the training ranges
+    "batch_size": 8,         # images per batch; the net sees batch_size * n views at once
+    "checkpoints": "checkpoints",
+    "predictions": "predictions",
+}
+MEANS = ("probs", "logits", "geometric")
+
+
+class PredictError(ValueError):
+    """Invalid TTA settings or inputs."""
+
+
+def tta_matrices(ranges: dict[str, Any], n: int, size: int, method: str, seed: int
+                 ) -> np.ndarray:
+    """(n, 2, 3) forward pixel matrices; n = 0 gives the single identity transform."""
+    from pipeline.augment import AffineRanges, sample_matrices
+
+    if n == 0:
+        return np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    rng = np.random.default_rng(seed)
+    return sample_matrices(AffineRanges.from_dict(ranges), n, size, rng, method=method)
+
+
+def average(outputs: np.ndarray, mean: str) -> np.ndarray:
+    """Reduce logits (B, T, K) over the T views to probabilities (B, K) by ``mean``."""
+    if mean not in MEANS:
+        raise PredictError(f"tta.mean must be one of {MEANS}, got {mean!r}")
+    if mean == "logits":
+        return _softmax(outputs.mean(axis=1))
+    log_p = _log_softmax(outputs)
+    if mean == "geometric":
+        return _softmax(log_p.mean(axis=1))
+    return np.exp(log_p).mean(axis=1)
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    return np.exp(_log_softmax(z))
+
+
+def predict_batches(net, batches: Iterator[np.ndarray], matrices: np.ndarray, mean: str,
+                    ctx=None) -> Iterator[np.ndarray]:
+    """Yield (B, K) TTA-averaged probabilities for each (B, 1, H, W) model-input batch."""
+    import mxnet as mx
+
+    from pipeline.augment import tta_batch
+
+    ctx = ctx or mx.cpu()
+    t = len(matrices)
+    identity = t == 1 and np.allclose(matrices[0], [[1, 0, 0], [0, 1, 0]])
+    for x in batches:
+        data = mx.nd.array(x, ctx=ctx)
+        views = data if identity else tta_batch(data, matrices)
+        logits = net(views).asnumpy().astype(np.float64)
+        yield average(logits.reshape(len(x), t, -1), mean)
+
+
+def predict_split(net, spec: dict[str, Any], reader, indices: Sequence[int], cfg: dict[str, Any],
+                  desc: str) -> np.ndarray:
+    """TTA probabilities (N, K) of the records ``indices``, streamed in batches."""
+    from tqdm import tqdm
+
+    from pipeline.data import BatchLoader
+
+    ranges = cfg["ranges"] or spec["augment"]
+    matrices = tta_matrices(ranges, cfg["n"], spec["size"], cfg["method"], cfg["seed"])
+    out = np.zeros((len(indices), len(spec["classes"])), dtype=np.float32)
+    with BatchLoader(reader, indices, cfg["batch_size"], workers=1) as loader:
+        batches = (x for x, _ in loader.epoch(0))
+        bar = tqdm(total=len(indices), unit="img", desc=desc, mininterval=2)
+        t0, row = time.perf_counter(), 0
+        for probs in predict_batches(net, batches, matrices, cfg["mean"]):
+            out[row:row + len(probs)] = probs
+            row += len(probs)
+            bar.update(len(probs))
+        bar.close()
+    seconds = time.perf_counter() - t0
+    print(f"{desc}: {len(indices)} images x {len(matrices)} views in {seconds:.1f} s "
+          f"({len(indices) / max(seconds, 1e-9):.1f} img/s, "
+          f"{len(indices) * len(matrices) / max(seconds, 1e-9):.0f} views/s)")
+    return out
+
+
+def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any]) -> dict[str, Path]:
+    """Write the valid and test predictions of one trained model; return their paths."""
+    from pipeline.checkpoint import load_model, run_dir
+    from pipeline.predictions import save_predictions
+    from pipeline.records import RecordReader, fold_indices, load_meta
+
+    if cfg["n"] < 0:
+        raise PredictError(f"tta.n must be >= 0, got {cfg['n']}")
+    meta = load_meta(records)
+    net, spec = load_model(run_dir(cfg["checkpoints"], net_name, fold))
+    if spec["classes"] != meta["classes"] or spec["size"] != meta["size"]:
+        raise PredictError(f"{net_name}--fold{fold} was trained on other records "
+                           "(classes or size differ from meta.json); retrain it")
+    net.hybridize(static_alloc=True)
+    written = {}
+    _, valid_idx = fold_indices(meta, fold)
+    jobs = [("valid", "train", valid_idx, [meta["train"][i]["name"] for i in valid_idx]),
+            ("test", "test", np.arange(len(meta["test"])), [r["name"] for r in meta["test"]])]
+    for split, source, indices, names in jobs:
+        if len(indices) == 0:
+            continue
+        reader = RecordReader(records, source)
+        probs = predict_split(net, spec, reader, indices, cfg, f"{split} {net_name}--fold{fold}")
+        written[split] = save_predictions(cfg["predictions"], split, net_name, fold, probs, names)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="TTA predictions of one trained model.")
+    parser.add_argument("--net", required=True)
+    parser.add_argument("--fold", type=int, required=True)
+    parser.add_argument("--records", default="data/records")
+    parser.add_argument("--params", default=params_mod.PARAMS_FILE)
+    args = parser.parse_args(argv)
+    configure_threads()
+    cfg = params_mod.section("tta", DEFAULTS, args.params)
+    try:
+        predict(args.net, args.fold, Path(args.records), cfg)
+    except PredictError as exc:
+        raise SystemExit(f"predict failed: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

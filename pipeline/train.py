@@ -1,0 +1,330 @@
+"""Train one network on one fold from RecordIO: thesis §6.2 augmentation, Nesterov SGD.
+
+``python -m pipeline.train --net NET --fold K`` (DVC runs it for every net in ``train.nets``
+and every fold in ``train.folds``; ``--fold -1`` trains on all labelled images).
+
+* Data: the fold's train records, augmented on the fly by the one affine parameterization of
+  :mod:`pipeline.augment` (rotation, translation, zoom, shear, stretch, flips; background fill),
+  decoded in worker processes with bounded prefetch (:mod:`pipeline.data`).
+* Optimization (thesis §2.1.8-2.1.10): SGD with Nesterov momentum (MXNet ``nag``), weight
+  decay, learning rate multiplied by ``lr_factor`` at each of ``lr_steps`` epochs (the thesis
+  ran 0.01 x 400 -> 0.001 x 80 -> 0.0001 x 80 epochs).
+* Devices: ``ctx`` = ``cpu`` | ``cpu:0,1`` | ``gpu:0,1,..``: data parallel via
+  ``split_and_load`` and a kvstore (``device``; ``nccl`` where the build has it). Several
+  machines: ``kvstore: dist_sync`` under :mod:`pipeline.launch`; each worker trains on its own
+  shard of the records and the gradients are summed by MXNet's parameter server.
+* Every epoch: train loss, validation log loss and accuracy go to ``plots/train--{run}.tsv``
+  (``dvc plots``) and a crash-safe checkpoint (:mod:`pipeline.checkpoint`); a rerun resumes from
+  the newest intact one. A NaN/inf loss stops the run with a clear error; the last good
+  checkpoint stays. At the end: ``metrics/train--{run}.json``, the final model and its plain
+  (no TTA) out-of-fold predictions.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline import checkpoint
+from pipeline import params as params_mod
+from pipeline.fsutil import write_json, write_text
+from pipeline.runtime import configure_threads
+
+DEFAULTS: dict[str, Any] = {
+    "nets": ["ndsb_net1"],
+    "folds": [0, 1, 2],
+    "net_kwargs": {},          # {net name: {kwarg: value}} passed to nets.get_model
+    "act": "rrelu",
+    "bn": True,
+    "epochs": 10,
+    "batch_size": 32,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "wd": 0.0001,
+    "lr_steps": [7, 9],
+    "lr_factor": 0.1,
+    "seed": 0,
+    "ctx": "cpu",
+    "kvstore": "device",
+    "workers": 1,
+    "prefetch": 4,
+    "augment": {},             # pipeline.augment.AffineRanges fields; {} = defaults
+    "checkpoints": "checkpoints",
+    "metrics": "metrics",
+    "plots": "plots",
+}
+
+# Keys that may change without invalidating a checkpoint (a run can be extended or moved).
+RESUMABLE_KEYS = ("epochs", "workers", "prefetch", "checkpoints", "metrics", "plots", "nets",
+                  "folds", "ctx", "kvstore")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, or the configuration is invalid)."""
+
+
+def lr_at(epoch: int, lr: float, steps: Sequence[int], factor: float) -> float:
+    """Learning rate of ``epoch`` (0-based): ``lr * factor ** (steps passed)``."""
+    return lr * factor ** sum(1 for s in steps if epoch >= s)
+
+
+def parse_ctx(spec: str) -> list:
+    """``cpu`` | ``cpu:0,1`` | ``gpu`` | ``gpu:0,1`` -> list of MXNet contexts."""
+    import mxnet as mx
+
+    kind, _, ids = spec.strip().partition(":")
+    if kind not in ("cpu", "gpu"):
+        raise TrainingError(f"train.ctx must be cpu[:i,j] or gpu[:i,j], got {spec!r}")
+    devices = [int(i) for i in ids.split(",")] if ids else [0]
+    if kind == "gpu":
+        available = mx.context.num_gpus()
+        missing = [d for d in devices if d >= available]
+        if missing:
+            raise TrainingError(f"train.ctx={spec!r}: GPU(s) {missing} not available "
+                                f"({available} visible to this MXNet build)")
+    return [mx.Context(kind, d) for d in devices]
+
+
+def fingerprint(net: str, fold: int, cfg: dict[str, Any], meta: dict[str, Any]) -> str:
+    """Hash of everything that makes a checkpoint's state meaningful for this run."""
+    relevant = {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS}
+    data = {k: meta[k] for k in ("classes", "size", "background", "folds", "seed", "files")}
+    blob = json.dumps([net, fold, relevant, data], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Run:
+    """Everything one (net, fold) training run reads and writes."""
+
+    net: str
+    fold: int
+    cfg: dict[str, Any]
+    records: Path
+    name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = f"{self.net}--fold{self.fold}"
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return checkpoint.run_dir(self.cfg["checkpoints"], self.net, self.fold)
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.cfg["metrics"]) / f"train--{self.name}.json"
+
+    @property
+    def plots_path(self) -> Path:
+        return Path(self.cfg["plots"]) / f"train--{self.name}.tsv"
+
+
+def model_kwargs(run: Run, classes: int) -> dict[str, Any]:
+    kw = dict(classes=classes, act=run.cfg["act"], bn=run.cfg["bn"], in_channels=1)
+    kw.update(run.cfg["net_kwargs"].get(run.net, {}))
+    return kw
+
+
+def build(run: Run, classes: int, ctxs: list):
+    """Network with initialized parameters on ``ctxs`` (MSRA/Xavier gain per activation)."""
+    import mxnet as mx
+
+    import nets
+
+    kwargs = model_kwargs(run, classes)
+    net = nets.get_model(run.net, **kwargs)
+    mx.random.seed(run.cfg["seed"])
+    net.initialize(nets.default_initializer(kwargs["act"]), ctx=ctxs)
+    net.hybridize(static_alloc=True, static_shape=True)
+    return net, kwargs
+
+
+def make_kvstore(kind: str, ctxs: list):
+    """A kvstore object, or the name Gluon understands; nccl only where it exists."""
+    import mxnet as mx
+
+    if kind in ("horovod", "byteps"):
+        raise TrainingError(f"kvstore {kind!r} silently falls back to a local store in MXNet "
+                            "1.9.1; use device, nccl or dist_sync")
+    if kind == "nccl" and not all(c.device_type == "gpu" for c in ctxs):
+        raise TrainingError("kvstore nccl needs gpu contexts")
+    if kind.startswith("dist"):
+        return mx.kv.create(kind)
+    return kind
+
+
+def evaluate(net, loader, ctx) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, labels) of every batch, inference mode."""
+    import mxnet as mx
+
+    probs, labels = [], []
+    for x, y in loader.epoch(0):
+        out = net(mx.nd.array(x, ctx=ctx))
+        probs.append(mx.nd.softmax(out).asnumpy())
+        labels.append(y)
+    if not probs:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(probs), np.concatenate(labels).astype(np.int64)
+
+
+def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Kaggle's multi-class log loss (clip 1e-15, rows normalized)."""
+    p = np.clip(probs, 1e-15, 1 - 1e-15)
+    p = p / p.sum(axis=1, keepdims=True)
+    return float(-np.mean(np.log(p[np.arange(len(labels)), labels])))
+
+
+def _write_plot(path: Path, history: list[dict[str, Any]]) -> None:
+    cols = ["epoch", "lr", "train_loss", "valid_logloss", "valid_accuracy", "img_s"]
+    lines = ["\t".join(cols)]
+    lines += ["\t".join(_fmt(h.get(c)) for c in cols) for h in history]
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def train(run: Run) -> dict[str, Any]:
+    """Train (or resume) ``run``; return the final metrics."""
+    import mxnet as mx
+    from mxnet import autograd, gluon
+    from tqdm import tqdm
+
+    from pipeline.augment import AffineRanges, build_train_transform
+    from pipeline.data import BatchLoader
+    from pipeline.predictions import save_prediction_file
+    from pipeline.records import RecordReader, fold_indices, load_meta
+
+    cfg = run.cfg
+    meta = load_meta(run.records)
+    classes, size = meta["classes"], meta["size"]
+    ctxs = parse_ctx(cfg["ctx"])
+    kv = make_kvstore(cfg["kvstore"], ctxs)
+    rank, n_workers = (kv.rank, kv.num_workers) if not isinstance(kv, str) else (0, 1)
+    ranges = AffineRanges.from_dict(cfg["augment"])
+
+    train_idx, valid_idx = fold_indices(meta, run.fold)
+    train_idx = train_idx[rank::n_workers]  # each machine its own shard
+    reader = RecordReader(run.records, "train")
+    transform = build_train_transform(ranges, size, background=meta["background"])
+    per_device = max(1, cfg["batch_size"] // len(ctxs))
+    batch = per_device * len(ctxs)
+    train_loader = BatchLoader(reader, train_idx, batch, transform, shuffle=True,
+                               seed=cfg["seed"] + rank, workers=cfg["workers"],
+                               prefetch=cfg["prefetch"], drop_last=len(train_idx) >= batch)
+    valid_loader = BatchLoader(reader, valid_idx, 2 * batch, None, workers=0)
+
+    net, kwargs = build(run, len(classes), ctxs)
+    trainer = gluon.Trainer(net.collect_params(), "nag",
+                            {"learning_rate": cfg["lr"], "momentum": cfg["momentum"],
+                             "wd": cfg["wd"]}, kvstore=kv, update_on_kvstore=False)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    fp = fingerprint(run.net, run.fold, cfg, meta)
+    spec = {"net": run.net, "kwargs": kwargs, "classes": classes, "size": size,
+            "input": {"invert": True, "scale": 1 / 255, "background": meta["background"]},
+            "augment": ranges.to_dict(), "fold": run.fold, "fingerprint": fp}
+
+    history: list[dict[str, Any]] = []
+    start = 0
+    resumed = checkpoint.latest(run.ckpt_dir)
+    if resumed is not None and resumed.get("fingerprint") == fp:
+        net.load_parameters(resumed["_stem"] + ".params", ctx=ctxs)
+        trainer.load_states(resumed["_stem"] + ".states")
+        history, start = resumed["history"], resumed["epoch"] + 1
+        print(f"train {run.name}: resuming after epoch {resumed['epoch']}")
+    elif resumed is not None:
+        print(f"train {run.name}: settings changed since the checkpoint; starting afresh")
+
+    try:
+        for epoch in range(start, cfg["epochs"]):
+            lr = lr_at(epoch, cfg["lr"], cfg["lr_steps"], cfg["lr_factor"])
+            trainer.set_learning_rate(lr)
+            mx.random.seed(cfg["seed"] * 100003 + epoch)  # RReLU/dropout noise per epoch
+            t0, seen, total = time.perf_counter(), 0, 0.0
+            bar = tqdm(train_loader.epoch(epoch), total=len(train_loader), unit="batch",
+                       desc=f"{run.name} epoch {epoch + 1}/{cfg['epochs']}", mininterval=2,
+                       disable=rank != 0)
+            for x, y in bar:
+                xs = gluon.utils.split_and_load(x, ctxs, even_split=False)
+                ys = gluon.utils.split_and_load(y, ctxs, even_split=False)
+                with autograd.record():
+                    losses = [loss_fn(net(xi), yi) for xi, yi in zip(xs, ys)]
+                autograd.backward(losses)
+                trainer.step(len(x) * n_workers)
+                batch_loss = sum(l.sum().asscalar() for l in losses)
+                if not math.isfinite(batch_loss):
+                    raise TrainingError(
+                        f"{run.name}: loss became {batch_loss} in epoch {epoch + 1} (lr {lr:g});"
+                        f" lower train.lr or check the data. The last good checkpoint is kept "
+                        f"in {run.ckpt_dir}")
+                seen += len(x)
+                total += batch_loss
+                bar.set_postfix(loss=f"{total / seen:.3f}",
+                                img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            img_s = seen / (time.perf_counter() - t0)
+            probs, labels = evaluate(net, valid_loader, ctxs[0])
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": total / max(1, seen),
+                   "img_s": round(img_s, 1)}
+            if len(labels):
+                row.update(valid_logloss=log_loss(labels, probs),
+                           valid_accuracy=float((probs.argmax(1) == labels).mean()))
+            history.append(row)
+            print(f"{run.name} epoch {epoch + 1}: " + ", ".join(
+                f"{k} {_fmt(v)}" for k, v in row.items() if k != "epoch"))
+            if rank == 0:
+                checkpoint.save(run.ckpt_dir, epoch, net, trainer,
+                                dict(spec, history=history))
+                _write_plot(run.plots_path, history)
+    finally:
+        train_loader.close()
+
+    final = checkpoint.latest(run.ckpt_dir)
+    if final is None:
+        raise TrainingError(f"{run.name}: no checkpoint written (train.epochs = {cfg['epochs']})")
+    if rank != 0:
+        return final["history"][-1]
+    if final["epoch"] != cfg["epochs"] - 1 or start == cfg["epochs"]:
+        net.load_parameters(final["_stem"] + ".params", ctx=ctxs)
+    checkpoint.finalize(run.ckpt_dir, final)
+    history = final["history"]
+    _write_plot(run.plots_path, history)
+    probs, labels = evaluate(net, valid_loader, ctxs[0])
+    if len(labels):
+        names = [meta["train"][i]["name"] for i in valid_idx]
+        save_prediction_file(run.ckpt_dir / "valid.npy", probs.astype(np.float32), names)
+    metrics = {k: v for k, v in history[-1].items()}
+    metrics.update(net=run.net, fold=run.fold, epochs=len(history),
+                   train_images=int(len(train_idx)), valid_images=int(len(valid_idx)),
+                   chance_logloss=math.log(len(classes)))
+    write_json(run.metrics_path, metrics)
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train one network on one fold.")
+    parser.add_argument("--net", required=True)
+    parser.add_argument("--fold", type=int, required=True, help="-1: all labelled images")
+    parser.add_argument("--records", default="data/records")
+    parser.add_argument("--params", default=params_mod.PARAMS_FILE)
+    args = parser.parse_args(argv)
+    configure_threads()
+    cfg = params_mod.section("train", DEFAULTS, args.params)
+    try:
+        metrics = train(Run(args.net, args.fold, cfg, Path(args.records)))
+    except TrainingError as exc:
+        raise SystemExit(f"train failed: {exc}") from None
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()
