@@ -37,7 +37,8 @@ ENSEMBLE_NAME = "ensemble"
 DEFAULTS: dict[str, Any] = {
     "nets": [],
     "folds": None,  # null: every fold in meta.json; K: folds 0..K-1; or an explicit list
-    "predictions_dir": "predictions",
+    "predictions_dir": "predictions/models",
+    "out_dir": "predictions",
     "meta": "data/records/meta.json",
     "metrics": "metrics/ensemble.json",
 }
@@ -74,11 +75,12 @@ def fit_weights(valid_probs: Sequence[np.ndarray], y_true_idx: np.ndarray) -> np
     y = np.asarray(y_true_idx)
     q = np.stack([_kaggle_normalize(p)[np.arange(len(y)), y] for p in valid_probs], axis=1)
 
+    # SLSQP may probe slightly outside the bounds; the floor keeps log() finite there.
     def loss(w: np.ndarray) -> float:
-        return float(-np.mean(np.log(q @ w)))
+        return float(-np.mean(np.log(np.maximum(q @ w, 1e-300))))
 
     def grad(w: np.ndarray) -> np.ndarray:
-        return -np.mean(q / (q @ w)[:, None], axis=0)
+        return -np.mean(q / np.maximum(q @ w, 1e-300)[:, None], axis=0)
 
     m = q.shape[1]
     result = minimize(loss, np.full(m, 1.0 / m), jac=grad, method="SLSQP",
@@ -100,7 +102,7 @@ def _kaggle_normalize(probs: np.ndarray) -> np.ndarray:
 
 def blend(probs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     """Weighted sum of the models' (clipped, renormalized) probability matrices."""
-    return sum(w * _kaggle_normalize(p) for w, p in zip(weights, probs))
+    return sum(w * _kaggle_normalize(p) for w, p in zip(weights, probs) if w > 0)
 
 
 def ensemble(models: Sequence[Model], y_true_idx: np.ndarray
@@ -185,8 +187,14 @@ def _check_classes(what: str, probs: np.ndarray, n_classes: int) -> None:
 
 def run(nets: Sequence[str], folds: int | Sequence[int] | None,
         predictions_dir: str | os.PathLike, meta: str | os.PathLike,
-        metrics_path: str | os.PathLike) -> dict[str, Any]:
-    """Load every model, blend, write the ensemble predictions and metrics; return metrics."""
+        metrics_path: str | os.PathLike, out_dir: str | os.PathLike | None = None
+        ) -> dict[str, Any]:
+    """Load every model, blend, write the ensemble predictions and metrics; return metrics.
+
+    The blend goes to ``out_dir`` (default: ``predictions_dir``); DVC wants it apart from the
+    per-model files, which are the outputs of other stages.
+    """
+    out_dir = predictions_dir if out_dir is None else out_dir
     nets = list(nets)
     if not nets or duplicates(nets):
         raise EnsembleError(f"need a list of distinct nets (params ensemble.nets or --nets), "
@@ -205,8 +213,8 @@ def run(nets: Sequence[str], folds: int | Sequence[int] | None,
         raise EnsembleError(str(exc)) from None
     _, valid_blend, test_blend, metrics = ensemble(models, y)
     metrics["folds"] = chosen
-    save_predictions(predictions_dir, "valid", ENSEMBLE_NAME, None, valid_blend, valid_order)
-    save_predictions(predictions_dir, "test", ENSEMBLE_NAME, None, test_blend, test_order)
+    save_predictions(out_dir, "valid", ENSEMBLE_NAME, None, valid_blend, valid_order)
+    save_predictions(out_dir, "test", ENSEMBLE_NAME, None, test_blend, test_order)
     write_json(metrics_path, metrics)
     return metrics
 
@@ -215,8 +223,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.ensemble",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--nets", nargs="+", help="nets to blend (default: params ensemble.nets)")
-    parser.add_argument("--folds", type=int, help="use folds 0..K-1 (default: all in meta.json)")
-    parser.add_argument("--predictions-dir", help="directory of the prediction files")
+    parser.add_argument("--folds", type=int, nargs="+",
+                        help="the folds to use, listed (default: every fold in meta.json)")
+    parser.add_argument("--predictions-dir", help="directory of the per-model prediction files")
+    parser.add_argument("--out-dir", help="directory for the ensemble predictions")
     parser.add_argument("--meta", help="data/records/meta.json written by ingest")
     parser.add_argument("--metrics", help="metrics JSON to write")
     parser.add_argument("--params", default=params.PARAMS_FILE, help="params file to read")
@@ -229,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg.update({k: v for k, v in args.items() if v is not None})  # CLI overrides params.yaml
     try:
         metrics = run(cfg["nets"], cfg["folds"], cfg["predictions_dir"], cfg["meta"],
-                      cfg["metrics"])
+                      cfg["metrics"], cfg["out_dir"])
     except (OSError, ValueError) as exc:  # EnsembleError is a ValueError
         raise SystemExit(f"ensemble: {exc}") from None
     weights = ", ".join(f"{net} {w:.3f}" for net, w in metrics["weights"].items())

@@ -6,7 +6,7 @@
 * ``valid``: the fold's out-of-fold training images (for fitting ensemble weights), and
 * ``test``: every test image, streamed batch by batch (memory does not grow with the set),
 
-and writes ``predictions/{split}--NET--foldK.npy`` + ``.names.txt`` (:mod:`pipeline.predictions`).
+and writes ``predictions/models/{split}--NET--foldK.npy`` + ``.names.txt`` (:mod:`pipeline.predictions`).
 
 The thesis averages 100 random augmentations per image (§6.2). The T transforms are drawn once
 per model from the training ranges stored in the checkpoint, or from narrower ``tta.ranges``;
@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "ranges": {},            # narrower augment ranges for TTA; {} = the training ranges
     "batch_size": 8,         # images per batch; the net sees batch_size * n views at once
     "checkpoints": "checkpoints",
-    "predictions": "predictions",
+    "predictions": "predictions/models",
 }
 MEANS = ("probs", "logits", "geometric")
 

@@ -8,7 +8,8 @@ and lays the images out as an NDSB folder::
     data/sample/ndsb/train/<class>/*.jpg     a stratified part (``sample.train_fraction``)
     data/sample/ndsb/test/*.jpg              the rest, under their own file names
     data/sample/ndsb/sampleSubmission.csv    classes in a non-alphabetical order, as in NDSB
-    data/sample/test_labels.csv              image,class: the hidden test labels for scoring
+    data/sample/ndsb/test_labels.csv         image,class: the hidden test labels, for scoring
+                                             (ingest reads only train/, test/ and the sample)
 
 A wheel already on disk (``sample.wheel``) is used instead of downloading, for offline use.
 """
@@ -116,7 +117,7 @@ def build_sample(out: str | Path, wheel: Path, train_fraction: float = 0.7, seed
             (root / "test" / name).write_bytes(data)
         write_sample_submission(root / "sampleSubmission.csv", [n for _, n, _ in test],
                                 non_alphabetical(sorted(train), rng))
-        with open(staging / "test_labels.csv", "w", newline="") as fh:
+        with open(root / "test_labels.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["image", "class"])
             writer.writerows((name, cls) for cls, name, _ in test)

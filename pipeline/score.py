@@ -48,7 +48,7 @@ EXAMPLES = 3
 
 DEFAULTS: dict[str, Any] = {
     "submission": "submissions/submission.csv.gz",
-    "labels": "data/sample/test_labels.csv",
+    "labels": "data/sample/ndsb/test_labels.csv",
     "out": "metrics/score.json",
 }
 
@@ -77,7 +77,8 @@ def _check_inputs(y_true_idx: Sequence[int] | np.ndarray, probs: np.ndarray
     y = np.asarray(y_true_idx)
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or y.ndim != 1 or len(y) != len(p) or len(y) == 0:
-        raise ValueError(f"need labels (N,) and probs (N, C) with N > 0, got {y.shape} and {p.shape}")
+        raise ValueError(f"need labels (N,) and probs (N, C) with N > 0, "
+                         f"got {y.shape} and {p.shape}")
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= p.shape[1]:
         raise ValueError(f"labels must be integer class indices in [0, {p.shape[1]})")
     if not np.isfinite(p).all():

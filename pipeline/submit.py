@@ -124,8 +124,10 @@ def write_submission(frame: pd.DataFrame, out: str | os.PathLike, plain_csv: boo
             _write_csv(frame, raw)
         else:
             # filename="" and mtime=0 keep the gzip header free of the temporary name and the
-            # clock, so the same predictions always produce the same bytes.
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+            # clock, so the same predictions always produce the same bytes. Level 6 instead of
+            # 9: measured 2.6x faster for a 2% larger file on 121-class '%.6g' rows.
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
+                               compresslevel=6) as gz:
                 _write_csv(frame, gz)
     return out
 

@@ -1,7 +1,7 @@
 """Train one network on one fold from RecordIO: thesis §6.2 augmentation, Nesterov SGD.
 
-``python -m pipeline.train --net NET --fold K`` (DVC runs it for every net in ``train.nets``
-and every fold in ``train.folds``; ``--fold -1`` trains on all labelled images).
+``python -m pipeline.train --net NET --fold K`` (DVC runs it for every net in ``models.nets``
+and every fold in ``models.folds``; ``--fold -1`` trains on all labelled images).
 
 * Data: the fold's train records, augmented on the fly by the one affine parameterization of
   :mod:`pipeline.augment` (rotation, translation, zoom, shear, stretch, flips; background fill),
@@ -38,8 +38,6 @@ from pipeline.fsutil import write_json, write_text
 from pipeline.runtime import configure_threads
 
 DEFAULTS: dict[str, Any] = {
-    "nets": ["ndsb_net1"],
-    "folds": [0, 1, 2],
     "net_kwargs": {},          # {net name: {kwarg: value}} passed to nets.get_model
     "act": "rrelu",
     "bn": True,
@@ -62,8 +60,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Keys that may change without invalidating a checkpoint (a run can be extended or moved).
-RESUMABLE_KEYS = ("epochs", "workers", "prefetch", "checkpoints", "metrics", "plots", "nets",
-                  "folds", "ctx", "kvstore")
+RESUMABLE_KEYS = ("epochs", "workers", "prefetch", "checkpoints", "metrics", "plots", "ctx",
+                  "kvstore")
 
 
 class TrainingError(RuntimeError):

@@ -31,8 +31,8 @@ def tiny_params(params: dict, root: Path) -> dict:
     """The repository's params with data.root at ``root`` and fast settings for 2 cores."""
     params["data"].update(root=str(root), size=32, folds=2)
     overrides = {
-        "train": {"nets": ["lenet"], "epochs": 2, "batch_size": 16, "step_epochs": [1],
-                  "workers": 1},
+        "models": {"nets": ["lenet"], "folds": [0, 1]},
+        "train": {"epochs": 2, "batch_size": 8, "lr_steps": [1], "workers": 1},
         "tta": {"n": 4},
         "score": {"labels": str(root / "test_labels.csv")},
     }

@@ -178,7 +178,7 @@ def test_stale_fold_assignment_is_reported(project) -> None:
 def test_main_takes_nets_from_cli_or_params(project, monkeypatch) -> None:
     root, meta = project
     monkeypatch.chdir(root)
-    write_net(root / "predictions", meta, "only", good, 1)
+    write_net(root / "predictions" / "models", meta, "only", good, 1)
     Path("params.yaml").write_text("ensemble:\n  nets: []\n  meta: meta.json\n"
                                    "  metrics: m/ensemble.json\n")
     with pytest.raises(SystemExit, match="nets"):
