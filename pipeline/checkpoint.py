@@ -1,6 +1,6 @@
 """Self-describing, crash-safe checkpoints: enough to predict without training code.
 
-A run directory ``checkpoints/{net}--fold{k}/`` holds, per finished epoch ``e``::
+A run directory ``checkpoints/{net}--fold{k}/`` holds, after ``e`` finished epochs::
 
     epoch-000e.params   network parameters (``save_parameters``)
     epoch-000e.states   optimizer state (``Trainer.save_states``: momentum buffers)

@@ -238,8 +238,8 @@ def train(run: Run) -> dict[str, Any]:
     if resumed is not None and resumed.get("fingerprint") == fp:
         net.load_parameters(resumed["_stem"] + ".params", ctx=ctxs)
         trainer.load_states(resumed["_stem"] + ".states")
-        history, start = resumed["history"], resumed["epoch"] + 1
-        print(f"train {run.name}: resuming after epoch {resumed['epoch']}")
+        history, start = resumed["history"], resumed["epoch"]
+        print(f"train {run.name}: resuming after epoch {start}")
     elif resumed is not None:
         print(f"train {run.name}: settings changed since the checkpoint; starting afresh")
 
@@ -280,7 +280,7 @@ def train(run: Run) -> dict[str, Any]:
             print(f"{run.name} epoch {epoch + 1}: " + ", ".join(
                 f"{k} {_fmt(v)}" for k, v in row.items() if k != "epoch"))
             if rank == 0:
-                checkpoint.save(run.ckpt_dir, epoch, net, trainer,
+                checkpoint.save(run.ckpt_dir, epoch + 1, net, trainer,
                                 dict(spec, history=history))
                 _write_plot(run.plots_path, history)
     finally:
@@ -291,7 +291,7 @@ def train(run: Run) -> dict[str, Any]:
         raise TrainingError(f"{run.name}: no checkpoint written (train.epochs = {cfg['epochs']})")
     if rank != 0:
         return final["history"][-1]
-    if final["epoch"] != cfg["epochs"] - 1 or start == cfg["epochs"]:
+    if final["epoch"] != cfg["epochs"] or start == cfg["epochs"]:
         net.load_parameters(final["_stem"] + ".params", ctx=ctxs)
     checkpoint.finalize(run.ckpt_dir, final)
     history = final["history"]

@@ -1,0 +1,183 @@
+"""Training: schedule, contexts, checkpoints that survive kill -9 and corruption, 2 devices."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import checkpoint, params
+from pipeline import train as T
+from pipeline.ingest import Settings, ingest
+from pipeline.synth import generate
+from tests.conftest import ROOT
+
+NET = "lenet"
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> Path:
+    """A tiny synthetic record set: 3 classes x 16 images at 32 px, 2 folds."""
+    base = tmp_path_factory.mktemp("train")
+    generate(base / "ndsb", classes=3, per_class=16, test=6, seed=2, max_size=90)
+    ingest(base / "ndsb", base / "records", Settings(size=32), folds=2, workers=1)
+    return base / "records"
+
+
+def config(tmp: Path, **over) -> dict:
+    base = {"epochs": 2, "batch_size": 8, "lr_steps": [1], "workers": 0, "act": "leaky",
+            "bn": False, "checkpoints": str(tmp / "ck"), "metrics": str(tmp / "m"),
+            "plots": str(tmp / "p")}
+    base.update(over)
+    return params.merge("train", T.DEFAULTS, base)
+
+
+def params_of(directory: Path) -> dict[str, np.ndarray]:
+    import mxnet as mx
+
+    return {k: v.asnumpy() for k, v in mx.nd.load(str(directory / "model.params")).items()}
+
+
+def test_lr_schedule_steps_by_factor():
+    steps = [400, 480]
+    assert T.lr_at(0, 0.01, steps, 0.1) == 0.01
+    assert T.lr_at(399, 0.01, steps, 0.1) == 0.01
+    assert T.lr_at(400, 0.01, steps, 0.1) == pytest.approx(0.001)
+    assert T.lr_at(479, 0.01, steps, 0.1) == pytest.approx(0.001)
+    assert T.lr_at(480, 0.01, steps, 0.1) == pytest.approx(0.0001)
+    assert T.lr_at(559, 0.01, [], 0.1) == 0.01
+
+
+def test_parse_ctx():
+    import mxnet as mx
+
+    assert T.parse_ctx("cpu") == [mx.cpu(0)]
+    assert T.parse_ctx("cpu:0,1") == [mx.cpu(0), mx.cpu(1)]
+    with pytest.raises(T.TrainingError, match="cpu"):
+        T.parse_ctx("tpu:0")
+    if mx.context.num_gpus() == 0:
+        with pytest.raises(T.TrainingError, match="not available"):
+            T.parse_ctx("gpu:0")
+
+
+def test_unsupported_kvstores_are_refused():
+    with pytest.raises(T.TrainingError, match="falls back"):
+        T.make_kvstore("horovod", [])
+
+
+def test_train_writes_metrics_plots_checkpoint_and_oof(records, tmp_path):
+    cfg = config(tmp_path)
+    metrics = T.train(T.Run(NET, 0, cfg, records))
+    run_dir = tmp_path / "ck" / f"{NET}--fold0"
+    spec = json.loads((run_dir / "model.json").read_text())
+    assert spec["net"] == NET and spec["classes"] == json.loads(
+        (records / "meta.json").read_text())["classes"]
+    assert spec["epoch"] == 2 and spec["size"] == 32 and spec["input"]["invert"]
+    plot = (tmp_path / "p" / f"train--{NET}--fold0.tsv").read_text().splitlines()
+    assert plot[0].split("\t")[:4] == ["epoch", "lr", "train_loss", "valid_logloss"]
+    assert len(plot) == 3 and plot[2].split("\t")[1] == "0.001"
+    saved = json.loads((tmp_path / "m" / f"train--{NET}--fold0.json").read_text())
+    assert saved["valid_logloss"] == pytest.approx(metrics["valid_logloss"])
+    from pipeline.predictions import load_prediction_file
+
+    probs, names = load_prediction_file(run_dir / "valid.npy")
+    assert len(names) == saved["valid_images"] and np.allclose(probs.sum(1), 1, atol=1e-5)
+    net, spec = checkpoint.load_model(run_dir)  # enough to predict, no training code
+
+
+def test_rerun_of_finished_run_changes_nothing(records, tmp_path):
+    cfg = config(tmp_path)
+    T.train(T.Run(NET, 0, cfg, records))
+    before = params_of(tmp_path / "ck" / f"{NET}--fold0")
+    T.train(T.Run(NET, 0, cfg, records))
+    after = params_of(tmp_path / "ck" / f"{NET}--fold0")
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_resume_equals_uninterrupted_run(records, tmp_path):
+    full = config(tmp_path / "full", epochs=3)
+    T.train(T.Run(NET, 0, full, records))
+    part = config(tmp_path / "part", epochs=3)
+    T.train(T.Run(NET, 0, dict(part, epochs=1), records))  # "interrupted" after epoch 1
+    T.train(T.Run(NET, 0, part, records))                   # resumes at epoch 2
+    a, b = (params_of(tmp_path / d / "ck" / f"{NET}--fold0") for d in ("full", "part"))
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_warning(records, tmp_path):
+    cfg = config(tmp_path, epochs=2)
+    T.train(T.Run(NET, 0, cfg, records))
+    run_dir = tmp_path / "ck" / f"{NET}--fold0"
+    latest = run_dir / "epoch-0002.params"
+    latest.write_bytes(latest.read_bytes()[:100])  # truncated, as by a full disk
+    with pytest.warns(UserWarning, match="epoch-0002.params"):
+        record = checkpoint.latest(run_dir)
+    assert record["epoch"] == 1
+    with pytest.warns(UserWarning):
+        T.train(T.Run(NET, 0, cfg, records))  # redoes epoch 2 from epoch 1
+    assert checkpoint.latest(run_dir)["epoch"] == 2
+
+
+def test_changed_settings_start_afresh(records, tmp_path, capsys):
+    T.train(T.Run(NET, 0, config(tmp_path, epochs=1), records))
+    T.train(T.Run(NET, 0, config(tmp_path, epochs=1, lr=0.02), records))
+    assert "starting afresh" in capsys.readouterr().out
+
+
+def test_two_contexts_equal_one_context_with_same_global_batch(records, tmp_path):
+    one = config(tmp_path / "one", epochs=1, ctx="cpu")
+    two = config(tmp_path / "two", epochs=1, ctx="cpu:0,1")
+    T.train(T.Run(NET, 0, one, records))
+    T.train(T.Run(NET, 0, two, records))
+    a, b = (params_of(tmp_path / d / "ck" / f"{NET}--fold0") for d in ("one", "two"))
+    initial = T.build(T.Run(NET, 0, one, records), 3, T.parse_ctx("cpu"))[0]
+    moved = 0.0
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    for name, p in initial.collect_params().items():
+        moved = max(moved, float(np.abs(p.data().asnumpy() - a[name]).max()))
+    assert moved > 1e-4  # the update was real, so the equality above means something
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(records, tmp_path):
+    cfg = config(tmp_path, epochs=1)
+    T.train(T.Run(NET, 0, cfg, records))
+    with pytest.raises(T.TrainingError, match="loss became"):
+        T.train(T.Run(NET, 0, config(tmp_path, epochs=2, lr=1e30, lr_steps=[5]), records))
+    # the diverging run had other settings, so it started afresh: its epoch 1 never finished
+    assert checkpoint.latest(tmp_path / "ck" / f"{NET}--fold0")["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_resumes_and_finishes(records, tmp_path):
+    cfg = config(tmp_path, epochs=6, workers=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": cfg}))
+    cmd = [sys.executable, "-m", "pipeline.train", "--net", NET, "--fold", "0",
+           "--records", str(records), "--params", str(tmp_path / "params.yaml")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    run_dir = tmp_path / "ck" / f"{NET}--fold0"
+    deadline = time.time() + 300
+    while not (run_dir / "epoch-0002.json").exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its data workers, mid-epoch
+    proc.wait()
+    killed_at = checkpoint.latest(run_dir)["epoch"]
+    assert 2 <= killed_at < 6
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert f"resuming after epoch {killed_at}" in out.stdout
+    spec = json.loads((run_dir / "model.json").read_text())
+    assert spec["epoch"] == 6 and [h["epoch"] for h in spec["history"]] == list(range(1, 7))
