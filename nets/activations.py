@@ -65,13 +65,14 @@ class PReLU(nn.HybridBlock):
     """Parametric ReLU, Eq. 5.3, one learned slope per channel (axis 1).
 
     The slope vector's length is inferred at the first forward (MXNet's ``prelu`` infers
-    ``gamma`` as ``(channels,)``), so the block needs no channel count.
+    ``gamma`` as ``(channels,)`` when the parameter has no shape yet; a ``(0,)`` placeholder
+    would block that), so the block needs no channel count.
     """
 
     def __init__(self, init: float = 0.25, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         with self.name_scope():
-            self.alpha = self.params.get("alpha", shape=(0,), init=mx.init.Constant(init),
+            self.alpha = self.params.get("alpha", shape=None, init=mx.init.Constant(init),
                                          allow_deferred_init=True)
         self.alpha.wd_mult = 0.0  # He et al.: decaying a_i towards 0 would bias towards ReLU
 
@@ -156,7 +157,8 @@ def check_activation(name: str, act_kw: dict[str, Any] | None = None) -> dict[st
 
 def make_activation(name: str, **act_kw: Any) -> nn.HybridBlock:
     """A new activation block, e.g. ``make_activation('leaky', a=7.5)``."""
-    return _FACTORIES[name](**check_activation(name, act_kw))
+    kwargs = check_activation(name, act_kw)  # before the lookup: unknown names get the list
+    return _FACTORIES[name](**kwargs)
 
 
 def negative_slope(name: str, **act_kw: Any) -> float | None:

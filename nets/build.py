@@ -153,7 +153,9 @@ class _Builder:
         self.table, self.act, self.act_kw, self.bn = table, act, act_kw, bn
         self.pool, self.width, self.variant = pool, width, variant
         self.channels = in_channels
-        self.flat = False  # after a fully connected layer the data is (batch, units)
+        # True once the data is (batch, channels): after global pooling or an FC layer, so a
+        # following Dense layer knows its input size without seeing the image size.
+        self.flat = False
 
     def scale(self, n: int) -> int:
         return max(1, int(round(n * self.width)))
@@ -171,11 +173,14 @@ class _Builder:
         return seq
 
     def conv(self, filters: int, kernel: int, stride: int = 1, pad: int | None = None,
-             act: bool = True) -> nn.HybridSequential:
+             act: bool = True, groups: int = 1) -> nn.HybridSequential:
         """Convolution (+ BN + activation when ``act``); updates the channel count."""
+        if self.channels % groups or filters % groups:
+            raise ValueError(f"{self.table['name']}: {self.channels} -> {filters} channels "
+                             f"cannot be split in {groups} groups (try another width)")
         seq = nn.HybridSequential(prefix="")
         seq.add(nn.Conv2D(filters, kernel, strides=stride,
-                          padding=self.padding(kernel, pad, "conv_pad"),
+                          padding=self.padding(kernel, pad, "conv_pad"), groups=groups,
                           use_bias=not self.bn, in_channels=self.channels))
         if act:
             seq.add(self.norm_act(filters))
@@ -195,7 +200,8 @@ class _Builder:
         filters = row.get("filters") or (out[2] if out else None) or row.get("3x3")
         reduce = row.get("3x3 reduce")
         if not reduce:
-            return self.conv(self.scale(filters), kernel, stride, pad, self.table["conv_act"])
+            return self.conv(self.scale(filters), kernel, stride, pad, self.table["conv_act"],
+                             row.get("groups") or 1)
         seq = nn.HybridSequential(prefix="")
         seq.add(self.conv(self.scale(reduce), 1))
         seq.add(self.conv(self.scale(filters), kernel, stride, pad))
@@ -208,6 +214,7 @@ class _Builder:
     def global_pool(self, row: dict) -> nn.HybridBlock:
         if self.pool == "both":
             self.channels *= 2
+        self.flat = True
         return GlobalPool(self.pool)
 
     def module(self, row: dict) -> nn.HybridBlock:
@@ -261,8 +268,9 @@ class _Builder:
 
     def fully_connected(self, row: dict) -> nn.HybridBlock:
         units = self.scale(row["filters"])
-        # Flattened input size depends on the input image size, so in_units stays deferred.
-        dense = nn.Dense(units, use_bias=not self.bn)
+        # After convolutions the flattened size depends on the image size: in_units deferred.
+        dense = nn.Dense(units, use_bias=not self.bn,
+                         in_units=self.channels if self.flat else 0)
         self.channels, self.flat = units, True
         return dense
 
@@ -331,6 +339,6 @@ def build(table: dict, classes: int = 121, act: str = "rrelu",
         net.output.add(nn.Flatten())
         if dropout > 0:
             net.output.add(nn.Dropout(dropout))
-        net.output.add(nn.Dense(classes, in_units=0 if builder.flat else builder.channels))
+        net.output.add(nn.Dense(classes, in_units=builder.channels if builder.flat else 0))
     net.rows = [r for r in rows if r["type"] not in CLASSIFIER_TYPES]
     return net

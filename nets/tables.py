@@ -19,8 +19,9 @@ Row vocabulary: ``convolution``, ``max pool[ing]``, ``avg pool`` / ``avg/max poo
 ``pool`` option), ``module-N`` (TinyNet: 1x1 path + 3x3 path, or with ``stride 2``: stride-2
 3x3 path + 3x3/2 max-pool path, concatenated), ``inception (..)`` (Table 4.4 columns),
 ``fully connected``, ``activation``, ``lrn``, ``dropout``, and the classifier row
-``softmax`` / ``linear classifier``. A cell holding a dict is chosen by the ``variant``
-option (TinyNet A/B).
+``softmax`` / ``linear classifier``. An optional ``groups`` column gives grouped
+convolutions. A cell holding a dict is chosen by the ``variant`` option (TinyNet A/B,
+AlexNet grouped/single).
 
 Where a table is internally inconsistent or incomplete the fix is in a comment on the row.
 """
@@ -191,28 +192,31 @@ LENET = {
     ],
 }
 
-# Table 4.2: AlexNet (no GPU "groups"). Convolutions 2-5 are padded to keep their size, the
-# first is not, and pooling rounds up (Caffe), which gives 227 -> 55 -> 27 -> 13 -> 6.
+# Table 4.2: AlexNet. Convolutions 2-5 are padded to keep their size, the first is not, and
+# pooling rounds up (Caffe), which gives 227 -> 55 -> 27 -> 13 -> 6. The "groups" column is
+# not in the printed table: the original net [34] split convolutions 2, 4 and 5 over two GPUs
+# (variant "grouped", 61.0M parameters, 0.72 G multiply-adds: the 60M and the 1X of
+# Table 4.7); variant "single" is the ungrouped net the text says is used now (62.4M).
 ALEXNET = {
     "name": "alexnet",
     "source": "Table 4.2: AlexNet structure",
     "input": 227,
-    "columns": ("type", "filters", "kernel", "stride"),
+    "columns": ("type", "filters", "kernel", "stride", "groups"),
     "conv_act": False, "conv_pad": "same", "pool_pad": "valid", "pool_convention": "full",
     "rows": [
         ("convolution", 96, "11x11 pad 0", 4),
         ("max pooling", None, "3x3", 2),
         ("activation",),
         ("lrn",),
-        ("convolution", 256, "5x5", 1),
+        ("convolution", 256, "5x5", 1, {"grouped": 2, "single": 1}),
         ("max pooling", None, "3x3", 2),
         ("activation",),
         ("lrn",),
         ("convolution", 384, "3x3", 1),
         ("activation",),
-        ("convolution", 384, "3x3", 1),
+        ("convolution", 384, "3x3", 1, {"grouped": 2, "single": 1}),
         ("activation",),
-        ("convolution", 256, "3x3", 1),
+        ("convolution", 256, "3x3", 1, {"grouped": 2, "single": 1}),
         ("activation",),
         # Missing from the printed table but stated in the text ("3 max pooling layers");
         # without it the first FC layer alone would have 177M weights instead of 38M.

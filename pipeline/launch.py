@@ -155,10 +155,18 @@ _OUT_LOCK = threading.Lock()
 
 
 def _pump(prefix: bytes, source: IO[bytes], sink: IO[bytes]) -> None:
+    """Copy a child's output line by line with ``prefix``; keep draining if ``sink`` breaks
+    (e.g. ``| head``), so the child never blocks on a full pipe."""
+    broken = False
     for line in iter(source.readline, b""):
+        if broken:
+            continue
         with _OUT_LOCK:
-            sink.write(prefix + line if line.endswith(b"\n") else prefix + line + b"\n")
-            sink.flush()
+            try:
+                sink.write(prefix + line if line.endswith(b"\n") else prefix + line + b"\n")
+                sink.flush()
+            except (OSError, ValueError):
+                broken = True
     source.close()
 
 
@@ -266,8 +274,11 @@ def launch(cmd: Sequence[str], workers: int, servers: int, host: str = "127.0.0.
 def _note(message: str, sink: IO[bytes] | None) -> None:
     with _OUT_LOCK:
         out = sink or sys.stdout.buffer
-        out.write(f"[launch] {message}\n".encode())
-        out.flush()
+        try:
+            out.write(f"[launch] {message}\n".encode())
+            out.flush()
+        except (OSError, ValueError):
+            pass
 
 
 # ---------------------------------------------------------------- cluster mode

@@ -144,6 +144,16 @@ def build(run: Run, classes: int, ctxs: list):
     return net, kwargs
 
 
+def shard(indices: np.ndarray, rank: int, n_workers: int) -> np.ndarray:
+    """Worker ``rank``'s share of ``indices``; every share has the same length.
+
+    dist_sync needs every worker to take the same number of steps (a worker with one batch
+    more would wait forever for the others' gradients), so the list is first padded by
+    repeating it from the start up to a multiple of ``n_workers`` (< n_workers extra images).
+    """
+    return np.resize(indices, len(indices) + -len(indices) % n_workers)[rank::n_workers]
+
+
 def make_kvstore(kind: str, ctxs: list):
     """A kvstore object, or the name Gluon understands; nccl only where it exists."""
     import mxnet as mx
@@ -212,7 +222,7 @@ def train(run: Run) -> dict[str, Any]:
     ranges = AffineRanges.from_dict(cfg["augment"])
 
     train_idx, valid_idx = fold_indices(meta, run.fold)
-    train_idx = train_idx[rank::n_workers]  # each machine its own shard
+    train_idx = shard(train_idx, rank, n_workers)
     reader = RecordReader(run.records, "train")
     transform = build_train_transform(ranges, size, background=meta["background"])
     per_device = max(1, cfg["batch_size"] // len(ctxs))
@@ -286,11 +296,11 @@ def train(run: Run) -> dict[str, Any]:
     finally:
         train_loader.close()
 
+    if rank != 0:  # only rank 0 writes; its files may not exist yet, or not on this machine
+        return history[-1] if history else {}
     final = checkpoint.latest(run.ckpt_dir)
     if final is None:
         raise TrainingError(f"{run.name}: no checkpoint written (train.epochs = {cfg['epochs']})")
-    if rank != 0:
-        return final["history"][-1]
     if final["epoch"] != cfg["epochs"] or start == cfg["epochs"]:
         net.load_parameters(final["_stem"] + ".params", ctx=ctxs)
     checkpoint.finalize(run.ckpt_dir, final)

@@ -1,0 +1,99 @@
+"""Cost of RReLU against leaky ReLU in a real network (a benchmark, not a test).
+
+``python -m nets.bench_act [--net ndsb_net1] [--batch 32] [--size 128] [--steps 3]``
+
+Times one SGD training step (forward, backward, update) and one inference forward pass of
+the network built with ``rrelu``, with ``leaky`` (same mid slope, so the only difference is
+the per-element noise), and with RReLU switched to its inference-only graph
+(:func:`nets.activations.set_deterministic`). Runs alternate between the variants and the
+median is reported, which keeps the ratio meaningful on a machine shared with other jobs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Callable
+
+import mxnet as mx
+from mxnet import autograd, gluon
+
+from . import get_model, initialize
+from .activations import RRELU_LOWER, RRELU_UPPER, set_deterministic
+
+
+def _make(net_name: str, act: str, act_kw: dict, classes: int, deterministic: bool = False
+          ) -> tuple[gluon.HybridBlock, gluon.Trainer]:
+    net = get_model(net_name, classes=classes, act=act, act_kw=act_kw)
+    initialize(net)
+    if deterministic:
+        set_deterministic(net)
+    net.hybridize(static_alloc=True, static_shape=True)
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.01,
+                                                          "momentum": 0.9})
+    return net, trainer
+
+
+def _train_step(net, trainer, x, y, loss_fn) -> None:
+    with autograd.record():
+        loss = loss_fn(net(x), y)
+    loss.backward()
+    trainer.step(x.shape[0])
+    mx.nd.waitall()
+
+
+def _infer(net, x) -> None:
+    net(x).wait_to_read()
+
+
+def _time(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run(net_name: str = "ndsb_net1", batch: int = 32, size: int = 128, steps: int = 3,
+        classes: int = 121) -> dict[str, dict[str, float]]:
+    """Median seconds per training step and per inference batch for each variant."""
+    mx.random.seed(0)
+    x = mx.nd.random.uniform(shape=(batch, 1, size, size))
+    y = mx.nd.random.randint(0, classes, shape=(batch,)).astype("float32")
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    mid_a = 2.0 / (RRELU_LOWER + RRELU_UPPER)  # leaky's a with slope (l+u)/2
+    variants = {
+        "rrelu": _make(net_name, "rrelu", {}, classes),
+        "leaky": _make(net_name, "leaky", {"a": mid_a}, classes),
+        "rrelu_deterministic": _make(net_name, "rrelu", {}, classes, deterministic=True),
+    }
+    times: dict[str, dict[str, list[float]]] = {k: {"train": [], "infer": []} for k in variants}
+    for step in range(steps + 1):  # step 0 warms up (graph building, memory allocation)
+        for name, (net, trainer) in variants.items():
+            train = _time(lambda: _train_step(net, trainer, x, y, loss_fn))
+            infer = _time(lambda: _infer(net, x))
+            if step:
+                times[name]["train"].append(train)
+                times[name]["infer"].append(infer)
+    return {k: {m: statistics.median(v) for m, v in d.items()} for k, d in times.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m nets.bench_act", description=__doc__.split("\n")[0])
+    p.add_argument("--net", default="ndsb_net1")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3)
+    a = p.parse_args(argv)
+    r = run(a.net, a.batch, a.size, a.steps)
+    print(f"{a.net}, batch {a.batch}, {a.size}x{a.size}, median of {a.steps} steps "
+          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    for name, t in r.items():
+        print(f"  {name:<20} train step {t['train']:.3f} s   inference {t['infer']:.3f} s")
+    print(f"  rrelu / leaky        train {r['rrelu']['train'] / r['leaky']['train']:.2f}x   "
+          f"inference {r['rrelu']['infer'] / r['leaky']['infer']:.2f}x   "
+          f"(deterministic inference "
+          f"{r['rrelu_deterministic']['infer'] / r['leaky']['infer']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Smoke test of ``python -m pipeline.bench``: a tiny net, tiny inputs, a fraction of a second.
+
+Only the output contract is checked (one JSON line per mode with the fields the PyTorch
+reference prints, all positive numbers); the figures themselves live in BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+REFERENCE_FIELDS = ("net", "act", "batch", "size", "threads")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def test_bench_prints_reference_fields_and_data_line():
+    cmd = [sys.executable, "-m", "pipeline.bench", "--net", "tinynet_cifar", "--size", "16",
+           "--batch", "4", "--seconds", "0.05", "--threads", "1", "--what", "train,infer,data",
+           "--ingest-images", "20"]
+    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(l) for l in done.stdout.splitlines()]
+    assert all(isinstance(l, dict) for l in lines)
+
+    head = lines[0]
+    assert head["engine"] == "mxnet"
+    for field in REFERENCE_FIELDS:
+        assert field in head
+    assert (head["net"], head["size"], head["batch"], head["threads"]) == ("tinynet_cifar", 16, 4, 1)
+    assert _positive(head["train_img_s"]) and _positive(head["infer_img_s"])
+
+    data = next(l for l in lines if l.get("what") == "data")
+    assert _positive(data["img_s_per_worker"]) and _positive(data["per_worker_over_train"])
