@@ -41,7 +41,7 @@ from .maxdepth import build_maxdepth
 from .tables import TABLES
 
 __all__ = ["get_model", "list_models", "default_initializer", "initialize", "ACTIVATIONS",
-           "make_activation", "set_deterministic"]
+           "make_activation", "set_deterministic", "build", "TABLES"]
 
 _COMMON = ("act_kw", "pool", "dropout", "width")
 

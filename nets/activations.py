@@ -28,11 +28,15 @@ slope is ``mid + t * n`` with ``n ~ U(-h, h)`` per element (``mid = (l+u)/2``,
 at inference. The switch lives in the graph, so it survives ``hybridize()``, ``export`` and
 ``gluon.SymbolBlock.imports`` (tests/test_activations.py checks all three).
 
-``contrib.cond`` would skip the sampling at inference but breaks shape inference of the
-layers after it in MXNet 1.9 (deferred initialisation fails), so it is not used. The price is
-one uniform draw per activation also at inference; :func:`set_deterministic` swaps every
-RReLU of a network to the plain mid-slope LeakyReLU for inference-only graphs (same outputs,
-tested), and ``nets/bench_act.py`` measures the cost.
+Cost. Every training step draws one uniform number per activation element; in MXNet 1.9
+on CPU that costs about as much as a Dropout mask (both take several times a multiply per
+element), which is the bulk of RReLU's overhead over leaky ReLU. The draw also happens at
+inference, where it is multiplied by zero. ``contrib.cond`` would skip it but breaks shape
+inference of the layers after it in MXNet 1.9 (deferred initialisation fails), so instead
+``RReLU(deterministic=True)`` (``act_kw={'deterministic': True}``, or
+:func:`set_deterministic` on a built net) gives the inference-only graph, plain leaky ReLU
+with slope ``(l+u)/2``: the same outputs bit for bit (tested) without the draw. Use it for
+prediction / test-time augmentation. ``python -m nets.bench_act`` measures all three.
 """
 from __future__ import annotations
 
@@ -139,7 +143,8 @@ _FACTORIES: dict[str, Callable[..., nn.HybridBlock]] = {
 _KWARGS: dict[str, dict[str, str]] = {
     "leaky": {"a": "a"},
     "prelu": {"init": "init"},
-    "rrelu": {"l": "lower", "u": "upper", "lower": "lower", "upper": "upper"},
+    "rrelu": {"l": "lower", "u": "upper", "lower": "lower", "upper": "upper",
+              "deterministic": "deterministic"},
 }
 
 

@@ -16,7 +16,8 @@ Options shared by every network:
                      and max pooled features concatenated, doubling the classifier input);
 ``dropout``          dropout probability right before the classifier (0 = none);
 ``width``            multiplier on every filter / unit count (``round``, at least 1);
-``variant``          picks the cell of a table that differs between variants (TinyNet A/B).
+``variant``          picks the cells of a table that differ between variants (TinyNet A/B,
+                     AlexNet grouped/single).
 
 The final pooling is global, so every net runs on inputs smaller than its table's (the
 pipeline's 48-64 px samples); at the table's input size the per-row output shapes equal the
@@ -221,7 +222,7 @@ class _Builder:
         """TinyNet module: 1x1 + 3x3 paths, or stride-2 3x3 conv + 3x3/2 max-pool paths."""
         _, stride, _ = parse_kernel(row.get("kernel/stride"))
         cin, paths = self.channels, Concat(prefix="")
-        if stride and stride > 1:
+        if stride and stride > 1:  # the "pool" column says max for both such modules
             paths.add(self.conv(self.scale(row["3x3"]), 3, stride))
             paths.add(self.max_pool(3, stride))
             self.channels = self.scale(row["3x3"]) + cin
@@ -303,7 +304,8 @@ class _Builder:
 
     def check_channels(self, index: int, row: dict) -> None:
         out = parse_output(row.get("output"))
-        if out and self.width == 1 and self.pool != "both" and out[2] != self.channels:
+        doubled = self.pool == "both" and row["type"] in GLOBAL_POOL_TYPES
+        if out and self.width == 1 and not doubled and out[2] != self.channels:
             raise ValueError(f"{self.table['name']} row {index} ({row['type']}): built "
                              f"{self.channels} channels, the table says {out[2]}")
 

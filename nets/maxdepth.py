@@ -35,15 +35,17 @@ layer's receptive field and, for convolutions wider than 1x1, its c-value
 Unlike Eqs. 4.3-4.4 it counts what pooling windows add to the receptive field.
 
 How the NDSB nets relate (tests/test_maxdepth.py). In 3x3-equivalents (a 5x5 counts as two
-3x3) NDSB-Net-1 at 128 px is a = (2, 5, 1, 1, 2): sum a_i 2^(i-1) = 56 <= 128/2 (Eq. 4.4
-holds) and Eq. 4.3 holds for t <= 0.25, binding at its five-convolution 64x64 stage. The
-designer at (128, 3, 0.25) finds a deeper net, a = (6, 3, 3, 3) with 15 convolutions: the
-thesis net spends its depth at 64x64 instead of 128x128, which is cheaper. Counting its
-3x3/2 pooling windows the last two convolutions' receptive fields are 111 and 143 px, so the
-last one breaks constraint 1 (Eq. 4.4's arithmetic, which ignores pooling, gives 113).
-NDSB-Net-2 at 144 px has a 3x3/3 pooling: its last stage works at jump 24, not 16, so with
-the real jumps Eq. 4.4 fails (sum a_i jump_i = 80 > 72); with the printed 2^(i-1) weights it
-would hold (64); its last two convolutions have receptive fields 143 and 191 > 144.
+3x3) NDSB-Net-1 at 128 px is a = (2, 5, 1, 1, 2), 10 convolutions: sum a_i 2^(i-1) = 56 <=
+128/2, so Eq. 4.4 holds, and Eq. 4.3 holds for t <= 0.25, binding at its five-convolution
+64x64 stage. The designer at (128, 3, 0.25) goes deeper: a = (6, 3, 3, 3, 1), 16
+convolutions, spending the depth at 128x128 where the thesis net saves computation by
+starting with one 5x5 and pooling. Counting its 3x3/2 pooling windows, the last two
+convolutions of Net-1 see 111 and 143 px, so the last breaks constraint 1 (Eq. 4.4's
+arithmetic, which ignores pooling, gives 113). NDSB-Net-2 at 144 px has a 3x3/3 pooling, so
+its last stage works at jump 24, not 16: with the real jumps Eq. 4.4 fails (sum a_i jump_i
+= 80 > 72), with the printed 2^(i-1) weights it holds (64); its last two convolutions see
+143 and 191 > 144 px. The designer's own nets also exceed z by the pooling windows and the
+1-pixel start that Eqs. 4.3-4.4 leave out (144 px for the (128, 3, 0.25) design).
 """
 from __future__ import annotations
 

@@ -13,17 +13,29 @@ VGG-16 at 224 px is summarised in well under a second:
 * ``layers`` per convolution / pooling / FC layer: kernel, stride, output shape, receptive
   field, jump (distance in input pixels between neighbouring outputs), MACs, weights.
 
-Table 4.7 against this module (3 channels, 1000 classes, no BatchNorm as in 2015; see
-tests/test_nets.py for the asserted numbers):
+Table 4.7 against this module (3 channels, 1000 classes, no BatchNorm as in 2015; the
+numbers are asserted in tests/test_nets.py):
 
-* VGG-16 at 224 px: 138.36M parameters, 527.8 MiB -- the table's 138M / 528 MB.
-* AlexNet (Table 4.2, no groups) at 227 px: 62.4M parameters (table: 60M; the original
-  two-GPU groups halve convolutions 2, 4, 5) and 1.14 G multiply-adds.
-* TinyNet-B at 224 px: 2.05M parameters, 7.8 MiB. The table's 7.9 MB matches, its 1.56M
-  parameters do not: 1.56M float32 would be 6.0 MiB, so the table is internally
-  inconsistent and Table 4.6 (which we transcribe) implies ~2.05M. TinyNet-A at 112 px has
-  6144 fewer weights (7x7 instead of 9x9 first filters); the table's A/B difference is 0.02M.
-  TinyNet-B costs 0.49 G multiply-adds = 0.43x AlexNet, the table's 0.42x (A: 0.40x).
+=============  ======  ===========  =========  ==========  ==============================
+net            input   parameters   MiB fp32   G mult-add  Table 4.7
+=============  ======  ===========  =========  ==========  ==============================
+AlexNet        227     60.97M       232.6      0.724 (1X)  60M, 212 MB, 1X
+VGG-16         224     138.36M      527.8      15.47       138M, 528 MB, 22.6X (ours 21.4X)
+TinyNet-B      224     2.05M        7.83       0.295       1.56M, 7.9 MB, 0.42X (ours 0.41X)
+TinyNet-A      112     2.05M        7.80       0.275       1.54M, 7.9 MB, 0.40X (ours 0.38X)
+Inception-BN   224     11.28M       43.0       2.03        (GoogLeNet row: 5M, 45.3 MB, 3.07X)
+=============  ======  ===========  =========  ==========  ==============================
+
+* AlexNet is the original two-GPU version (``variant='grouped'``); the ungrouped one has
+  62.4M parameters and 1.14 G multiply-adds. The table's 212 MB fits neither (60M float32
+  is 229 MiB).
+* TinyNet: the model size matches (7.83 vs 7.9 MB) but the parameter count does not:
+  1.56M float32 would be 6.0 MiB, so Table 4.7 is internally inconsistent, and Table 4.6,
+  which we transcribe, implies 2.05M (0.34M of them in the 1000-way classifier). A has
+  6144 fewer weights than B (7x7 vs 9x9 first filters); the table says 0.02M. The
+  complexity ratios agree with the table to within 0.02.
+* NDSB nets (1 channel, 121 classes): Net-1 at 128 px 1.50 G (2.1X AlexNet), Net-2 at
+  144 px 2.45 G (3.4X). §6.2 says 12X and 6X; Tables 6.1/6.2 as printed cannot give that.
 """
 from __future__ import annotations
 
@@ -121,6 +133,16 @@ def _layer(node: dict, nodes: list[dict], shapes: dict, args: dict, rf_in: int,
     }
 
 
+def row_shapes(net: HybridBlock, size: int, in_channels: int = 1) -> list[tuple[int, ...]]:
+    """Output shape (without batch) after each table row of a :class:`nets.build.TableNet`,
+    aligned with ``net.rows``: compare with the thesis' ``output`` column."""
+    x, shapes = mx.sym.var("data"), []
+    for block in net.features:
+        x = block(x)
+        shapes.append(tuple(x.infer_shape(data=(1, in_channels, size, size))[1][0][1:]))
+    return shapes
+
+
 def count_parameters(net: HybridBlock, size: int, in_channels: int = 1) -> tuple[int, int]:
     """(learnable parameters, auxiliary states) of ``net`` at this input size."""
     sym = symbol_of(net)
@@ -193,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-bn", action="store_true", help="build without batch normalisation")
     p.add_argument("--layers", action="store_true", help="also print every layer")
     p.add_argument("kw", nargs="*", help="extra get_model keywords, e.g. width=0.5 variant=A")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # keywords may come before or after the options
     s = summarize(a.name, a.size, act=a.act, classes=a.classes, in_channels=a.in_channels,
                   bn=not a.no_bn, **_parse_kw(a.kw))
     print(format_summary(s, a.layers))

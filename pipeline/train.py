@@ -139,7 +139,7 @@ def build(run: Run, classes: int, ctxs: list):
     kwargs = model_kwargs(run, classes)
     net = nets.get_model(run.net, **kwargs)
     mx.random.seed(run.cfg["seed"])
-    net.initialize(nets.default_initializer(kwargs["act"]), ctx=ctxs)
+    nets.initialize(net, ctx=ctxs)  # MSRA with the activation's own slope (thesis §5.5)
     net.hybridize(static_alloc=True, static_shape=True)
     return net, kwargs
 

@@ -17,6 +17,8 @@ from nets.activations import (ACTIVATIONS, RRELU_LOWER, RRELU_UPPER, RReLU, make
                               negative_slope, set_deterministic)
 from nets.init import default_initializer, gain, initialize, kaiming, xavier
 
+pytestmark = pytest.mark.filterwarnings("ignore:Cannot decide type")
+
 MID = np.float32((RRELU_LOWER + RRELU_UPPER) / 2)
 
 
@@ -234,6 +236,9 @@ def test_deterministic_rrelu_equals_random_graph_at_inference():
     np.testing.assert_array_equal(net(x).asnumpy(), random_graph)
     with autograd.train_mode():  # the inference-only graph is no longer random
         np.testing.assert_array_equal(net(x).asnumpy(), random_graph)
+    fixed = make_activation("rrelu", deterministic=True)  # the same via act_kw
+    with autograd.train_mode():
+        np.testing.assert_array_equal(_slopes(fixed, -nd.ones((100,)), train=True), MID)
 
 
 # ------------------------------------------------------------------ initialisation

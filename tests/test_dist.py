@@ -228,6 +228,21 @@ train.main(sys.argv[1:])
 """
 
 
+def _launch_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float
+                ) -> tuple[int, str]:
+    """(exit code, output) of ``python -m pipeline.launch ARGS``; on timeout the launcher is
+    sent SIGTERM (it tears its processes down) and the test fails showing the output."""
+    proc = subprocess.Popen([PY, "-m", "pipeline.launch", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        pytest.fail(f"launch did not finish within {timeout} s:\n{out}")
+    return proc.returncode, out
+
+
 def _tiny_records(tmp_path: Path) -> Path:
     from pipeline.ingest import Settings, ingest
     from pipeline.synth import generate
@@ -251,13 +266,12 @@ def test_dist_sync_two_workers_end_with_identical_weights(tmp_path):
            if not k.startswith("DMLC_") and k not in L.THREAD_VARS}  # let the launcher split
     env["PYTHONPATH"] = str(ROOT)
     t0 = time.monotonic()
-    result = subprocess.run(
-        [PY, "-m", "pipeline.launch", "--workers", "2", "--servers", "1", "--",
-         PY, "worker.py", "--net", "lenet", "--fold", "0", "--records", str(records),
-         "--params", "params.yaml"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170)
+    code, out = _launch_cli(
+        ["--workers", "2", "--servers", "1", "--", PY, "worker.py", "--net", "lenet",
+         "--fold", "0", "--records", str(records), "--params", "params.yaml"],
+        cwd=tmp_path, env=env, timeout=150)
     seconds = time.monotonic() - t0
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert code == 0, out
     print(f"dist_sync run: {seconds:.1f} s")
 
     weights = [mx.nd.load(str(tmp_path / f"final.rank{r}.params")) for r in (0, 1)]
