@@ -6,7 +6,9 @@
 * ``valid``: the fold's out-of-fold training images (for fitting ensemble weights), and
 * ``test``: every test image, streamed batch by batch (memory does not grow with the set),
 
-and writes ``predictions/models/{split}--NET--foldK.npy`` + ``.names.txt`` (:mod:`pipeline.predictions`).
+and writes ``predictions/models/{split}--NET--foldK.npy`` + ``.names.txt`` (:mod:`pipeline.predictions`)
+and ``metrics/predict--NET--foldK.json``: the validation log loss without TTA and with the
+first n views (n = 1, 2, 5, 10, ..., T), so every run reports what TTA bought.
 
 The thesis averages 100 random augmentations per image (§6.2). The T transforms are drawn once
 per model from the training ranges stored in the checkpoint, or from narrower ``tta.ranges``;
@@ -79,8 +81,10 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def predict_batches(net, batches: Iterator[np.ndarray], matrices: np.ndarray, mean: str,
-                    ctx=None) -> Iterator[np.ndarray]:
-    """Yield (B, K) TTA-averaged probabilities for each (B, 1, H, W) model-input batch."""
+                    prefixes: Sequence[int] = (), ctx=None
+                    ) -> Iterator[tuple[np.ndarray, dict[int, np.ndarray]]]:
+    """For each (B, 1, H, W) model-input batch, yield (B, K) TTA-averaged probabilities and,
+    for every n in ``prefixes``, the average over the first n views only (the TTA curve)."""
     import mxnet as mx
 
     from pipeline.augment import tta_batch
@@ -91,26 +95,32 @@ def predict_batches(net, batches: Iterator[np.ndarray], matrices: np.ndarray, me
     for x in batches:
         data = mx.nd.array(x, ctx=ctx)
         views = data if identity else tta_batch(data, matrices)
-        logits = net(views).asnumpy().astype(np.float64)
-        yield average(logits.reshape(len(x), t, -1), mean)
+        logits = net(views).asnumpy().astype(np.float64).reshape(len(x), t, -1)
+        yield average(logits, mean), {n: average(logits[:, :n], mean) for n in prefixes}
 
 
 def predict_split(net, spec: dict[str, Any], reader, indices: Sequence[int], cfg: dict[str, Any],
-                  desc: str) -> np.ndarray:
-    """TTA probabilities (N, K) of the records ``indices``, streamed in batches."""
+                  desc: str, prefixes: Sequence[int] = ()
+                  ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """TTA probabilities (N, K) of the records ``indices``, streamed in batches, and the
+    probabilities with only the first n views for each n in ``prefixes``."""
     from tqdm import tqdm
 
     from pipeline.data import BatchLoader
 
     ranges = cfg["ranges"] or spec["augment"]
     matrices = tta_matrices(ranges, cfg["n"], spec["size"], cfg["method"], cfg["seed"])
-    out = np.zeros((len(indices), len(spec["classes"])), dtype=np.float32)
+    k = len(spec["classes"])
+    out = np.zeros((len(indices), k), dtype=np.float32)
+    curve = {n: np.zeros((len(indices), k), dtype=np.float32) for n in prefixes}
     with BatchLoader(reader, indices, cfg["batch_size"], workers=1) as loader:
         batches = (x for x, _ in loader.epoch(0))
         bar = tqdm(total=len(indices), unit="img", desc=desc, mininterval=2)
         t0, row = time.perf_counter(), 0
-        for probs in predict_batches(net, batches, matrices, cfg["mean"]):
+        for probs, partial in predict_batches(net, batches, matrices, cfg["mean"], prefixes):
             out[row:row + len(probs)] = probs
+            for n, p in partial.items():
+                curve[n][row:row + len(p)] = p
             row += len(probs)
             bar.update(len(probs))
         bar.close()
@@ -118,14 +128,27 @@ def predict_split(net, spec: dict[str, Any], reader, indices: Sequence[int], cfg
     print(f"{desc}: {len(indices)} images x {len(matrices)} views in {seconds:.1f} s "
           f"({len(indices) / max(seconds, 1e-9):.1f} img/s, "
           f"{len(indices) * len(matrices) / max(seconds, 1e-9):.0f} views/s)")
-    return out
+    return out, curve
 
 
-def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any]) -> dict[str, Path]:
-    """Write the valid and test predictions of one trained model; return their paths."""
+def tta_curve_points(n: int) -> list[int]:
+    """The view counts at which the validation TTA curve is reported (1, 2, 5, 10, ... n)."""
+    points = [p for p in (1, 2, 5, 10, 20, 50, 100, 200, 500) if p < n]
+    return points + [n] if n > 0 else []
+
+
+def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
+            metrics_dir: str | Path = "metrics") -> dict[str, Any]:
+    """Write the valid and test predictions of one trained model; return validation metrics.
+
+    The validation images have labels, so their log loss is measured without TTA and with the
+    first n of the T views (n = 1, 2, 5, 10, ..., T): the effect of TTA, per model, every run.
+    """
     from pipeline.checkpoint import load_model, run_dir
+    from pipeline.fsutil import write_json
     from pipeline.predictions import save_predictions
-    from pipeline.records import RecordReader, fold_indices, load_meta
+    from pipeline.records import RecordReader, fold_indices, labels, load_meta
+    from pipeline.score import accuracy, ndsb_log_loss
 
     if cfg["n"] < 0:
         raise PredictError(f"tta.n must be >= 0, got {cfg['n']}")
@@ -135,17 +158,31 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any]) -> dic
         raise PredictError(f"{net_name}--fold{fold} was trained on other records "
                            "(classes or size differ from meta.json); retrain it")
     net.hybridize(static_alloc=True)
-    written = {}
+    name = f"{net_name}--fold{fold}"
+    metrics: dict[str, Any] = {"net": net_name, "fold": fold, "tta_n": cfg["n"],
+                               "tta_mean": cfg["mean"], "tta_method": cfg["method"]}
     _, valid_idx = fold_indices(meta, fold)
-    jobs = [("valid", "train", valid_idx, [meta["train"][i]["name"] for i in valid_idx]),
-            ("test", "test", np.arange(len(meta["test"])), [r["name"] for r in meta["test"]])]
-    for split, source, indices, names in jobs:
-        if len(indices) == 0:
-            continue
-        reader = RecordReader(records, source)
-        probs = predict_split(net, spec, reader, indices, cfg, f"{split} {net_name}--fold{fold}")
-        written[split] = save_predictions(cfg["predictions"], split, net_name, fold, probs, names)
-    return written
+    if len(valid_idx):
+        reader = RecordReader(records, "train")
+        names = [meta["train"][i]["name"] for i in valid_idx]
+        y = labels(meta)[valid_idx]
+        plain, _ = predict_split(net, spec, reader, valid_idx, dict(cfg, n=0),
+                                 f"valid {name} (no TTA)")
+        probs, curve = predict_split(net, spec, reader, valid_idx, cfg, f"valid {name}",
+                                     tta_curve_points(cfg["n"]))
+        save_predictions(cfg["predictions"], "valid", net_name, fold, probs, names)
+        metrics.update(valid_images=len(y), valid_logloss=ndsb_log_loss(y, probs),
+                       valid_accuracy=accuracy(y, probs),
+                       valid_logloss_no_tta=ndsb_log_loss(y, plain),
+                       valid_logloss_by_n={str(n): ndsb_log_loss(y, p) for n, p in curve.items()})
+    test_reader = RecordReader(records, "test")
+    probs, _ = predict_split(net, spec, test_reader, np.arange(len(test_reader)), cfg,
+                             f"test {name}")
+    save_predictions(cfg["predictions"], "test", net_name, fold, probs,
+                     [r["name"] for r in meta["test"]])
+    metrics["test_images"] = len(probs)
+    write_json(Path(metrics_dir) / f"predict--{name}.json", metrics)
+    return metrics
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -153,12 +190,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--net", required=True)
     parser.add_argument("--fold", type=int, required=True)
     parser.add_argument("--records", default="data/records")
+    parser.add_argument("--metrics", default="metrics", help="folder for predict--*.json")
     parser.add_argument("--params", default=params_mod.PARAMS_FILE)
     args = parser.parse_args(argv)
     configure_threads()
     cfg = params_mod.section("tta", DEFAULTS, args.params)
     try:
-        predict(args.net, args.fold, Path(args.records), cfg)
+        metrics = predict(args.net, args.fold, Path(args.records), cfg, args.metrics)
+        if "valid_logloss" in metrics:
+            curve = ", ".join(f"n={n} {v:.4f}" for n, v in metrics["valid_logloss_by_n"].items())
+            print(f"valid log loss: no TTA {metrics['valid_logloss_no_tta']:.4f}, {curve}")
     except PredictError as exc:
         raise SystemExit(f"predict failed: {exc}") from None
 
