@@ -5,8 +5,9 @@
 Times one SGD training step (forward, backward, update) and one inference forward pass of
 the network built with ``rrelu``, with ``leaky`` (same mid slope, so the only difference is
 the per-element noise), and with RReLU switched to its inference-only graph
-(:func:`nets.activations.set_deterministic`). Runs alternate between the variants and the
-median is reported, which keeps the ratio meaningful on a machine shared with other jobs.
+(:func:`nets.activations.set_deterministic`). Steps alternate between the variants in a
+rotating order and the median is reported, which keeps the ratio meaningful on a machine
+shared with other jobs (absolute times there are not).
 """
 from __future__ import annotations
 
@@ -67,13 +68,20 @@ def run(net_name: str = "ndsb_net1", batch: int = 32, size: int = 128, steps: in
         "rrelu_deterministic": _make(net_name, "rrelu", {}, classes, deterministic=True),
     }
     times: dict[str, dict[str, list[float]]] = {k: {"train": [], "infer": []} for k in variants}
-    for step in range(steps + 1):  # step 0 warms up (graph building, memory allocation)
-        for name, (net, trainer) in variants.items():
-            train = _time(lambda: _train_step(net, trainer, x, y, loss_fn))
-            infer = _time(lambda: _infer(net, x))
-            if step:
-                times[name]["train"].append(train)
-                times[name]["infer"].append(infer)
+    names = list(variants)
+    # Training steps first, then inference: switching a static_alloc graph between the two
+    # modes re-plans its memory, which would be timed as well if they alternated.
+    for mode in ("train", "infer"):
+        for step in range(steps + 1):  # step 0 warms up (graph building, memory allocation)
+            order = names[step % len(names):] + names[:step % len(names)]  # rotate the order
+            for name in order:
+                net, trainer = variants[name]
+                if mode == "train":
+                    elapsed = _time(lambda: _train_step(net, trainer, x, y, loss_fn))
+                else:
+                    elapsed = _time(lambda: _infer(net, x))
+                if step:
+                    times[name][mode].append(elapsed)
     return {k: {m: statistics.median(v) for m, v in d.items()} for k, d in times.items()}
 
 

@@ -221,7 +221,7 @@ def tta_rate(net, images: np.ndarray, n_views: int, tta_batch: int, seconds: flo
     batch = images[:tta_batch]
 
     def step() -> int:
-        for probs in predict_batches(net, iter([batch]), matrices, "probs"):
+        for probs, _ in predict_batches(net, iter([batch]), matrices, "probs"):
             assert probs.shape == (len(batch), CLASSES)
         return len(batch) * len(matrices)
 
@@ -317,7 +317,7 @@ def probe_tta(args: argparse.Namespace) -> dict[str, Any]:
     cfg = dict(DEFAULTS, n=args.tta_views, batch_size=args.tta_batch)
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
-        probs = predict_split(net, spec, reader, np.arange(n), cfg, "bench tta")
+        probs, _ = predict_split(net, spec, reader, np.arange(n), cfg, "bench tta")
     seconds = time.perf_counter() - start
     assert probs.shape == (n, CLASSES)
     return {"what": "memory", "kind": "tta", "images": n, "views": args.tta_views,

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import ipaddress
 import os
 import signal
 import socket
@@ -93,6 +94,27 @@ def role_env(role: str, host: str, port: int, workers: int, servers: int,
         env["DMLC_NODE_HOST"] = node_host
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def scheduler_ip(host: str) -> str:
+    """``host`` as an IPv4 address: ps-lite's scheduler cannot bind a host name ("bind failed").
+
+    A name that resolves to a loopback address (Debian maps a machine's own name to
+    127.0.1.1) would make the scheduler unreachable from other machines, so it is an error
+    unless it is ``localhost`` itself.
+    """
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    try:
+        ip = socket.gethostbyname(host)
+    except OSError as exc:
+        raise LaunchError(f"cannot resolve scheduler host {host!r}: {exc}") from None
+    if ipaddress.IPv4Address(ip).is_loopback and host != "localhost":
+        raise LaunchError(f"scheduler host {host!r} resolves to the loopback address {ip} here;"
+                          " pass the scheduler's IP address instead")
+    return ip
 
 
 def thread_env(env: dict[str, str], share: int) -> dict[str, str]:
@@ -241,6 +263,7 @@ def launch(cmd: Sequence[str], workers: int, servers: int, host: str = "127.0.0.
     """Run a whole job on this machine; return the first non-zero exit code (0 on success)."""
     if not cmd:
         raise LaunchError("no worker command given (put it after --)")
+    host = scheduler_ip(host)
     port = port or free_port(host)
     base = dict(os.environ)
     share = max(1, available_cpus() // workers)
@@ -299,7 +322,8 @@ def cluster_env(role: str, args: argparse.Namespace,
         if rank is None:
             raise LaunchError(f"--role auto needs a task rank in one of {RANK_VARS}")
         role, worker_id = role_for_rank(rank, int(env["DMLC_NUM_SERVER"]))
-    return role, role_env(role, env["DMLC_PS_ROOT_URI"], int(env["DMLC_PS_ROOT_PORT"]),
+    return role, role_env(role, scheduler_ip(env["DMLC_PS_ROOT_URI"]),
+                          int(env["DMLC_PS_ROOT_PORT"]),
                           int(env["DMLC_NUM_WORKER"]), int(env["DMLC_NUM_SERVER"]),
                           worker_id=worker_id, base=env)
 

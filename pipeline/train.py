@@ -25,10 +25,13 @@ import argparse
 import hashlib
 import json
 import math
+import os
+import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
@@ -154,6 +157,26 @@ def shard(indices: np.ndarray, rank: int, n_workers: int) -> np.ndarray:
     return np.resize(indices, len(indices) + -len(indices) % n_workers)[rank::n_workers]
 
 
+def finish_initial_broadcast(trainer) -> None:
+    """Complete the Trainer's pull of the initial weights before any gradient is pushed.
+
+    With ``dist_sync`` and ``update_on_kvstore=False`` (MXNet 1.9.1) the server keeps the
+    gradient sum of the last step under each key, and the Trainer pulls the initial weights
+    and pushes the first gradients of a key in the same ``step`` with no order between the
+    two. On a busy machine both workers' first gradients can be summed before one worker's
+    pull arrives; that worker then starts from the gradient sum instead of the weights and the
+    run diverges (seen on 2 loaded cores). Initializing the store here (after the first
+    backward, so deferred parameters have shapes) and waiting removes the race.
+    """
+    import mxnet as mx
+
+    if not trainer._kv_initialized:
+        trainer._init_kvstore()
+    if trainer._params_to_init:
+        trainer._init_params()
+    mx.nd.waitall()
+
+
 def make_kvstore(kind: str, ctxs: list):
     """A kvstore object, or the name Gluon understands; nccl only where it exists."""
     import mxnet as mx
@@ -161,6 +184,9 @@ def make_kvstore(kind: str, ctxs: list):
     if kind in ("horovod", "byteps"):
         raise TrainingError(f"kvstore {kind!r} silently falls back to a local store in MXNet "
                             "1.9.1; use device, nccl or dist_sync")
+    if kind == "dist_async":
+        raise TrainingError("kvstore dist_async needs updates on the servers; this trainer "
+                            "updates locally (resumable optimizer state): use dist_sync")
     if kind == "nccl" and not all(c.device_type == "gpu" for c in ctxs):
         raise TrainingError("kvstore nccl needs gpu contexts")
     if kind.startswith("dist"):
@@ -254,6 +280,7 @@ def train(run: Run) -> dict[str, Any]:
         print(f"train {run.name}: settings changed since the checkpoint; starting afresh")
 
     try:
+        unsynced = not isinstance(kv, str)  # a dist kvstore object
         for epoch in range(start, cfg["epochs"]):
             lr = lr_at(epoch, cfg["lr"], cfg["lr_steps"], cfg["lr_factor"])
             trainer.set_learning_rate(lr)
@@ -268,6 +295,9 @@ def train(run: Run) -> dict[str, Any]:
                 with autograd.record():
                     losses = [loss_fn(net(xi), yi) for xi, yi in zip(xs, ys)]
                 autograd.backward(losses)
+                if unsynced:  # dist: weights must arrive before the first gradient leaves
+                    finish_initial_broadcast(trainer)
+                    unsynced = False
                 trainer.step(len(x) * n_workers)
                 batch_loss = sum(l.sum().asscalar() for l in losses)
                 if not math.isfinite(batch_loss):
@@ -329,9 +359,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = params_mod.section("train", DEFAULTS, args.params)
     try:
         metrics = train(Run(args.net, args.fold, cfg, Path(args.records)))
-    except TrainingError as exc:
-        raise SystemExit(f"train failed: {exc}") from None
+    except BaseException as exc:
+        if os.environ.get("DMLC_ROLE") == "worker":
+            _abort_worker(exc)
+        if isinstance(exc, TrainingError):
+            raise SystemExit(f"train failed: {exc}") from None
+        raise
     print(json.dumps(metrics))
+
+
+def _abort_worker(exc: BaseException) -> NoReturn:
+    """Report ``exc`` and end this dist worker at once, skipping interpreter shutdown.
+
+    At exit MXNet's dist kvstore waits for every worker, while the healthy workers wait for
+    this one's gradients: a normal exit would hang the whole job instead of failing it. With
+    an immediate exit the launcher (or srun -K / mpirun) sees the code and stops the others.
+    """
+    if isinstance(exc, TrainingError):
+        print(f"train failed: {exc}", file=sys.stderr)
+    else:
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
 
 
 if __name__ == "__main__":

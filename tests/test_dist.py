@@ -2,9 +2,9 @@
 
 The fast tests drive :func:`pipeline.launch.launch` with stand-in server and worker commands
 (Python one-liners that record their pids), so they check the process handling without
-MXNet. The slow test starts a real scheduler, one server and two workers on loopback and
-trains LeNet for three epochs: both workers must end with identical weights, and the training
-loss must fall.
+MXNet. The slow tests start a real scheduler, one server and two workers on loopback and
+train LeNet for three epochs: both workers must end with identical weights and the training
+loss must fall; and when one worker fails, the job must end with its exit code, not hang.
 """
 from __future__ import annotations
 
@@ -103,11 +103,11 @@ def _flags(**kw) -> argparse.Namespace:
 
 
 def test_cluster_env_flags_override_environment_and_rank_gives_worker_id():
-    env = {"DMLC_PS_ROOT_URI": "node1", "DMLC_PS_ROOT_PORT": "9091", "DMLC_NUM_WORKER": "8",
-           "DMLC_NUM_SERVER": "2", "SLURM_PROCID": "3"}
+    env = {"DMLC_PS_ROOT_URI": "10.0.0.1", "DMLC_PS_ROOT_PORT": "9091",
+           "DMLC_NUM_WORKER": "8", "DMLC_NUM_SERVER": "2", "SLURM_PROCID": "3"}
     role, out = L.cluster_env("worker", _flags(workers=4), env)
     assert role == "worker" and out["DMLC_NUM_WORKER"] == "4"
-    assert out["DMLC_WORKER_ID"] == "3" and out["DMLC_PS_ROOT_URI"] == "node1"
+    assert out["DMLC_WORKER_ID"] == "3" and out["DMLC_PS_ROOT_URI"] == "10.0.0.1"
     role, out = L.cluster_env("auto", _flags(), env)
     assert (role, out["DMLC_ROLE"], out["DMLC_WORKER_ID"]) == ("worker", "worker", "0")
     role, out = L.cluster_env("auto", _flags(), {**env, "SLURM_PROCID": "0"})
@@ -119,6 +119,24 @@ def test_cluster_env_names_what_is_missing():
         L.cluster_env("server", _flags(port=1, workers=2), {})
     with pytest.raises(L.LaunchError, match="task rank"):
         L.cluster_env("auto", _flags(host="h", port=1, workers=1, servers=1), {})
+
+
+def test_scheduler_ip_resolves_names_but_refuses_a_loopback_alias(monkeypatch):
+    names = {"node1": "10.1.2.3", "myself": "127.0.1.1", "localhost": "127.0.0.1"}
+
+    def fake_resolve(name):
+        if name not in names:
+            raise OSError("unknown host")
+        return names[name]
+
+    monkeypatch.setattr(L.socket, "gethostbyname", fake_resolve)
+    assert L.scheduler_ip("192.168.0.7") == "192.168.0.7"
+    assert L.scheduler_ip("node1") == "10.1.2.3"
+    assert L.scheduler_ip("localhost") == "127.0.0.1"
+    with pytest.raises(L.LaunchError, match="loopback"):
+        L.scheduler_ip("myself")
+    with pytest.raises(L.LaunchError, match="cannot resolve"):
+        L.scheduler_ip("nowhere")
 
 
 def test_free_port_is_bindable_on_loopback():
@@ -203,8 +221,10 @@ def test_train_shards_are_equal_and_cover_every_image():
 # ---------------------------------------------------------------- a real dist_sync run
 
 # The workers run pipeline.train.main unchanged; this wrapper only saves each rank's final
-# parameters (the network passed to the last evaluate() call) for the comparison below.
+# parameters (the network passed to the last evaluate() call) for the comparison below, and
+# makes worker rank FAIL_RANK (if set) fail after its first epoch.
 WORKER = """
+import os
 import sys
 
 import pipeline.train as train
@@ -219,6 +239,8 @@ def make_kvstore(kind, ctxs):
 
 
 def evaluate(net, loader, ctx):
+    if _rank[0] == int(os.environ.get("FAIL_RANK", -1)):
+        raise RuntimeError(f"injected failure on rank {_rank[0]}")
     net.save_parameters(f"final.rank{_rank[0]}.params")
     return _evaluate(net, loader, ctx)
 
@@ -243,34 +265,37 @@ def _launch_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float
     return proc.returncode, out
 
 
-def _tiny_records(tmp_path: Path) -> Path:
+def _dist_job(tmp_path: Path, **env_extra: str) -> tuple[int, str, float]:
+    """Train LeNet 3 epochs with dist_sync: 1 server, 2 workers on loopback, in ``tmp_path``.
+
+    Tiny synthetic data (3 classes x 24 images at 32 px, fold 0 of 2 -> 36 training images,
+    18 per worker); leaky ReLU without batch norm, so the run is deterministic.
+    """
     from pipeline.ingest import Settings, ingest
     from pipeline.synth import generate
 
     generate(tmp_path / "ndsb", classes=3, per_class=24, test=3, seed=0, max_size=64)
     ingest(tmp_path / "ndsb", tmp_path / "records", Settings(size=32), folds=2, workers=1)
-    return tmp_path / "records"
+    train = {"act": "leaky", "bn": False, "epochs": 3, "batch_size": 6, "lr": 0.01,
+             "lr_steps": [], "kvstore": "dist_sync", "workers": 0}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": train}))
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("DMLC_") and k not in L.THREAD_VARS}  # let the launcher split
+    env.update(PYTHONPATH=str(ROOT), **env_extra)
+    t0 = time.monotonic()
+    code, out = _launch_cli(
+        ["--workers", "2", "--servers", "1", "--", PY, "worker.py", "--net", "lenet",
+         "--fold", "0", "--records", "records", "--params", "params.yaml"],
+        cwd=tmp_path, env=env, timeout=150)
+    return code, out, time.monotonic() - t0
 
 
 @pytest.mark.slow
 def test_dist_sync_two_workers_end_with_identical_weights(tmp_path):
     import mxnet as mx
 
-    records = _tiny_records(tmp_path)
-    train = {"act": "leaky", "bn": False, "epochs": 3,
-             "batch_size": 6, "lr": 0.01, "lr_steps": [], "kvstore": "dist_sync",
-             "workers": 0}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": train}))
-    (tmp_path / "worker.py").write_text(WORKER)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("DMLC_") and k not in L.THREAD_VARS}  # let the launcher split
-    env["PYTHONPATH"] = str(ROOT)
-    t0 = time.monotonic()
-    code, out = _launch_cli(
-        ["--workers", "2", "--servers", "1", "--", PY, "worker.py", "--net", "lenet",
-         "--fold", "0", "--records", str(records), "--params", "params.yaml"],
-        cwd=tmp_path, env=env, timeout=150)
-    seconds = time.monotonic() - t0
+    code, out, seconds = _dist_job(tmp_path)
     assert code == 0, out
     print(f"dist_sync run: {seconds:.1f} s")
 
@@ -290,3 +315,12 @@ def test_dist_sync_two_workers_end_with_identical_weights(tmp_path):
     assert history[-1]["valid_logloss"] < history[0]["valid_logloss"], history
     metrics = json.loads((tmp_path / "metrics" / "train--lenet--fold0.json").read_text())
     assert metrics["train_images"] == 18  # each worker its half of fold 0's 36 training images
+
+
+@pytest.mark.slow
+def test_dist_sync_worker_failure_ends_the_job_instead_of_hanging(tmp_path):
+    """The healthy worker would wait forever for the failed one's gradients."""
+    code, out, seconds = _dist_job(tmp_path, FAIL_RANK="1")
+    assert code == 1, out
+    assert "injected failure on rank 1" in out and "stopping the other processes" in out
+    print(f"failing dist_sync run: {seconds:.1f} s")
