@@ -72,3 +72,14 @@ def test_dvc_repro_on_tiny_synthetic_folder(tmp_path):
     assert len(meta["train"]) == 24 and len(meta["test"]) == 6
     sample_header = (data / "sampleSubmission.csv").read_text().splitlines()[0].split(",")[1:]
     assert meta["classes"] == sample_header
+
+    if "score" in stages:  # the whole chain: records -> ... -> a scored, valid submission
+        from pipeline.score import check_submission
+
+        submission = repo / params["submit"]["out"]
+        assert check_submission(submission, classes=sample_header,
+                                images=[t["name"] for t in meta["test"]]) == []
+        score = json.loads((repo / params["score"]["out"]).read_text())
+        assert score["n"] == 6 and 0 < score["logloss"] < 10
+        ensemble = json.loads((repo / params["ensemble"]["metrics"]).read_text())
+        assert ensemble["weights"] == {"lenet": 1.0}
