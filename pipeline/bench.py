@@ -451,8 +451,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--hybridize", dest="hybrid_mode", default="static", choices=list(HYBRIDIZE),
                    help="training graph: static (as pipeline.train), alloc, plain, none")
     p.add_argument("--tta-views", type=int, default=100)
-    p.add_argument("--tta-batch", type=int, default=8, help="images per TTA forward (x views)")
-    p.add_argument("--tta-images", type=_csv(int), default=[24, 96],
+    p.add_argument("--tta-batch", type=int, default=2,
+                   help="images per TTA forward (x views); predict's default 8 needs ~8 GB at 128 px")
+    p.add_argument("--tta-images", type=_csv(int), default=[4, 16],
                    help="memory mode: numbers of test images for the TTA peaks")
     p.add_argument("--memory-batch", type=int, default=64)
     p.add_argument("--calib-images", type=int, default=64)

@@ -1,0 +1,174 @@
+"""The report module: its tables on constructed inputs, and the static report of a tiny run.
+
+The slow tests build a real (tiny) run with the stages' core functions — synthetic NDSB
+folder, ingest, two nets with different activations on two folds, TTA predictions, ensemble —
+once per session (:func:`build_run`, shared with ``test_notebooks.py``), then check what
+``python -m pipeline.report`` writes against the prediction files themselves.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import report as R
+from pipeline.fsutil import write_json
+from tests.conftest import ROOT
+
+# lenet (RReLU) and a slim vgg16 (ReLU): two nets with two activations, each trains in seconds.
+NETS = {"lenet": {"act": "rrelu"}, "vgg16": {"act": "relu", "width": 0.0625}}
+FOLDS = (0, 1)
+BUILT = ".built"
+EXPECTED_PNGS = {"ensemble_weights.png", "learning_curves.png", "activations.png",
+                 "tta_curve.png", "confusion.png", "per_class_logloss.png", "mistakes.png",
+                 "samples.png"}
+
+
+def build_run(base: Path) -> Path:
+    """A project folder at ``base`` holding every output the report reads; built once.
+
+    Laid out as the real project (``data/records``, ``checkpoints``, ``plots``, ``metrics``,
+    ``predictions``) with the repository's ``params.yaml``, so notebooks and the report find
+    it through their usual settings.
+    """
+    if (base / BUILT).exists():
+        return base
+    from pipeline import ensemble, params, predict, train
+    from pipeline.ingest import Settings, ingest
+    from pipeline.synth import generate
+
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    shutil.copy(ROOT / "params.yaml", base / "params.yaml")
+    generate(base / "ndsb", classes=4, per_class=8, test=6, seed=3, max_size=80)
+    records = base / "data" / "records"
+    ingest(base / "ndsb", records, Settings(size=32), folds=len(FOLDS), workers=1)
+    train_cfg = params.merge("train", train.DEFAULTS, {
+        "epochs": 2, "batch_size": 8, "lr_steps": [1], "workers": 0,
+        "net_kwargs": NETS, "checkpoints": str(base / "checkpoints"),
+        "metrics": str(base / "metrics"), "plots": str(base / "plots")})
+    tta_cfg = params.merge("tta", predict.DEFAULTS, {
+        "n": 4, "checkpoints": str(base / "checkpoints"),
+        "predictions": str(base / "predictions" / "models")})
+    for net in NETS:
+        for fold in FOLDS:
+            train.train(train.Run(net, fold, train_cfg, records))
+            predict.predict(net, fold, records, tta_cfg, base / "metrics")
+    ensemble.run(list(NETS), None, base / "predictions" / "models", records / "meta.json",
+                 base / "metrics" / "ensemble.json", base / "predictions")
+    (base / BUILT).write_text("ok\n")
+    return base
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The session's tiny run (see :func:`build_run`)."""
+    return build_run(tmp_path_factory.getbasetemp() / "ndsb-tiny-run")
+
+
+# ------------------------------------------------------------------- tables, no training
+
+
+def _oof() -> R.Oof:
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.9, 0.05, 0.05], [0.3, 0.3, 0.4]])
+    return R.Oof(names=["a", "b", "c", "d"], y=np.array([0, 1, 1, 2]), probs=probs,
+                 classes=["x", "y", "z"], index=np.arange(4))
+
+
+def test_confusion_tables_follow_class_order():
+    oof = _oof()
+    pairs = R.confusion_pairs(oof)
+    assert pairs.to_dict("records") == [{"actual": "x", "predicted": "x"},
+                                        {"actual": "y", "predicted": "y"},
+                                        {"actual": "y", "predicted": "x"},
+                                        {"actual": "z", "predicted": "z"}]
+    matrix = R.confusion_matrix(oof)
+    assert list(matrix.index) == list(matrix.columns) == ["x", "y", "z"]
+    assert matrix.loc["y", "x"] == 1 and matrix.to_numpy().sum() == 4
+
+
+def test_confident_mistakes_and_per_class_use_the_metric():
+    from pipeline.score import ndsb_log_loss
+
+    oof = _oof()
+    mistakes = R.confident_mistakes(oof, 5)
+    assert mistakes[["name", "actual", "predicted"]].values.tolist() == [["c", "y", "x"]]
+    assert mistakes.loc[0, "confidence"] == pytest.approx(0.9)
+    assert mistakes.loc[0, "logloss"] == pytest.approx(-np.log(0.05))
+    per_class = R.per_class_logloss(oof).set_index("class")
+    assert per_class.loc["y", "n"] == 2
+    assert per_class.loc["y", "logloss"] == pytest.approx(
+        ndsb_log_loss(np.array([1, 1]), oof.probs[[1, 2]]))
+    assert per_class.index[0] == "y"  # worst first
+
+
+def test_learning_curves_tta_and_activations_from_files(tmp_path):
+    plots, metrics, ck = tmp_path / "plots", tmp_path / "metrics", tmp_path / "ck"
+    plots.mkdir()
+    for net, fold, act in (("a", 0, "relu"), ("a", 1, "relu"), ("b", 0, "rrelu")):
+        rows = "".join(f"{e}\t0.01\t{2 / e}\t{3 / e}\t0.5\t10\n" for e in (1, 2, 3))
+        (plots / f"train--{net}--fold{fold}.tsv").write_text(
+            "epoch\tlr\ttrain_loss\tvalid_logloss\tvalid_accuracy\timg_s\n" + rows)
+        write_json(ck / f"{net}--fold{fold}" / "model.json",
+                   {"net": net, "kwargs": {"act": act, "bn": True, "classes": 3}, "epoch": 3})
+        write_json(metrics / f"predict--{net}--fold{fold}.json",
+                   {"valid_logloss_no_tta": 1.0, "valid_logloss_by_n": {"1": 1.2, "4": 0.9}})
+    (plots / "confusion.csv").write_text("actual,predicted\nx,x\n")  # not a learning curve
+    curves = R.learning_curves(plots)
+    assert len(curves) == 9 and set(curves["net"]) == {"a", "b"}
+    specs = R.run_specs(ck)
+    assert dict(zip(specs["net"] + specs["fold"].astype(str), specs["act"])) == {
+        "a0": "relu", "a1": "relu", "b0": "rrelu"}
+    summary = R.activation_summary(curves, specs).set_index("act")
+    assert summary.loc["relu", "folds"] == 2
+    assert summary.loc["relu", "final_valid_logloss"] == pytest.approx(1.0)
+    assert R.plot_activations(curves, specs) is not None
+    assert R.plot_activations(curves[curves["net"] == "a"], specs) is None
+    tta = R.tta_curves(metrics)
+    assert sorted(tta.loc[tta["net"] == "b", "n"]) == [0, 1, 4]
+
+
+def test_settings_resolve_against_the_root(tmp_path):
+    (tmp_path / "params.yaml").write_text("report:\n  out: elsewhere/html\n  mistakes: 3\n")
+    cfg = R.settings(tmp_path)
+    assert cfg.out == tmp_path.resolve() / "elsewhere" / "html" and cfg.mistakes == 3
+    assert cfg.records == tmp_path.resolve() / "data" / "records"
+    assert R.settings(tmp_path / "no-params").confusion.name == "confusion.csv"
+
+
+# ------------------------------------------------------------------------- on a tiny run
+
+
+@pytest.mark.slow
+def test_report_writes_every_file(tiny_run):
+    out = tiny_run / "reports"
+    out.mkdir(exist_ok=True)
+    (out / "left-over.png").write_bytes(b"stale")
+    R.main(["--root", str(tiny_run)])
+    pngs = {p.name for p in out.glob("*.png")}
+    assert pngs == EXPECTED_PNGS
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "index.html").read_text()
+    assert all(f"src='{name}'" in page for name in EXPECTED_PNGS)
+    assert (tiny_run / "plots" / "confusion.csv").exists()
+
+
+@pytest.mark.slow
+def test_confusion_csv_rows_are_the_oof_predictions(tiny_run):
+    cfg = R.settings(tiny_run)
+    R.write_report(cfg)
+    meta = json.loads((cfg.records / "meta.json").read_text())
+    probs = np.load(tiny_run / "predictions" / "valid--ensemble.npy")
+    names = (tiny_run / "predictions" / "valid--ensemble.names.txt").read_text().split()
+    label = {r["name"]: meta["classes"][r["label"]] for r in meta["train"]}
+    expected = pd.DataFrame({"actual": [label[n] for n in names],
+                             "predicted": [meta["classes"][k] for k in probs.argmax(axis=1)]})
+    written = pd.read_csv(cfg.confusion, dtype=str, keep_default_na=False)
+    assert list(written.columns) == ["actual", "predicted"]
+    assert len(written) == len(meta["train"])  # every train image is out of fold once
+    pd.testing.assert_frame_equal(written, expected)
