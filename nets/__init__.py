@@ -26,7 +26,12 @@ maxdepth        §4.3 designer                   ``z, k, t, form, base, max_widt
 Common keywords (:mod:`nets.build`): ``act_kw`` (e.g. ``{'a': 7.5}`` for leaky,
 ``{'l': 1/8, 'u': 1/3}`` for rrelu), ``pool`` ('avg' | 'max' | 'both'), ``dropout``
 (before the classifier), ``width`` (filter multiplier). Every net's last pooling is global,
-so any input at least as large as the net's total stride works (48-64 px for the samples).
+so small inputs work (48-64 px for the samples; LeNet needs >= 16 px; AlexNet is tested at
+64 px).
+
+Prediction with RReLU: the training graph draws (and discards) noise at inference too; call
+``nets.set_deterministic(net)`` before ``hybridize()`` (or build with
+``act_kw={'deterministic': True}``) for the same outputs at leaky-ReLU speed.
 """
 from __future__ import annotations
 

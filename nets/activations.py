@@ -28,15 +28,17 @@ slope is ``mid + t * n`` with ``n ~ U(-h, h)`` per element (``mid = (l+u)/2``,
 at inference. The switch lives in the graph, so it survives ``hybridize()``, ``export`` and
 ``gluon.SymbolBlock.imports`` (tests/test_activations.py checks all three).
 
-Cost. Every training step draws one uniform number per activation element; in MXNet 1.9
-on CPU that costs about as much as a Dropout mask (both take several times a multiply per
-element), which is the bulk of RReLU's overhead over leaky ReLU. The draw also happens at
-inference, where it is multiplied by zero. ``contrib.cond`` would skip it but breaks shape
-inference of the layers after it in MXNet 1.9 (deferred initialisation fails), so instead
-``RReLU(deterministic=True)`` (``act_kw={'deterministic': True}``, or
-:func:`set_deterministic` on a built net) gives the inference-only graph, plain leaky ReLU
-with slope ``(l+u)/2``: the same outputs bit for bit (tested) without the draw. Use it for
-prediction / test-time augmentation. ``python -m nets.bench_act`` measures all three.
+Cost. Every step draws one uniform number per activation element, and MXNet 1.9's CPU
+sampler costs several multiplies per element (about what a Dropout mask costs). That draw is
+nearly all of RReLU's overhead: in ndsb_net1 a variant without the mode switch (always
+random) measured within a few percent of this block, both 1.2-1.6x leaky ReLU per training
+step depending on load. The draw also happens at inference, where it is multiplied by zero.
+``contrib.cond`` would skip it but breaks shape inference of the layers after it in MXNet
+1.9 (deferred initialisation fails), so instead ``RReLU(deterministic=True)``
+(``act_kw={'deterministic': True}``, or :func:`set_deterministic` on a built net) gives the
+inference-only graph, plain leaky ReLU with slope ``(l+u)/2``: the same outputs bit for bit
+(tested) at leaky ReLU's speed. Use it for prediction / test-time augmentation.
+``python -m nets.bench_act`` measures all three.
 """
 from __future__ import annotations
 

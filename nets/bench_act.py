@@ -6,8 +6,8 @@ Times one SGD training step (forward, backward, update) and one inference forwar
 the network built with ``rrelu``, with ``leaky`` (same mid slope, so the only difference is
 the per-element noise), and with RReLU switched to its inference-only graph
 (:func:`nets.activations.set_deterministic`). Steps alternate between the variants in a
-rotating order and the median is reported, which keeps the ratio meaningful on a machine
-shared with other jobs (absolute times there are not).
+rotating order; the median and the fastest step are reported. On a machine shared with
+other jobs contention only adds time, so the fastest step is the steadier estimate.
 """
 from __future__ import annotations
 
@@ -82,25 +82,30 @@ def run(net_name: str = "ndsb_net1", batch: int = 32, size: int = 128, steps: in
                     elapsed = _time(lambda: _infer(net, x))
                 if step:
                     times[name][mode].append(elapsed)
-    return {k: {m: statistics.median(v) for m, v in d.items()} for k, d in times.items()}
+    return {k: {**{m: statistics.median(v) for m, v in d.items()},
+                **{f"{m}_min": min(v) for m, v in d.items()}} for k, d in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m nets.bench_act", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nets.bench_act",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--net", default="ndsb_net1")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--steps", type=int, default=3)
     a = p.parse_args(argv)
     r = run(a.net, a.batch, a.size, a.steps)
-    print(f"{a.net}, batch {a.batch}, {a.size}x{a.size}, median of {a.steps} steps "
+    print(f"{a.net}, batch {a.batch}, {a.size}x{a.size}, median (fastest) of {a.steps} steps "
           f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
     for name, t in r.items():
-        print(f"  {name:<20} train step {t['train']:.3f} s   inference {t['infer']:.3f} s")
-    print(f"  rrelu / leaky        train {r['rrelu']['train'] / r['leaky']['train']:.2f}x   "
-          f"inference {r['rrelu']['infer'] / r['leaky']['infer']:.2f}x   "
-          f"(deterministic inference "
-          f"{r['rrelu_deterministic']['infer'] / r['leaky']['infer']:.2f}x)")
+        print(f"  {name:<20} train step {t['train']:.3f} s ({t['train_min']:.3f})   "
+              f"inference {t['infer']:.3f} s ({t['infer_min']:.3f})")
+    for stat in ("", "_min"):
+        ratio = {m: r["rrelu"][m + stat] / r["leaky"][m + stat] for m in ("train", "infer")}
+        det = r["rrelu_deterministic"]["infer" + stat] / r["leaky"]["infer" + stat]
+        print(f"  rrelu / leaky ({'median' if not stat else 'fastest'}): train "
+              f"{ratio['train']:.2f}x, inference {ratio['infer']:.2f}x, "
+              f"deterministic rrelu inference {det:.2f}x")
 
 
 if __name__ == "__main__":

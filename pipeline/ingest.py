@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "folds": 3,
     "seed": 0,
     "skip_bad": False,
+    "whiten_background": False,
     "workers": 0,  # 0 = every available CPU
 }
 
@@ -73,6 +74,10 @@ class Settings:
     background: int = 255
     format: str = "png"
     jpeg_quality: int = 95
+    # Scale each image so the median of its border becomes ``background`` before padding.
+    # NDSB images are already white around the organism; FlowCam crops (the sample) sit on a
+    # grey of ~175, which padding with 255 would frame in white (a shape the net could learn).
+    whiten_background: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -216,6 +221,15 @@ def decode(path: str, background: int) -> np.ndarray:
     return gray
 
 
+def whiten(gray: np.ndarray, background: int) -> np.ndarray:
+    """Scale intensities so the median border pixel maps to ``background`` (dark stays dark)."""
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    level = float(np.median(border))
+    if level <= 0:
+        return gray
+    return np.clip(np.rint(gray * (background / level)), 0, 255).astype(np.uint8)
+
+
 def fit_square(gray: np.ndarray, size: int, background: int) -> np.ndarray:
     """Resize the longer side to ``size`` keeping the aspect ratio; centre on a square."""
     import cv2
@@ -250,6 +264,8 @@ def _process(job: tuple[int, Item, Settings]) -> tuple[int, bytes | None, int, i
     except ValueError as exc:
         return index, None, 0, 0, str(exc)
     h, w = gray.shape
+    if settings.whiten_background:
+        gray = whiten(gray, settings.background)
     square = fit_square(gray, settings.size, settings.background)
     return index, encode_record(index, item.label, square, settings), w, h, ""
 
@@ -398,6 +414,7 @@ def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Se
         "size": settings.size,
         "background": settings.background,
         "format": settings.format,
+        "whiten_background": settings.whiten_background,
         "folds": folds,
         "seed": seed,
         "files": files,
@@ -431,7 +448,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     p = params_mod.section("data", DEFAULTS, args.params)
     settings = Settings(size=p["size"], background=p["background"], format=p["format"],
-                        jpeg_quality=p["jpeg_quality"])
+                        jpeg_quality=p["jpeg_quality"],
+                        whiten_background=p["whiten_background"])
     try:
         ingest(p["root"], p["records"], settings, folds=p["folds"], seed=p["seed"],
                skip_bad=p["skip_bad"], workers=p["workers"])

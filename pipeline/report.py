@@ -31,7 +31,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline import params as params_mod
+from pipeline import records
 from pipeline.fsutil import atomic_path, read_json, write_text
+from pipeline.ingest import decode
+from pipeline.predictions import load_predictions
+from pipeline.score import ndsb_log_loss, per_class_log_loss
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -98,9 +102,7 @@ def settings(root: str | os.PathLike = ".", params_file: str | os.PathLike | Non
 
 def load_meta(cfg: Settings) -> dict[str, Any]:
     """``meta.json`` of the run's records, checked against the record files by the reader."""
-    from pipeline.records import load_meta as load
-
-    return load(cfg.records)
+    return records.load_meta(cfg.records)
 
 
 def records_table(meta: dict[str, Any]) -> pd.DataFrame:
@@ -159,9 +161,7 @@ def sample_indices(meta: dict[str, Any], per_class: int, seed: int = 0
 def read_records(records_dir: str | os.PathLike, indices: Sequence[int],
                  split: str = "train") -> list[np.ndarray]:
     """The decoded record images (HxW uint8, as the networks see them before normalization)."""
-    from pipeline.records import RecordReader
-
-    reader = RecordReader(records_dir, split)
+    reader = records.RecordReader(records_dir, split)
     try:
         return [reader.read(int(i))[1] for i in indices]
     finally:
@@ -179,12 +179,28 @@ def original_path(cfg: Settings, meta: dict[str, Any], name: str, split: str = "
 def read_original(cfg: Settings, meta: dict[str, Any], name: str, split: str = "train"
                   ) -> np.ndarray | None:
     """The original image decoded exactly as ingest decodes it, or ``None`` if it is gone."""
-    from pipeline.ingest import decode
-
     path = original_path(cfg, meta, name, split)
     if not path.is_file():
         return None
     return decode(str(path), int(meta["background"]))
+
+
+def border_levels(images: dict[str, Sequence[np.ndarray | None]]) -> pd.DataFrame:
+    """Median grey level of each image's outermost ring of pixels, per class key.
+
+    Ingest pads every non-square image with ``data.background``; when the images' own
+    background (their border, for organisms that do not touch the edge) is another grey, the
+    padding draws a visible frame that the networks can learn from. ``None`` images are skipped.
+    """
+    rows = []
+    for cls, imgs in images.items():
+        for img in imgs:
+            if img is None:
+                continue
+            ring = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
+            rows.append({"class": cls, "width": img.shape[1], "height": img.shape[0],
+                         "border": float(np.median(ring))})
+    return pd.DataFrame(rows, columns=["class", "width", "height", "border"])
 
 
 def _parse_names(folder: Path, pattern: re.Pattern, glob: str) -> list[tuple[str, int, Path]]:
@@ -309,8 +325,6 @@ class Oof:
 
 def load_oof(cfg: Settings, meta: dict[str, Any]) -> Oof:
     """``predictions/valid--ensemble.npy`` (+ names), labelled from ``meta.json`` by name."""
-    from pipeline.predictions import load_predictions
-
     probs, names = load_predictions(cfg.predictions, "valid", ENSEMBLE)
     position = {r["name"]: i for i, r in enumerate(meta["train"])}
     unknown = [n for n in names if n not in position]
@@ -352,8 +366,6 @@ def confusion_matrix(oof: Oof) -> pd.DataFrame:
 def per_class_logloss(oof: Oof) -> pd.DataFrame:
     """NDSB log loss and accuracy per true class (:func:`pipeline.score.per_class_log_loss`),
     worst first."""
-    from pipeline.score import per_class_log_loss
-
     scores = per_class_log_loss(oof.y, oof.probs, oof.classes)
     table = pd.DataFrame([{"class": c, **s} for c, s in scores.items()],
                          columns=["class", "n", "logloss", "accuracy"])
@@ -363,8 +375,6 @@ def per_class_logloss(oof: Oof) -> pd.DataFrame:
 def confident_mistakes(oof: Oof, k: int) -> pd.DataFrame:
     """The ``k`` wrong OOF predictions made with the highest confidence, with each image's
     own NDSB log loss (:func:`pipeline.score.ndsb_log_loss` of that row)."""
-    from pipeline.score import ndsb_log_loss
-
     table = oof_table(oof)
     wrong = table[table["actual"] != table["predicted"]]
     top = wrong.sort_values("confidence", ascending=False).head(k).copy()
@@ -386,6 +396,17 @@ def _colors(n: int) -> list:
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _plain_log_ticks(ax, which: str = "both") -> None:
+    """Label log axes 10, 20, 50, 100 rather than 10^1, 2x10^1 (sizes are read, not powers)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axes = [ax.xaxis, ax.yaxis] if which == "both" else [getattr(ax, f"{which}axis")]
+    for axis in axes:
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
 
 
 def _integer_ticks(ax) -> None:
@@ -417,6 +438,7 @@ def plot_sizes(table: pd.DataFrame, classes: Sequence[str]) -> "Figure":
              ylabel="original height (px)", title="original size per image")
     if len(classes) <= 12:
         left.legend(fontsize=7)
+    _plain_log_ticks(left)
     rng = np.random.default_rng(0)  # vertical jitter only, so the points do not overlap
     for row, (cls, color) in enumerate(zip(classes, _colors(len(classes)))):
         sides = table.loc[table["class"] == cls, ["width", "height"]].max(axis=1)
@@ -425,6 +447,7 @@ def plot_sizes(table: pd.DataFrame, classes: Sequence[str]) -> "Figure":
     right.set_yticks(range(len(classes)), list(classes))
     right.invert_yaxis()
     right.set(xscale="log", xlabel="original longer side (px)", title="longer side per class")
+    _plain_log_ticks(right, "x")
     right.tick_params(axis="y", labelsize=7)
     return fig
 
@@ -440,6 +463,7 @@ def plot_geometry(geometry: pd.DataFrame, size: int) -> "Figure":
     left.axvline(1.0, color="k", lw=1, ls="--")
     left.set(xscale="log", xlabel=f"scale = {size} / original longer side", ylabel="images",
              title=f"{(scale > 1).mean():.0%} enlarged, {(scale < 1).mean():.0%} shrunk")
+    _plain_log_ticks(left, "x")
     right.hist(geometry["fill"], bins=np.linspace(0, 1, 21), color="tab:green")
     right.set(xlabel="fraction of the record covered by the image", ylabel="images",
               title=f"mean padding {1 - geometry['fill'].mean():.0%} of the square")
@@ -782,12 +806,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--root", default=".", help="project folder (outputs and params.yaml)")
     parser.add_argument("--params", help="params file (default: ROOT/params.yaml)")
     args = parser.parse_args(argv)
-    from pipeline.records import RecordsError
-
     cfg = settings(args.root, args.params)
     try:
         written = write_report(cfg)
-    except (OSError, ValueError, RecordsError) as exc:
+    except (OSError, ValueError, records.RecordsError) as exc:
         raise SystemExit(f"report: {exc} (run the pipeline up to the ensemble stage first)"
                          ) from None
     print(f"report: {len(written)} files -> {cfg.out / 'index.html'}, {cfg.confusion}")

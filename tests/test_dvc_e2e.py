@@ -63,9 +63,10 @@ def test_dvc_repro_on_tiny_synthetic_folder(tmp_path):
                DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="2")
     _sh(["git", "init", "-q"], repo, env)
     stages = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
-    final = stages[-1]
-    _sh(["dvc", "repro", final], repo, env)
-    second = _sh(["dvc", "status", final], repo, env)
+    # Every stage downstream of ingest (the sample stage fetches the real sample instead).
+    finals = [s for s in ("score", "report") if s in stages] or [stages[-1]]
+    _sh(["dvc", "repro", *finals], repo, env)
+    second = _sh(["dvc", "status", *finals], repo, env)
     assert "up to date" in second, second
 
     meta = json.loads((repo / params["data"]["records"] / "meta.json").read_text())

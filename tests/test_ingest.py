@@ -228,3 +228,16 @@ def test_load_meta_detects_mismatched_records(ndsb_folder, tmp_path):
         fh.write(b"x")
     with pytest.raises(RecordsError, match="train.rec"):
         load_meta(out)
+
+
+def test_whiten_background_makes_grey_borders_white(ndsb_folder, tmp_path):
+    grey = organism(30, 60, 7)
+    grey = (grey.astype(float) * 175 / 255).astype(np.uint8)  # a FlowCam-like grey field
+    write_png(ndsb_folder / "train" / "diatom" / "grey.png", grey)
+    settings = Settings(size=32, whiten_background=True)
+    meta = ingest(ndsb_folder, tmp_path / "rec", settings, folds=2, workers=1)
+    i = next(i for i, e in enumerate(meta["train"]) if e["name"].endswith("grey.png"))
+    img = RecordReader(tmp_path / "rec", "train").read(i)[1]
+    assert img[0].min() >= 250 and img[16, 0] >= 250  # padding and image border agree
+    assert img.min() < 100  # the organism stays dark
+    assert meta["whiten_background"] is True
