@@ -19,14 +19,13 @@ interruption would have done from there.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
-from pipeline.fsutil import atomic_path, read_json, write_json
+from pipeline.fsutil import atomic_path, read_json, sha256, write_json
 
 KEEP = 2
 _EPOCH = re.compile(r"epoch-(\d+)\.json$")
@@ -38,14 +37,6 @@ class CheckpointError(RuntimeError):
 
 def run_dir(root: str | Path, net: str, fold: int) -> Path:
     return Path(root) / f"{net}--fold{fold}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _stem(directory: Path, epoch: int) -> Path:
@@ -62,7 +53,7 @@ def save(directory: str | Path, epoch: int, net, trainer, record: dict[str, Any]
     with atomic_path(states) as tmp:
         trainer.save_states(str(tmp))
     record = dict(record, epoch=epoch,
-                  sha256={"params": _sha256(params), "states": _sha256(states)})
+                  sha256={"params": sha256(params), "states": sha256(states)})
     write_json(stem.with_suffix(".json"), record)
     _prune(directory)
     return stem.with_suffix(".json")
@@ -90,7 +81,7 @@ def verify(directory: Path, epoch: int) -> dict[str, Any]:
         raise CheckpointError(f"{stem}.json unreadable: {exc}") from None
     for kind, digest in record.get("sha256", {}).items():
         path = stem.with_suffix(f".{kind}")
-        if not path.exists() or _sha256(path) != digest:
+        if not path.exists() or sha256(path) != digest:
             raise CheckpointError(f"{path} is missing or corrupt (sha256 mismatch)")
     return record
 
@@ -116,7 +107,7 @@ def finalize(directory: str | Path, record: dict[str, Any]) -> None:
     with atomic_path(directory / "model.params") as tmp:
         shutil.copyfile(stem.with_suffix(".params"), tmp)
     spec = {k: v for k, v in record.items() if k not in ("_stem", "sha256")}
-    spec["sha256"] = {"params": _sha256(directory / "model.params")}
+    spec["sha256"] = {"params": sha256(directory / "model.params")}
     write_json(directory / "model.json", spec)
 
 
@@ -132,7 +123,7 @@ def load_model(directory: str | Path, ctx=None):
         raise CheckpointError(f"{spec_path} not found: train this model first")
     spec = read_json(spec_path)
     params = directory / "model.params"
-    if not params.exists() or _sha256(params) != spec["sha256"]["params"]:
+    if not params.exists() or sha256(params) != spec["sha256"]["params"]:
         raise CheckpointError(f"{params} is missing or does not match {spec_path}")
     net = nets.get_model(spec["net"], **spec["kwargs"])
     net.load_parameters(str(params), ctx=ctx or mx.cpu())

@@ -6,6 +6,7 @@ at worst a ``*.tmp-*`` file is left behind, which no stage ever reads.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -68,3 +69,12 @@ def read_json(path: str | os.PathLike) -> Any:
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, array)
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

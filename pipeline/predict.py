@@ -16,6 +16,12 @@ per model from the training ranges stored in the checkpoint, or from narrower ``
 batched on tensors: one ``GridGenerator`` + ``BilinearSampler`` call turns a batch of B images
 into B*T views (:func:`pipeline.augment.tta_batch`). ``tta.n: 0`` predicts the plain images.
 
+INT8 (``tta.int8``, default off): the fp32 net is quantized for CPU/oneDNN
+(:mod:`pipeline.quantize`), calibrated on ``tta.calib_images`` TTA-warped views of the fold's
+*training* records (never its validation images), and every prediction runs through the INT8
+net. The metrics record whether INT8 was used and the views/s of each pass, so the speed and
+the log-loss cost can be read off the same file.
+
 Averaging (``tta.mean``): ``probs`` (arithmetic mean of probabilities), ``logits`` (softmax of
 the mean logit) or ``geometric`` (normalized geometric mean of probabilities).
 """
@@ -39,6 +45,10 @@ DEFAULTS: dict[str, Any] = {
     "ranges": {},            # narrower augment ranges for TTA; {} = the training ranges
     "batch_size": 4,         # images warped together (batch_size * n views)
     "max_views": 128,        # views per forward pass: bounds the activation memory
+    "int8": False,           # predict with an INT8-quantized net (pipeline.quantize)
+    "calib_images": 256,     # INT8 calibration views, from the fold's training records
+    "calib_mode": "naive",   # naive (min/max) | entropy
+    "int8_keep_fp32": [],    # layers left in fp32: first_conv, classifier
     "checkpoints": "checkpoints",
     "predictions": "predictions/models",
 }
@@ -105,10 +115,11 @@ def predict_batches(net, batches: Iterator[np.ndarray], matrices: np.ndarray, me
 
 
 def predict_split(net, spec: dict[str, Any], reader, indices: Sequence[int], cfg: dict[str, Any],
-                  desc: str, prefixes: Sequence[int] = ()
+                  desc: str, prefixes: Sequence[int] = (), stats: dict[str, float] | None = None
                   ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """TTA probabilities (N, K) of the records ``indices``, streamed in batches, and the
-    probabilities with only the first n views for each n in ``prefixes``."""
+    probabilities with only the first n views for each n in ``prefixes``. ``stats``, if given,
+    receives the wall time and the views/s of the pass."""
     from tqdm import tqdm
 
     from pipeline.data import BatchLoader
@@ -131,10 +142,31 @@ def predict_split(net, spec: dict[str, Any], reader, indices: Sequence[int], cfg
             bar.update(len(probs))
         bar.close()
     seconds = time.perf_counter() - t0
+    views_s = len(indices) * len(matrices) / max(seconds, 1e-9)
     print(f"{desc}: {len(indices)} images x {len(matrices)} views in {seconds:.1f} s "
-          f"({len(indices) / max(seconds, 1e-9):.1f} img/s, "
-          f"{len(indices) * len(matrices) / max(seconds, 1e-9):.0f} views/s)")
+          f"({len(indices) / max(seconds, 1e-9):.1f} img/s, {views_s:.0f} views/s)")
+    if stats is not None:
+        stats.update(seconds=round(seconds, 3), views_per_s=round(views_s, 1))
     return out, curve
+
+
+def inference_net(net, spec: dict[str, Any], records: Path, train_idx: np.ndarray,
+                  cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The net predict runs (the fp32 ``net``, or its INT8 version if ``tta.int8``) and the
+    metrics that describe it. INT8 calibrates on TTA views of ``train_idx`` only."""
+    if not cfg["int8"]:
+        return net, {"int8": False}
+    from pipeline.quantize import int8_net
+    from pipeline.records import RecordReader
+
+    if len(train_idx) == 0:
+        raise PredictError("tta.int8 needs training records to calibrate on")
+    ranges = cfg["ranges"] or spec["augment"]
+    matrices = tta_matrices(ranges, cfg["n"], spec["size"], cfg["method"], cfg["seed"])
+    t0 = time.perf_counter()
+    qnet, calib = int8_net(net, RecordReader(records, "train"), train_idx, matrices, cfg)
+    return qnet, {"int8": True, "int8_calibration": calib,
+                  "quantize_seconds": round(time.perf_counter() - t0, 2)}
 
 
 def tta_curve_points(n: int) -> list[int]:
@@ -172,26 +204,31 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
     name = f"{net_name}--fold{fold}"
     metrics: dict[str, Any] = {"net": net_name, "fold": fold, "tta_n": cfg["n"],
                                "tta_mean": cfg["mean"], "tta_method": cfg["method"]}
-    _, valid_idx = fold_indices(meta, fold)
+    train_idx, valid_idx = fold_indices(meta, fold)
+    net, about = inference_net(net, spec, records, train_idx, cfg)
+    metrics.update(about)
     if len(valid_idx):
         reader = RecordReader(records, "train")
         names = [meta["train"][i]["name"] for i in valid_idx]
         y = labels(meta)[valid_idx]
         plain, _ = predict_split(net, spec, reader, valid_idx, dict(cfg, n=0),
                                  f"valid {name} (no TTA)")
+        speed: dict[str, float] = {}
         probs, curve = predict_split(net, spec, reader, valid_idx, cfg, f"valid {name}",
-                                     tta_curve_points(cfg["n"]))
+                                     tta_curve_points(cfg["n"]), speed)
+        metrics["valid_views_per_s"] = speed["views_per_s"]
         save_predictions(cfg["predictions"], "valid", net_name, fold, probs, names)
         metrics.update(valid_images=len(y), valid_logloss=ndsb_log_loss(y, probs),
                        valid_accuracy=accuracy(y, probs),
                        valid_logloss_no_tta=ndsb_log_loss(y, plain),
                        valid_logloss_by_n={str(n): ndsb_log_loss(y, p) for n, p in curve.items()})
     test_reader = RecordReader(records, "test")
+    test_speed: dict[str, float] = {}
     probs, _ = predict_split(net, spec, test_reader, np.arange(len(test_reader)), cfg,
-                             f"test {name}")
+                             f"test {name}", stats=test_speed)
     save_predictions(cfg["predictions"], "test", net_name, fold, probs,
                      [r["name"] for r in meta["test"]])
-    metrics["test_images"] = len(probs)
+    metrics.update(test_images=len(probs), test_views_per_s=test_speed["views_per_s"])
     write_json(Path(metrics_dir) / f"predict--{name}.json", metrics)
     return metrics
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline import params as params_mod
+from pipeline.fsutil import sha256
 from pipeline.synth import non_alphabetical, write_sample_submission
 
 WHEEL = "planktonclas-0.2.4-py3-none-any.whl"
@@ -45,14 +45,6 @@ DEFAULTS: dict[str, Any] = {
 
 class SampleError(RuntimeError):
     """The wheel could not be obtained or is not the expected one."""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_wheel(dest: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Prediction with TTA: identity TTA equals plain prediction, averaging modes, streaming."""
+"""Prediction with TTA: identity TTA equals plain prediction, averaging modes, streaming, INT8."""
 from __future__ import annotations
 
 import json
@@ -93,3 +93,65 @@ def test_tta_matrices_halton_and_identity():
     assert h1.shape == (16, 2, 3) and np.array_equal(h1, h2)
     assert P.tta_curve_points(100) == [1, 2, 5, 10, 20, 50, 100]
     assert P.tta_curve_points(0) == []
+
+
+def test_int8_predictions_are_close_to_fp32_and_calibrate_on_training_records_only(
+        trained, tmp_path, monkeypatch):
+    from pipeline import quantize as Q
+    from pipeline.records import fold_indices, load_meta
+
+    records, ck = trained
+    seen: list[np.ndarray] = []
+
+    def spy(reader, rec, transforms, matrices):
+        seen.append(np.asarray(rec))
+        return calibration_inputs(reader, rec, transforms, matrices)
+
+    calibration_inputs = Q.calibration_inputs
+    monkeypatch.setattr(Q, "calibration_inputs", spy)
+    P.predict(NET, 0, records, cfg(tmp_path / "a", ck), tmp_path / "m32")
+    metrics = P.predict(NET, 0, records, cfg(tmp_path / "b", ck, int8=True, calib_images=40,
+                                             int8_keep_fp32=["classifier"]), tmp_path / "m8")
+    train_idx, valid_idx = fold_indices(load_meta(records), 0)
+    assert len(seen) == 1 and len(seen[0]) == 40
+    assert set(seen[0]) == set(train_idx) and not set(seen[0]) & set(valid_idx)
+    saved = json.loads((tmp_path / "m8" / f"predict--{NET}--fold0.json").read_text())
+    assert saved["int8"] is True and saved["int8_calibration"]["calib_views"] == 40
+    assert saved["test_views_per_s"] > 0 and saved["valid_views_per_s"] > 0
+    assert json.loads((tmp_path / "m32" / f"predict--{NET}--fold0.json").read_text())["int8"] is False
+    for split in ("valid", "test"):
+        fp32, _ = load_predictions(tmp_path / "a" / "pred", split, NET, 0)
+        int8, _ = load_predictions(tmp_path / "b" / "pred", split, NET, 0)
+        assert np.all(int8 >= 0) and np.allclose(int8.sum(1), 1, atol=1e-5)
+        assert np.abs(int8 - fp32).mean() < 0.05
+        assert (int8.argmax(1) == fp32.argmax(1)).mean() >= 0.8
+    assert metrics["valid_logloss"] == pytest.approx(saved["valid_logloss"])
+
+
+def test_calibration_plan_is_deterministic_and_spreads_views():
+    from pipeline.quantize import QuantizeError, calibration_plan
+
+    train = np.array([3, 5, 8, 13, 21])
+    rec, tr = calibration_plan(train, 12, 4, seed=7)
+    rec2, tr2 = calibration_plan(train, 12, 4, seed=7)
+    assert np.array_equal(rec, rec2) and np.array_equal(tr, tr2)
+    assert set(rec) == set(train) and len(rec) == 12
+    assert sorted(np.bincount(rec)[train]) == [2, 2, 2, 3, 3]  # every record before repeats
+    assert np.array_equal(np.bincount(tr, minlength=4), [3, 3, 3, 3])
+    assert not np.array_equal(rec, calibration_plan(train, 12, 4, seed=8)[0])
+    with pytest.raises(QuantizeError):
+        calibration_plan(np.arange(0), 8, 4, seed=0)
+
+
+def test_int8_settings_are_validated(trained):
+    from pipeline.checkpoint import load_model, run_dir
+    from pipeline.quantize import QuantizeError, layer_names, quantize
+
+    net, _ = load_model(run_dir(trained[1], NET, 0))
+    net.hybridize()
+    names = layer_names(net, ["first_conv", "classifier"])
+    assert len(names) == 2 and "conv" in names[0] and "dense" in names[1]
+    with pytest.raises(QuantizeError, match="int8_keep_fp32"):
+        layer_names(net, ["last_conv"])
+    with pytest.raises(QuantizeError, match="calib_mode"):
+        quantize(net, np.zeros((2, 1, 32, 32), np.float32), mode="kl")

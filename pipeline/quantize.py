@@ -1,0 +1,118 @@
+"""INT8 inference for TTA: quantize a trained fp32 net for CPU/oneDNN, calibrated on TTA views.
+
+INT8 (``mxnet.contrib.quantization.quantize_net_v2``) is the largest inference speed-up
+measured here (3-4x fused fp32, BENCHMARKS.md), at some cost in log loss, so predict uses it
+only behind ``tta.int8``. Calibration (``naive``: per-tensor min/max; ``entropy``: KL-optimal
+thresholds) records the range of every quantized layer's output on sample inputs, and those
+inputs decide the INT8 scales. Two choices keep it honest and representative:
+
+* the calibration images are training records of the fold's *training part*
+  (:func:`calibration_plan` takes those indices only), never its validation images: scales
+  fitted on the images the out-of-fold log loss is measured on would flatter that estimate;
+* each calibration image is warped by one of the *TTA transforms predict uses*, so the
+  activation ranges are those of the views the INT8 net will actually see.
+
+``keep_fp32`` names layers left in fp32 (``first_conv``, ``classifier``): the first conv sees
+the raw pixels and the classifier produces the logits, the two places where quantization
+error is often said to cost most; whether it does here is measured in BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+
+CALIB_MODES = ("naive", "entropy")
+KEEP_FP32 = ("first_conv", "classifier")
+CALIB_BATCH = 64          # calibration forward batch: bounds memory, any size gives same ranges
+
+
+class QuantizeError(ValueError):
+    """Invalid INT8 settings."""
+
+
+def calibration_plan(train_idx: Sequence[int], count: int, n_transforms: int, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(record index, transform index) of each of ``count`` calibration views.
+
+    Records come from ``train_idx`` only, in a seeded random order, each used once before any
+    repeats (a small fold gets several warps per image); transforms are spread evenly over the
+    ``n_transforms`` TTA warps in a seeded order. Deterministic given the arguments.
+    """
+    train_idx = np.asarray(train_idx, dtype=np.int64)
+    if count < 1 or len(train_idx) == 0 or n_transforms < 1:
+        raise QuantizeError(f"calibration needs count >= 1 ({count}), training records "
+                            f"({len(train_idx)}) and transforms ({n_transforms})")
+    # A stream apart from the TTA matrices' default_rng(seed), so the two stay independent.
+    rng = np.random.default_rng([seed, 1])
+    laps = -(-count // len(train_idx))
+    records = np.concatenate([rng.permutation(train_idx) for _ in range(laps)])[:count]
+    transforms = rng.permutation(np.resize(np.arange(n_transforms), count))
+    return records, transforms
+
+
+def calibration_inputs(reader, records: np.ndarray, transforms: np.ndarray,
+                       matrices: np.ndarray) -> np.ndarray:
+    """Model inputs (N, 1, H, W): record ``records[i]`` warped by ``matrices[transforms[i]]``,
+    the same batched warp predict applies (:func:`pipeline.augment.warp_batch`)."""
+    import mxnet as mx
+
+    from pipeline.augment import warp_batch
+    from pipeline.data import to_input
+
+    unique, inverse = np.unique(records, return_inverse=True)
+    images = to_input(np.stack([reader.read(int(i))[1] for i in unique]))[inverse]
+    return warp_batch(mx.nd.array(images), matrices[transforms]).asnumpy()
+
+
+def layer_names(net, keep_fp32: Sequence[str]) -> list[str]:
+    """Graph node names of the ``keep_fp32`` layers of the hybridizable ``net``."""
+    import mxnet as mx
+
+    unknown = sorted(set(keep_fp32) - set(KEEP_FP32))
+    if unknown:
+        raise QuantizeError(f"tta.int8_keep_fp32 takes {list(KEEP_FP32)}, got {unknown}")
+    nodes = json.loads(net(mx.sym.var("data")).tojson())["nodes"]
+    convs = [n["name"] for n in nodes if n["op"] == "Convolution"]
+    dense = [n["name"] for n in nodes if n["op"] == "FullyConnected"]
+    picked = {"first_conv": convs[:1], "classifier": dense[-1:]}
+    return [name for key in keep_fp32 for name in picked[key]]
+
+
+def quantize(net, calib: np.ndarray, mode: str = "naive", keep_fp32: Sequence[str] = ()):
+    """INT8 ``SymbolBlock`` of the hybridized fp32 ``net`` (CPU/oneDNN), calibrated on
+    ``calib`` (N, C, H, W model inputs), hybridized for repeated inference."""
+    import mxnet as mx
+    from mxnet.contrib.quantization import quantize_net_v2
+
+    if mode not in CALIB_MODES:
+        raise QuantizeError(f"tta.calib_mode must be one of {CALIB_MODES}, got {mode!r}")
+    excluded = layer_names(net, keep_fp32)
+    # A padded last batch repeats early views: min/max ranges are unchanged by that.
+    calib_iter = mx.io.NDArrayIter(data=calib, batch_size=min(CALIB_BATCH, len(calib)),
+                                   last_batch_handle="pad")
+    # quantize_net_v2 prints its progress to stdout; keep stdout for the stage's own report.
+    # Its SymbolBlock warns that the input's dtype is unknown: it is float32, set on first call.
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Cannot decide type")
+        qnet = quantize_net_v2(net, quantized_dtype="auto", quantize_mode="full",
+                               exclude_layers=excluded, calib_data=calib_iter, calib_mode=mode,
+                               num_calib_examples=len(calib), ctx=mx.cpu())
+    qnet.hybridize(static_alloc=True)
+    return qnet
+
+
+def int8_net(net, reader, train_idx: Sequence[int], matrices: np.ndarray,
+             cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(INT8 net, calibration summary for the metrics) of ``net``, calibrated on
+    ``cfg['calib_images']`` TTA views of the training records ``train_idx``."""
+    records, transforms = calibration_plan(train_idx, cfg["calib_images"], len(matrices),
+                                           cfg["seed"])
+    calib = calibration_inputs(reader, records, transforms, matrices)
+    qnet = quantize(net, calib, cfg["calib_mode"], cfg["int8_keep_fp32"])
+    return qnet, {"calib_views": len(calib), "calib_records": int(len(np.unique(records))),
+                  "calib_mode": cfg["calib_mode"], "keep_fp32": list(cfg["int8_keep_fp32"])}
