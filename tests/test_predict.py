@@ -118,7 +118,8 @@ def test_int8_predictions_are_close_to_fp32_and_calibrate_on_training_records_on
     saved = json.loads((tmp_path / "m8" / f"predict--{NET}--fold0.json").read_text())
     assert saved["int8"] is True and saved["int8_calibration"]["calib_views"] == 40
     assert saved["test_views_per_s"] > 0 and saved["valid_views_per_s"] > 0
-    assert json.loads((tmp_path / "m32" / f"predict--{NET}--fold0.json").read_text())["int8"] is False
+    fp32_saved = json.loads((tmp_path / "m32" / f"predict--{NET}--fold0.json").read_text())
+    assert fp32_saved["int8"] is False
     for split in ("valid", "test"):
         fp32, _ = load_predictions(tmp_path / "a" / "pred", split, NET, 0)
         int8, _ = load_predictions(tmp_path / "b" / "pred", split, NET, 0)
