@@ -93,11 +93,16 @@ def parse_ctx(spec: str) -> list:
     return [mx.Context(kind, d) for d in devices]
 
 
-def fingerprint(net: str, fold: int, cfg: dict[str, Any], meta: dict[str, Any]) -> str:
-    """Hash of everything that makes a checkpoint's state meaningful for this run."""
+def fingerprint(net: str, fold: int, cfg: dict[str, Any], meta: dict[str, Any],
+                architecture: str = "") -> str:
+    """Hash of everything that makes a checkpoint's state meaningful for this run.
+
+    ``architecture`` (the built network's ``repr``: every layer and its settings) makes an
+    edited network table start afresh instead of loading parameters of another shape.
+    """
     relevant = {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS}
     data = {k: meta[k] for k in ("classes", "size", "background", "folds", "seed", "files")}
-    blob = json.dumps([net, fold, relevant, data], sort_keys=True, default=str)
+    blob = json.dumps([net, fold, relevant, data, architecture], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -263,7 +268,7 @@ def train(run: Run) -> dict[str, Any]:
                             {"learning_rate": cfg["lr"], "momentum": cfg["momentum"],
                              "wd": cfg["wd"]}, kvstore=kv, update_on_kvstore=False)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    fp = fingerprint(run.net, run.fold, cfg, meta)
+    fp = fingerprint(run.net, run.fold, cfg, meta, repr(net))
     spec = {"net": run.net, "kwargs": kwargs, "classes": classes, "size": size,
             "input": {"invert": True, "scale": 1 / 255, "background": meta["background"]},
             "augment": ranges.to_dict(), "fold": run.fold, "fingerprint": fp}

@@ -184,3 +184,14 @@ def test_kill_9_then_rerun_resumes_and_finishes(records, tmp_path):
     assert f"resuming after epoch {killed_at}" in out.stdout
     spec = json.loads((run_dir / "model.json").read_text())
     assert spec["epoch"] == 6 and [h["epoch"] for h in spec["history"]] == list(range(1, 7))
+
+
+def test_fingerprint_follows_architecture_and_settings_not_epochs():
+    meta = {"classes": ["a", "b"], "size": 32, "background": 255, "folds": 2, "seed": 0,
+            "files": {}}
+    cfg = params.merge("train", T.DEFAULTS, {})
+    base = T.fingerprint("lenet", 0, cfg, meta, "Conv(16)")
+    assert base == T.fingerprint("lenet", 0, dict(cfg, epochs=99), meta, "Conv(16)")
+    assert base != T.fingerprint("lenet", 0, cfg, meta, "Conv(32)")
+    assert base != T.fingerprint("lenet", 0, dict(cfg, lr=0.5), meta, "Conv(16)")
+    assert base != T.fingerprint("lenet", 1, cfg, meta, "Conv(16)")
