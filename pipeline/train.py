@@ -213,13 +213,6 @@ def evaluate(net, loader, ctx) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(probs), np.concatenate(labels).astype(np.int64)
 
 
-def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
-    """Kaggle's multi-class log loss (clip 1e-15, rows normalized)."""
-    p = np.clip(probs, 1e-15, 1 - 1e-15)
-    p = p / p.sum(axis=1, keepdims=True)
-    return float(-np.mean(np.log(p[np.arange(len(labels)), labels])))
-
-
 def _write_plot(path: Path, history: list[dict[str, Any]]) -> None:
     cols = ["epoch", "lr", "train_loss", "valid_logloss", "valid_accuracy", "img_s"]
     lines = ["\t".join(cols)]
@@ -233,20 +226,36 @@ def _fmt(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def train(run: Run) -> dict[str, Any]:
-    """Train (or resume) ``run``; return the final metrics."""
-    import mxnet as mx
-    from mxnet import autograd, gluon
-    from tqdm import tqdm
+@dataclass
+class Session:
+    """The live objects of one run: data, network, optimizer, and where it stands."""
+
+    run: Run
+    meta: dict[str, Any]
+    ctxs: list
+    rank: int
+    n_workers: int
+    train_idx: np.ndarray
+    valid_idx: np.ndarray
+    train_loader: Any
+    valid_loader: Any
+    net: Any
+    trainer: Any
+    spec: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start: int = 0
+
+
+def open_session(run: Run) -> Session:
+    """Load the fold's data, build the network and optimizer, resume if a checkpoint fits."""
+    from mxnet import gluon
 
     from pipeline.augment import AffineRanges, build_train_transform
     from pipeline.data import BatchLoader
-    from pipeline.predictions import save_prediction_file
     from pipeline.records import RecordReader, fold_indices, load_meta
 
     cfg = run.cfg
     meta = load_meta(run.records)
-    classes, size = meta["classes"], meta["size"]
     ctxs = parse_ctx(cfg["ctx"])
     kv = make_kvstore(cfg["kvstore"], ctxs)
     rank, n_workers = (kv.rank, kv.num_workers) if not isinstance(kv, str) else (0, 1)
@@ -255,102 +264,131 @@ def train(run: Run) -> dict[str, Any]:
     train_idx, valid_idx = fold_indices(meta, run.fold)
     train_idx = shard(train_idx, rank, n_workers)
     reader = RecordReader(run.records, "train")
-    transform = build_train_transform(ranges, size, background=meta["background"])
-    per_device = max(1, cfg["batch_size"] // len(ctxs))
-    batch = per_device * len(ctxs)
+    transform = build_train_transform(ranges, meta["size"], background=meta["background"])
+    batch = max(1, cfg["batch_size"] // len(ctxs)) * len(ctxs)
     train_loader = BatchLoader(reader, train_idx, batch, transform, shuffle=True,
                                seed=cfg["seed"] + rank, workers=cfg["workers"],
                                prefetch=cfg["prefetch"], drop_last=len(train_idx) >= batch)
     valid_loader = BatchLoader(reader, valid_idx, 2 * batch, None, workers=0)
 
-    net, kwargs = build(run, len(classes), ctxs)
+    net, kwargs = build(run, len(meta["classes"]), ctxs)
     trainer = gluon.Trainer(net.collect_params(), "nag",
                             {"learning_rate": cfg["lr"], "momentum": cfg["momentum"],
                              "wd": cfg["wd"]}, kvstore=kv, update_on_kvstore=False)
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    fp = fingerprint(run.net, run.fold, cfg, meta, repr(net))
-    spec = {"net": run.net, "kwargs": kwargs, "classes": classes, "size": size,
+    spec = {"net": run.net, "kwargs": kwargs, "classes": meta["classes"], "size": meta["size"],
             "input": {"invert": True, "scale": 1 / 255, "background": meta["background"]},
-            "augment": ranges.to_dict(), "fold": run.fold, "fingerprint": fp}
+            "augment": ranges.to_dict(), "fold": run.fold,
+            "fingerprint": fingerprint(run.net, run.fold, cfg, meta, repr(net))}
+    session = Session(run, meta, ctxs, rank, n_workers, train_idx, valid_idx, train_loader,
+                      valid_loader, net, trainer, spec)
+    _resume(session)
+    return session
 
-    history: list[dict[str, Any]] = []
-    start = 0
-    resumed = checkpoint.latest(run.ckpt_dir)
-    if resumed is not None and resumed.get("fingerprint") == fp:
-        net.load_parameters(resumed["_stem"] + ".params", ctx=ctxs)
-        trainer.load_states(resumed["_stem"] + ".states")
-        history, start = resumed["history"], resumed["epoch"]
-        print(f"train {run.name}: resuming after epoch {start}")
-    elif resumed is not None:
-        print(f"train {run.name}: settings changed since the checkpoint; starting afresh")
 
-    try:
-        unsynced = not isinstance(kv, str)  # a dist kvstore object
-        for epoch in range(start, cfg["epochs"]):
-            lr = lr_at(epoch, cfg["lr"], cfg["lr_steps"], cfg["lr_factor"])
-            trainer.set_learning_rate(lr)
-            mx.random.seed(cfg["seed"] * 100003 + epoch)  # RReLU/dropout noise per epoch
-            t0, seen, total = time.perf_counter(), 0, 0.0
-            bar = tqdm(train_loader.epoch(epoch), total=len(train_loader), unit="batch",
-                       desc=f"{run.name} epoch {epoch + 1}/{cfg['epochs']}", mininterval=2,
-                       disable=rank != 0)
-            for x, y in bar:
-                xs = gluon.utils.split_and_load(x, ctxs, even_split=False)
-                ys = gluon.utils.split_and_load(y, ctxs, even_split=False)
-                with autograd.record():
-                    losses = [loss_fn(net(xi), yi) for xi, yi in zip(xs, ys)]
-                autograd.backward(losses)
-                if unsynced:  # dist: weights must arrive before the first gradient leaves
-                    finish_initial_broadcast(trainer)
-                    unsynced = False
-                trainer.step(len(x) * n_workers)
-                batch_loss = sum(l.sum().asscalar() for l in losses)
-                if not math.isfinite(batch_loss):
-                    raise TrainingError(
-                        f"{run.name}: loss became {batch_loss} in epoch {epoch + 1} (lr {lr:g});"
-                        f" lower train.lr or check the data. The last good checkpoint is kept "
-                        f"in {run.ckpt_dir}")
-                seen += len(x)
-                total += batch_loss
-                bar.set_postfix(loss=f"{total / seen:.3f}",
-                                img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-            img_s = seen / (time.perf_counter() - t0)
-            probs, labels = evaluate(net, valid_loader, ctxs[0])
-            row = {"epoch": epoch + 1, "lr": lr, "train_loss": total / max(1, seen),
-                   "img_s": round(img_s, 1)}
-            if len(labels):
-                row.update(valid_logloss=log_loss(labels, probs),
-                           valid_accuracy=float((probs.argmax(1) == labels).mean()))
-            history.append(row)
-            print(f"{run.name} epoch {epoch + 1}: " + ", ".join(
-                f"{k} {_fmt(v)}" for k, v in row.items() if k != "epoch"))
-            if rank == 0:
-                checkpoint.save(run.ckpt_dir, epoch + 1, net, trainer,
-                                dict(spec, history=history))
-                _write_plot(run.plots_path, history)
-    finally:
-        train_loader.close()
+def _resume(s: Session) -> None:
+    resumed = checkpoint.latest(s.run.ckpt_dir)
+    if resumed is None:
+        return
+    if resumed.get("fingerprint") != s.spec["fingerprint"]:
+        print(f"train {s.run.name}: settings changed since the checkpoint; starting afresh")
+        return
+    s.net.load_parameters(resumed["_stem"] + ".params", ctx=s.ctxs)
+    s.trainer.load_states(resumed["_stem"] + ".states")
+    s.history, s.start = resumed["history"], resumed["epoch"]
+    print(f"train {s.run.name}: resuming after epoch {s.start}")
 
-    if rank != 0:  # only rank 0 writes; its files may not exist yet, or not on this machine
-        return history[-1] if history else {}
+
+def run_epoch(s: Session, epoch: int, sync_first: bool) -> dict[str, Any]:
+    """One pass over the training shard, then validation; returns the epoch's row."""
+    import mxnet as mx
+    from mxnet import autograd, gluon
+    from tqdm import tqdm
+
+    from pipeline.score import accuracy, ndsb_log_loss
+
+    cfg, run = s.run.cfg, s.run
+    lr = lr_at(epoch, cfg["lr"], cfg["lr_steps"], cfg["lr_factor"])
+    s.trainer.set_learning_rate(lr)
+    mx.random.seed(cfg["seed"] * 100003 + epoch)  # RReLU/dropout noise per epoch
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    t0, seen, total = time.perf_counter(), 0, 0.0
+    bar = tqdm(s.train_loader.epoch(epoch), total=len(s.train_loader), unit="batch",
+               desc=f"{run.name} epoch {epoch + 1}/{cfg['epochs']}", mininterval=2,
+               disable=s.rank != 0)
+    for x, y in bar:
+        xs = gluon.utils.split_and_load(x, s.ctxs, even_split=False)
+        ys = gluon.utils.split_and_load(y, s.ctxs, even_split=False)
+        with autograd.record():
+            losses = [loss_fn(s.net(xi), yi) for xi, yi in zip(xs, ys)]
+        autograd.backward(losses)
+        if sync_first:  # dist: weights must arrive before the first gradient leaves
+            finish_initial_broadcast(s.trainer)
+            sync_first = False
+        s.trainer.step(len(x) * s.n_workers)
+        batch_loss = sum(l.sum().asscalar() for l in losses)
+        if not math.isfinite(batch_loss):
+            raise TrainingError(
+                f"{run.name}: loss became {batch_loss} in epoch {epoch + 1} (lr {lr:g}); "
+                f"lower train.lr or check the data. The last good checkpoint is kept in "
+                f"{run.ckpt_dir}")
+        seen += len(x)
+        total += batch_loss
+        bar.set_postfix(loss=f"{total / seen:.3f}",
+                        img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    row = {"epoch": epoch + 1, "lr": lr, "train_loss": total / max(1, seen),
+           "img_s": round(seen / (time.perf_counter() - t0), 1)}
+    probs, labels = evaluate(s.net, s.valid_loader, s.ctxs[0])
+    if len(labels):
+        row.update(valid_logloss=ndsb_log_loss(labels, probs),
+                   valid_accuracy=accuracy(labels, probs))
+    return row
+
+
+def finish(s: Session) -> dict[str, Any]:
+    """Publish the final model, its out-of-fold predictions and the run's metrics."""
+    from pipeline.predictions import save_prediction_file
+
+    run, cfg = s.run, s.run.cfg
     final = checkpoint.latest(run.ckpt_dir)
     if final is None:
         raise TrainingError(f"{run.name}: no checkpoint written (train.epochs = {cfg['epochs']})")
-    if final["epoch"] != cfg["epochs"] or start == cfg["epochs"]:
-        net.load_parameters(final["_stem"] + ".params", ctx=ctxs)
+    if final["epoch"] != cfg["epochs"] or s.start == cfg["epochs"]:
+        s.net.load_parameters(final["_stem"] + ".params", ctx=s.ctxs)
     checkpoint.finalize(run.ckpt_dir, final)
     history = final["history"]
     _write_plot(run.plots_path, history)
-    probs, labels = evaluate(net, valid_loader, ctxs[0])
+    probs, labels = evaluate(s.net, s.valid_loader, s.ctxs[0])
     if len(labels):
-        names = [meta["train"][i]["name"] for i in valid_idx]
+        names = [s.meta["train"][i]["name"] for i in s.valid_idx]
         save_prediction_file(run.ckpt_dir / "valid.npy", probs.astype(np.float32), names)
-    metrics = {k: v for k, v in history[-1].items()}
+    metrics = dict(history[-1])
     metrics.update(net=run.net, fold=run.fold, epochs=len(history),
-                   train_images=int(len(train_idx)), valid_images=int(len(valid_idx)),
-                   chance_logloss=math.log(len(classes)))
+                   train_images=int(len(s.train_idx)), valid_images=int(len(s.valid_idx)),
+                   chance_logloss=math.log(len(s.meta["classes"])))
     write_json(run.metrics_path, metrics)
     return metrics
+
+
+def train(run: Run) -> dict[str, Any]:
+    """Train (or resume) ``run``; return the final metrics."""
+    s = open_session(run)
+    try:
+        sync_first = run.cfg["kvstore"].startswith("dist")  # see finish_initial_broadcast
+        for epoch in range(s.start, run.cfg["epochs"]):
+            row = run_epoch(s, epoch, sync_first)
+            sync_first = False
+            s.history.append(row)
+            print(f"{run.name} epoch {epoch + 1}: " + ", ".join(
+                f"{k} {_fmt(v)}" for k, v in row.items() if k != "epoch"))
+            if s.rank == 0:
+                checkpoint.save(run.ckpt_dir, epoch + 1, s.net, s.trainer,
+                                dict(s.spec, history=s.history))
+                _write_plot(run.plots_path, s.history)
+    finally:
+        s.train_loader.close()
+    if s.rank != 0:  # only rank 0 writes; its files may not exist yet, or not on this machine
+        return s.history[-1] if s.history else {}
+    return finish(s)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
