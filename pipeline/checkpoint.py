@@ -72,6 +72,20 @@ def _prune(directory: Path) -> None:
             _stem(directory, epoch).with_suffix(suffix).unlink(missing_ok=True)
 
 
+def clear(directory: str | Path) -> None:
+    """Remove every epoch and the final model of a run that is starting afresh.
+
+    Stale epochs of other settings must go: they would outrank the new run's (higher epoch
+    numbers) both when pruning and when resuming.
+    """
+    directory = Path(directory)
+    for epoch in _epochs(directory):
+        for suffix in (".json", ".params", ".states"):
+            _stem(directory, epoch).with_suffix(suffix).unlink(missing_ok=True)
+    for name in ("model.json", "model.params", "valid.npy", "valid.names.txt"):
+        (directory / name).unlink(missing_ok=True)
+
+
 def verify(directory: Path, epoch: int) -> dict[str, Any]:
     """The record of ``epoch`` if its files exist and match their hashes; else raise."""
     stem = _stem(directory, epoch)

@@ -286,11 +286,13 @@ def open_session(run: Run) -> Session:
 
 
 def _resume(s: Session) -> None:
+    """Continue from the newest intact checkpoint of the same settings, else start clean."""
     resumed = checkpoint.latest(s.run.ckpt_dir)
-    if resumed is None:
-        return
-    if resumed.get("fingerprint") != s.spec["fingerprint"]:
-        print(f"train {s.run.name}: settings changed since the checkpoint; starting afresh")
+    if resumed is None or resumed.get("fingerprint") != s.spec["fingerprint"]:
+        if resumed is not None:
+            print(f"train {s.run.name}: settings changed since the checkpoint; starting afresh")
+        if s.rank == 0:
+            checkpoint.clear(s.run.ckpt_dir)
         return
     s.net.load_parameters(resumed["_stem"] + ".params", ctx=s.ctxs)
     s.trainer.load_states(resumed["_stem"] + ".states")

@@ -151,12 +151,13 @@ def test_two_contexts_equal_one_context_with_same_global_batch(records, tmp_path
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(records, tmp_path):
-    cfg = config(tmp_path, epochs=1)
-    T.train(T.Run(NET, 0, cfg, records))
+    # a sane first epoch, then the schedule multiplies the rate by 1e30: the loss diverges
+    cfg = config(tmp_path, epochs=3, lr=0.01, lr_steps=[1], lr_factor=1e30)
     with pytest.raises(T.TrainingError, match="loss became"):
-        T.train(T.Run(NET, 0, config(tmp_path, epochs=2, lr=1e30, lr_steps=[5]), records))
-    # the diverging run had other settings, so it started afresh: its epoch 1 never finished
-    assert checkpoint.latest(tmp_path / "ck" / f"{NET}--fold0")["epoch"] == 1
+        T.train(T.Run(NET, 0, cfg, records))
+    run_dir = tmp_path / "ck" / f"{NET}--fold0"
+    assert checkpoint.latest(run_dir)["epoch"] == 1
+    assert not (run_dir / "model.json").exists()  # no final model from a diverged run
 
 
 @pytest.mark.slow
@@ -195,3 +196,13 @@ def test_fingerprint_follows_architecture_and_settings_not_epochs():
     assert base != T.fingerprint("lenet", 0, cfg, meta, "Conv(32)")
     assert base != T.fingerprint("lenet", 0, dict(cfg, lr=0.5), meta, "Conv(16)")
     assert base != T.fingerprint("lenet", 1, cfg, meta, "Conv(16)")
+
+
+def test_restart_with_new_settings_replaces_longer_old_run(records, tmp_path):
+    T.train(T.Run(NET, 0, config(tmp_path, epochs=3), records))
+    metrics = T.train(T.Run(NET, 0, config(tmp_path, epochs=2, lr=0.02), records))
+    run_dir = tmp_path / "ck" / f"{NET}--fold0"
+    spec = json.loads((run_dir / "model.json").read_text())
+    assert spec["epoch"] == 2 and len(spec["history"]) == 2 and metrics["epochs"] == 2
+    assert sorted(p.name for p in run_dir.glob("epoch-*.json")) == [
+        "epoch-0001.json", "epoch-0002.json"]
