@@ -221,11 +221,19 @@ def decode(path: str, background: int) -> np.ndarray:
     return gray
 
 
+# Below this border median the border is mostly organism, not background: leave it alone.
+WHITEN_MIN_LEVEL = 100
+
+
 def whiten(gray: np.ndarray, background: int) -> np.ndarray:
-    """Scale intensities so the median border pixel maps to ``background`` (dark stays dark)."""
+    """Scale intensities so the median border pixel maps to ``background`` (dark stays dark).
+
+    A no-op on NDSB's images (their borders are already white); an image whose border is
+    mostly organism (median below ``WHITEN_MIN_LEVEL``) is left as it is.
+    """
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     level = float(np.median(border))
-    if level <= 0:
+    if level < WHITEN_MIN_LEVEL:
         return gray
     return np.clip(np.rint(gray * (background / level)), 0, 255).astype(np.uint8)
 

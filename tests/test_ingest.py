@@ -241,3 +241,12 @@ def test_whiten_background_makes_grey_borders_white(ndsb_folder, tmp_path):
     assert img[0].min() >= 250 and img[16, 0] >= 250  # padding and image border agree
     assert img.min() < 100  # the organism stays dark
     assert meta["whiten_background"] is True
+
+
+def test_whiten_leaves_white_and_border_filling_images_alone():
+    from pipeline.ingest import whiten
+
+    white = organism(30, 30, 1)
+    np.testing.assert_array_equal(whiten(white, 255), white)  # NDSB-like: no-op
+    filled = np.full((30, 30), 60, np.uint8)  # the organism fills the crop
+    np.testing.assert_array_equal(whiten(filled, 255), filled)
