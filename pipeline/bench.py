@@ -188,20 +188,6 @@ def fused_net(name: str, act: str, bn: bool, ref, batch: int, size: int, workdir
     return net
 
 
-def int8_net(fp32, calib: np.ndarray, batch: int):
-    """INT8 SymbolBlock of the hybridizable ``fp32`` net, naive min/max calibration."""
-    import mxnet as mx
-    from mxnet.contrib.quantization import quantize_net_v2
-
-    calib_iter = mx.io.NDArrayIter(data=calib, batch_size=min(batch, len(calib)))
-    with contextlib.redirect_stdout(sys.stderr):
-        qnet = quantize_net_v2(fp32, quantized_dtype="auto", quantize_mode="full",
-                               calib_data=calib_iter, calib_mode="naive",
-                               num_calib_examples=len(calib), ctx=mx.cpu())
-    qnet.hybridize(static_alloc=True, static_shape=True)
-    return qnet
-
-
 def logit_error(ref, other, images: np.ndarray) -> dict[str, float]:
     """Relative L2 error of ``other``'s logits against ``ref``'s and top-1 agreement."""
     import mxnet as mx
@@ -379,7 +365,10 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
         fused = fused_net(args.net, args.act, args.bn, plain, args.batch, args.size, workdir)
         fused_rate = infer_rate(fused, args.batch, args.size, args.seconds)
         calib = calibration_images(records, args.calib_images)
-        quantized = int8_net(det, calib, args.batch)
+        from pipeline.quantize import quantize
+
+        quantized = quantize(det, calib)  # exactly what predict runs with tta.int8
+        quantized.hybridize(static_alloc=True, static_shape=True)
         int8_rate = infer_rate(quantized, args.batch, args.size, args.seconds)
         variants.update(fused=fused, int8=quantized)
         yield {"what": "int8", **common, "calib_mode": "naive", "calib_images": len(calib),
