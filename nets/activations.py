@@ -29,10 +29,13 @@ at inference. The switch lives in the graph, so it survives ``hybridize()``, ``e
 ``gluon.SymbolBlock.imports`` (tests/test_activations.py checks all three).
 
 Cost. Every step draws one uniform number per activation element, and MXNet 1.9's CPU
-sampler costs several multiplies per element (about what a Dropout mask costs). That draw is
-nearly all of RReLU's overhead: in ndsb_net1 a variant without the mode switch (always
-random) measured within a few percent of this block, both 1.2-1.6x leaky ReLU per training
-step depending on load. The draw also happens at inference, where it is multiplied by zero.
+sampler costs several multiplies per element (about what a Dropout mask costs). In ndsb_net1 a
+variant without the mode switch (always random) measured within a few percent of this block,
+both 1.2-1.6x leaky ReLU per training step depending on load. Most of that gap is not the
+draw itself: any activation built from non-oneDNN operators makes MXNet reorder the oneDNN
+convolutions' blocked outputs to the plain layout and back (a noise-free ``maximum(x, s*x)``
+alone cost ~60 % of the gap, and a fused native RReLU operator did not close it; see
+BENCHMARKS.md). The draw also happens at inference, where it is multiplied by zero.
 ``contrib.cond`` would skip it but breaks shape inference of the layers after it in MXNet
 1.9 (deferred initialisation fails), so instead ``RReLU(deterministic=True)``
 (``act_kw={'deterministic': True}``, or :func:`set_deterministic` on a built net) gives the
