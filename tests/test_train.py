@@ -162,29 +162,31 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(records, tmp_
 
 @pytest.mark.slow
 def test_kill_9_then_rerun_resumes_and_finishes(records, tmp_path):
-    cfg = config(tmp_path, epochs=6, workers=1)
+    cfg = config(tmp_path, epochs=12, workers=1)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": cfg}))
     cmd = [sys.executable, "-m", "pipeline.train", "--net", NET, "--fold", "0",
            "--records", str(records), "--params", str(tmp_path / "params.yaml")]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(tmp_path / "first-run.log", "wb")  # a file, not a pipe: output never blocks
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     run_dir = tmp_path / "ck" / f"{NET}--fold0"
     deadline = time.time() + 300
     while not (run_dir / "epoch-0002.json").exists():
-        assert proc.poll() is None, proc.stdout.read().decode()
+        assert proc.poll() is None, (tmp_path / "first-run.log").read_text()
         assert time.time() < deadline
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its data workers, mid-epoch
     proc.wait()
+    log.close()
     killed_at = checkpoint.latest(run_dir)["epoch"]
-    assert 2 <= killed_at < 6
+    assert 2 <= killed_at < 12
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr
     assert f"resuming after epoch {killed_at}" in out.stdout
     spec = json.loads((run_dir / "model.json").read_text())
-    assert spec["epoch"] == 6 and [h["epoch"] for h in spec["history"]] == list(range(1, 7))
+    assert spec["epoch"] == 12 and [h["epoch"] for h in spec["history"]] == list(range(1, 13))
 
 
 def test_fingerprint_follows_architecture_and_settings_not_epochs():
