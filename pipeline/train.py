@@ -278,7 +278,13 @@ def open_session(run: Run) -> Session:
     spec = {"net": run.net, "kwargs": kwargs, "classes": meta["classes"], "size": meta["size"],
             "input": {"invert": True, "scale": 1 / 255, "background": meta["background"]},
             "augment": ranges.to_dict(), "fold": run.fold,
-            "fingerprint": fingerprint(run.net, run.fold, cfg, meta, repr(net))}
+            "fingerprint": fingerprint(run.net, run.fold, cfg, meta, repr(net)),
+            # Randomness is derived, not stored: this is all it takes to replay any epoch.
+            "rng": {"seed": cfg["seed"],
+                    "shuffle": "numpy default_rng([seed + rank, epoch])",
+                    "augment": "numpy SeedSequence([seed + rank, epoch, batch])",
+                    "mxnet": "mx.random.seed(seed * 100003 + epoch)"},
+            "train": {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS}}
     session = Session(run, meta, ctxs, rank, n_workers, train_idx, valid_idx, train_loader,
                       valid_loader, net, trainer, spec)
     _resume(session)
