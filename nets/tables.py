@@ -232,73 +232,31 @@ ALEXNET = {
 }
 
 
-# Table 4.3: VGG-E (19 weight layers), one tuple per thesis row (two rows per line).
-VGG19 = {
-    "name": "vgg19",
-    "source": "Table 4.3: VGG-E Network",
-    "input": 224,
-    "columns": ("type", "filters", "kernel", "stride"),
-    "conv_act": False, "conv_pad": "same", "pool_pad": "valid", "pool_convention": "valid",
-    "rows": [
-        ("convolution", 64, "3x3", 1), ("activation",),
-        ("convolution", 64, "3x3", 1), ("activation",),
-        ("max pooling", None, "2x2", 2),
-        ("convolution", 128, "3x3", 1), ("activation",),
-        ("convolution", 128, "3x3", 1), ("activation",),
-        ("max pooling", None, "2x2", 2),
-        ("convolution", 256, "3x3", 1), ("activation",),
-        ("convolution", 256, "3x3", 1), ("activation",),
-        ("convolution", 256, "3x3", 1), ("activation",),
-        ("convolution", 256, "3x3", 1), ("activation",),
-        ("max pooling", None, "2x2", 2),
-        ("convolution", 512, "3x3", 1), ("activation",),
-        ("convolution", 512, "3x3", 1), ("activation",),
-        ("convolution", 512, "3x3", 1), ("activation",),
-        ("convolution", 512, "3x3", 1), ("activation",),
-        ("max pooling", None, "2x2", 2),
-        ("convolution", 512, "3x3", 1), ("activation",),
-        ("convolution", 512, "3x3", 1), ("activation",),
-        ("convolution", 512, "3x3", 1), ("activation",),
-        ("convolution", 512, "3x3", 1), ("activation",),
-        ("max pooling", None, "2x2", 2),
-        ("fully connected", 4096), ("activation",), ("dropout",),
-        ("fully connected", 4096), ("activation",), ("dropout",),
-        ("linear classifier",),
-    ],
-}
+def _vgg(name: str, source: str, convs_per_block: tuple[int, ...]) -> dict:
+    """A Table 4.3 style VGG: blocks of 3x3 convolutions (64, 128, 256, 512, 512 filters),
+    each followed by a 2x2/2 max pooling, then two 4096-unit layers and the classifier."""
+    rows: list[tuple] = []
+    for filters, convs in zip((64, 128, 256, 512, 512), convs_per_block):
+        rows += [("convolution", filters, "3x3", 1), ("activation",)] * convs
+        rows.append(("max pooling", None, "2x2", 2))
+    rows += [("fully connected", 4096), ("activation",), ("dropout",)] * 2
+    rows.append(("linear classifier",))
+    return {
+        "name": name,
+        "source": source,
+        "input": 224,
+        "columns": ("type", "filters", "kernel", "stride"),
+        "conv_act": False, "conv_pad": "same", "pool_pad": "valid", "pool_convention": "valid",
+        "rows": rows,
+    }
+
+
+# Table 4.3: VGG-E (19 weight layers): 2, 2, 4, 4, 4 convolutions per block.
+VGG19 = _vgg("vgg19", "Table 4.3: VGG-E Network", (2, 2, 4, 4, 4))
 
 # The 16-layer VGG-D of Table 4.7 (138M parameters) in the style of Table 4.3: three instead
 # of four convolutions in each of the last three blocks.
-VGG16 = {
-    "name": "vgg16",
-    "source": "Table 4.3 style, VGG-D (VGG-16 of Table 4.7)",
-    "input": 224,
-    "columns": ("type", "filters", "kernel", "stride"),
-    "conv_act": False, "conv_pad": "same", "pool_pad": "valid", "pool_convention": "valid",
-    "rows": [
-        ("convolution", 64, "3x3", 1), ("activation",),
-        ("convolution", 64, "3x3", 1), ("activation",),
-        ("max pooling", None, "2x2", 2),
-        ("convolution", 128, "3x3", 1), ("activation",),
-        ("convolution", 128, "3x3", 1), ("activation",),
-        ("max pooling", None, "2x2", 2),
-        ("convolution", 256, "3x3", 1), ("activation",),
-        ("convolution", 256, "3x3", 1), ("activation",),
-        ("convolution", 256, "3x3", 1), ("activation",),
-        ("max pooling", None, "2x2", 2),
-        ("convolution", 512, "3x3", 1), ("activation",),
-        ("convolution", 512, "3x3", 1), ("activation",),
-        ("convolution", 512, "3x3", 1), ("activation",),
-        ("max pooling", None, "2x2", 2),
-        ("convolution", 512, "3x3", 1), ("activation",),
-        ("convolution", 512, "3x3", 1), ("activation",),
-        ("convolution", 512, "3x3", 1), ("activation",),
-        ("max pooling", None, "2x2", 2),
-        ("fully connected", 4096), ("activation",), ("dropout",),
-        ("fully connected", 4096), ("activation",), ("dropout",),
-        ("linear classifier",),
-    ],
-}
+VGG16 = _vgg("vgg16", "Table 4.3 style, VGG-D (VGG-16 of Table 4.7)", (2, 2, 3, 3, 3))
 
 TABLES = {t["name"]: t for t in (NDSB_NET1, NDSB_NET2, TINYNET, TINYNET_CIFAR, INCEPTION_BN,
                                  LENET, ALEXNET, VGG16, VGG19)}
