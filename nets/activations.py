@@ -50,6 +50,9 @@ from typing import Any, Callable
 import mxnet as mx
 from mxnet.gluon import nn
 
+from . import native
+from .precision import Float32Island, LowPrecision, to_dtype
+
 ACTIVATIONS = ("relu", "leaky", "prelu", "rrelu", "tanh", "sigmoid", "sigmoid_star")
 
 RRELU_LOWER = 1.0 / 8.0
@@ -70,7 +73,7 @@ class Leaky(nn.HybridBlock):
         return F.LeakyReLU(x, act_type="leaky", slope=1.0 / self.a)
 
 
-class PReLU(nn.HybridBlock):
+class PReLU(Float32Island, nn.HybridBlock):
     """Parametric ReLU, Eq. 5.3, one learned slope per channel (axis 1).
 
     The slope vector's length is inferred at the first forward (MXNet's ``prelu`` infers
@@ -85,36 +88,63 @@ class PReLU(nn.HybridBlock):
                                          allow_deferred_init=True)
         self.alpha.wd_mult = 0.0  # He et al.: decaying a_i towards 0 would bias towards ReLU
 
-    def hybrid_forward(self, F, x, alpha):
+    def forward32(self, F, x, alpha):  # MXNet 1.9.1's prelu rejects bfloat16 data
         return F.LeakyReLU(x, gamma=alpha, act_type="prelu")
 
 
-class RReLU(nn.HybridBlock):
+RRELU_IMPLS = ("auto", "native", "ops")
+
+
+class RReLU(LowPrecision, nn.HybridBlock):
     """Randomized leaky ReLU, Eqs. 5.6-5.7 (see the module docstring for the mode switch).
 
     ``deterministic=True`` builds the inference-only graph ``LeakyReLU(slope=(l+u)/2)``,
     which gives the same outputs as the random graph at inference without drawing noise.
+    ``impl`` picks the random graph: ``native`` (the fused operator of :mod:`nets.native`),
+    ``ops`` (MXNet operators only) or ``auto`` (native when it builds and loads, else ops).
+    Both draw the slope per element from U(l, u), from different random streams.
     """
 
     def __init__(self, lower: float = RRELU_LOWER, upper: float = RRELU_UPPER,
-                 deterministic: bool = False, **kwargs: Any) -> None:
+                 deterministic: bool = False, impl: str = "auto", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0 <= lower < upper < 1:
             raise ValueError(f"rrelu: need 0 <= l < u < 1 (Eq. 5.7), got l={lower}, u={upper}")
+        if impl not in RRELU_IMPLS:
+            raise ValueError(f"rrelu: impl must be one of {RRELU_IMPLS}, got {impl!r}")
         self.lower, self.upper = float(lower), float(upper)
         self.deterministic = deterministic
+        self.impl = impl
 
     @property
     def mid(self) -> float:
         return (self.lower + self.upper) / 2.0
 
+    def uses_native(self) -> bool:
+        """Whether the random graph is the native operator (decided when it is traced)."""
+        if self.impl == "ops":
+            return False
+        if native.load():
+            return True
+        if self.impl == "native":
+            raise RuntimeError(f"rrelu impl='native' but the native operator is unavailable: "
+                               f"{native.status().get('native_error', 'disabled')}")
+        return False
+
     def hybrid_forward(self, F, x):
-        if self.deterministic:
+        if self.deterministic:  # oneDNN's leaky ReLU runs in bfloat16 as well
             return F.LeakyReLU(x, act_type="leaky", slope=self.mid)
-        half = (self.upper - self.lower) / 2.0
+        if self.low_precision:  # neither random graph takes bfloat16 (see nets/precision.py)
+            return to_dtype(F, self._random(F, to_dtype(F, x, "float32")), "bfloat16")
+        return self._random(F, x)
+
+    def _random(self, F, x):
         # One-element ones created on x's device; in a symbol graph the executor places it.
         one = F.ones((1,), ctx=x.context, dtype=x.dtype) if F is mx.nd else F.ones(shape=(1,))
         training = F.abs(F.Dropout(one, p=0.5) - 1)  # exactly 1 in training, 0 at inference
+        if self.uses_native():
+            return F.ndsb_rrelu(x, training, lower=self.lower, upper=self.upper)[0]
+        half = (self.upper - self.lower) / 2.0
         noise = F.random.uniform_like(x, low=-half, high=half)
         # BlockGrad: the slope is a sample, not a function of x; this also spares the backward
         # pass from differentiating through the sampling branch.
@@ -123,10 +153,10 @@ class RReLU(nn.HybridBlock):
         return F.maximum(x, x * slope)
 
 
-class SigmoidStar(nn.HybridBlock):
+class SigmoidStar(Float32Island, nn.HybridBlock):
     """Sigmoid*, Eq. 5.36: ``4 * sigmoid(x) - 2``."""
 
-    def hybrid_forward(self, F, x):
+    def forward32(self, F, x):  # MXNet's generic bfloat16 arithmetic is ~10x slower
         return 4.0 * F.sigmoid(x) - 2.0
 
 
@@ -149,7 +179,7 @@ _KWARGS: dict[str, dict[str, str]] = {
     "leaky": {"a": "a"},
     "prelu": {"init": "init"},
     "rrelu": {"l": "lower", "u": "upper", "lower": "lower", "upper": "upper",
-              "deterministic": "deterministic"},
+              "deterministic": "deterministic", "impl": "impl"},
 }
 
 

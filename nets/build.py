@@ -32,6 +32,7 @@ from typing import Any
 from mxnet.gluon import nn
 
 from .activations import check_activation, make_activation
+from .precision import Conv2D, Dense, Dropout, LowPrecision, to_dtype
 
 POOL_MODES = ("avg", "max", "both")
 CLASSIFIER_TYPES = ("softmax", "linear classifier")
@@ -43,8 +44,12 @@ LRN_ARGS = {"nsize": 5, "alpha": 1e-4, "beta": 0.75, "knorm": 2.0}
 TABLE_DROPOUT = 0.5  # the dropout rows of Tables 4.2 and 4.3 (AlexNet, VGG)
 
 
-class TableNet(nn.HybridBlock):
-    """``features`` (one block per table row) followed by ``output`` (the classifier)."""
+class TableNet(LowPrecision, nn.HybridBlock):
+    """``features`` (one block per table row) followed by ``output`` (the classifier).
+
+    With ``compute_dtype == 'bfloat16'`` (:func:`nets.precision.set_precision`) the input is
+    cast to bfloat16 for ``features`` and their result back to float32 for ``output``.
+    """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -53,6 +58,8 @@ class TableNet(nn.HybridBlock):
             self.output = nn.HybridSequential(prefix="output_")
 
     def hybrid_forward(self, F, x):
+        if self.low_precision:
+            return self.output(to_dtype(F, self.features(to_dtype(F, x, "bfloat16")), "float32"))
         return self.output(self.features(x))
 
 
@@ -180,7 +187,7 @@ class _Builder:
             raise ValueError(f"{self.table['name']}: {self.channels} -> {filters} channels "
                              f"cannot be split in {groups} groups (try another width)")
         seq = nn.HybridSequential(prefix="")
-        seq.add(nn.Conv2D(filters, kernel, strides=stride,
+        seq.add(Conv2D(filters, kernel, strides=stride,
                           padding=self.padding(kernel, pad, "conv_pad"), groups=groups,
                           use_bias=not self.bn, in_channels=self.channels))
         if act:
@@ -270,7 +277,7 @@ class _Builder:
     def fully_connected(self, row: dict) -> nn.HybridBlock:
         units = self.scale(row["filters"])
         # After convolutions the flattened size depends on the image size: in_units deferred.
-        dense = nn.Dense(units, use_bias=not self.bn,
+        dense = Dense(units, use_bias=not self.bn,
                          in_units=self.channels if self.flat else 0)
         self.channels, self.flat = units, True
         return dense
@@ -282,7 +289,7 @@ class _Builder:
         return LRN()
 
     def dropout(self, row: dict) -> nn.HybridBlock:
-        return nn.Dropout(TABLE_DROPOUT)
+        return Dropout(TABLE_DROPOUT)
 
     def block(self, row: dict) -> nn.HybridBlock:
         kind = row["type"]

@@ -66,8 +66,13 @@ def _shapes(sym: mx.sym.Symbol, data_shape: tuple[int, ...]) -> dict[str, tuple]
     return dict(zip(internals.list_outputs(), out_shapes))
 
 
-def _output_name(node: dict) -> str:
-    return node["name"] if node["op"] == "null" else node["name"] + "_output"
+def _output_name(node: dict, index: int = 0, shapes: dict | None = None) -> str:
+    """Name of output ``index`` of ``node`` in ``get_internals()`` (multi-output operators,
+    like the native RReLU, number their outputs)."""
+    if node["op"] == "null":
+        return node["name"]
+    single = node["name"] + "_output"
+    return single if shapes is None or single in shapes else f"{single}{index}"
 
 
 def symbol_of(net: HybridBlock) -> mx.sym.Symbol:
@@ -110,8 +115,9 @@ def trace(net: HybridBlock, size: int, in_channels: int = 1) -> list[dict[str, A
 def _layer(node: dict, nodes: list[dict], shapes: dict, args: dict, rf_in: int,
            jump_in: int) -> dict[str, Any]:
     attrs = node.get("attrs", {})
-    data_in = shapes[_output_name(nodes[node["inputs"][0][0]])]
-    out = shapes[_output_name(node)]
+    source, index = node["inputs"][0][0], node["inputs"][0][1]
+    data_in = shapes[_output_name(nodes[source], index, shapes)]
+    out = shapes[_output_name(node, 0, shapes)]
     weight = args.get(nodes[node["inputs"][1][0]]["name"]) if len(node["inputs"]) > 1 else None
     is_global = node["op"] == "FullyConnected" or attrs.get("global_pool") == "True"
     if is_global:

@@ -22,9 +22,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:Cannot decide type")
 MID = np.float32((RRELU_LOWER + RRELU_UPPER) / 2)
 
 
-def _rrelu(mode: str, tmp_path=None, **kw) -> gluon.HybridBlock:
+IMPLS = ("native", "ops")  # the fused operator of nets/native and the operator graph
+
+
+def _rrelu(mode: str, tmp_path=None, impl: str = "native", **kw) -> gluon.HybridBlock:
     """An RReLU block as used imperatively, hybridized, or exported and re-imported."""
-    block = make_activation("rrelu", **kw)
+    block = make_activation("rrelu", impl=impl, **kw)
     block.initialize()
     if mode == "imperative":
         return block
@@ -47,8 +50,9 @@ def _slopes(block, x: nd.NDArray, train: bool) -> np.ndarray:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_rrelu_inference_is_exactly_mid_slope(mode, tmp_path):
-    block = _rrelu(mode, tmp_path)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rrelu_inference_is_exactly_mid_slope(mode, tmp_path, impl):
+    block = _rrelu(mode, tmp_path, impl)
     x = nd.random.normal(shape=(4, 3, 5, 5))
     y = block(x).asnumpy()
     xn = x.asnumpy()
@@ -59,8 +63,9 @@ def test_rrelu_inference_is_exactly_mid_slope(mode, tmp_path):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_rrelu_training_slopes_are_uniform_per_element(mode, tmp_path):
-    block = _rrelu(mode, tmp_path)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rrelu_training_slopes_are_uniform_per_element(mode, tmp_path, impl):
+    block = _rrelu(mode, tmp_path, impl)
     x = -nd.ones((4, 5, 32, 32))  # 20480 negative inputs
     s = _slopes(block, x, train=True).ravel()
     assert s.min() >= RRELU_LOWER - 1e-6 and s.max() <= RRELU_UPPER + 1e-6
@@ -75,15 +80,17 @@ def test_rrelu_training_slopes_are_uniform_per_element(mode, tmp_path):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_rrelu_training_keeps_positive_part(mode, tmp_path):
-    block = _rrelu(mode, tmp_path)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rrelu_training_keeps_positive_part(mode, tmp_path, impl):
+    block = _rrelu(mode, tmp_path, impl)
     x = nd.random.uniform(0.1, 2, shape=(3, 100))
     with autograd.train_mode():
         np.testing.assert_array_equal(block(x).asnumpy(), x.asnumpy())
 
 
-def test_rrelu_custom_range_and_validation():
-    block = _rrelu("hybrid", l=0.2, u=0.3)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rrelu_custom_range_and_validation(impl):
+    block = _rrelu("hybrid", impl=impl, l=0.2, u=0.3)
     x = -nd.ones((1000,))
     s = _slopes(block, x, train=True)
     assert s.min() >= 0.2 - 1e-6 and s.max() <= 0.3 + 1e-6
@@ -96,8 +103,9 @@ def test_rrelu_custom_range_and_validation():
 
 
 @pytest.mark.parametrize("hybrid", [False, True])
-def test_rrelu_gradient_is_the_sampled_slope(hybrid):
-    block = _rrelu("hybrid" if hybrid else "imperative")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rrelu_gradient_is_the_sampled_slope(hybrid, impl):
+    block = _rrelu("hybrid" if hybrid else "imperative", impl=impl)
     x = nd.random.normal(shape=(2, 3, 8, 8))
     x.attach_grad()
     with autograd.record():
@@ -152,13 +160,15 @@ def _check_gradient(block, x: np.ndarray, seed: int | None = None, rtol=2e-3) ->
 
 
 @pytest.mark.parametrize("hybrid", [False, True])
-def test_rrelu_finite_difference_with_fixed_seed(hybrid):
-    block = _rrelu("hybrid" if hybrid else "imperative")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rrelu_finite_difference_with_fixed_seed(hybrid, impl):
+    block = _rrelu("hybrid" if hybrid else "imperative", impl=impl)
     _check_gradient(block, _away_from_zero((2, 3, 4)), seed=11)
 
 
-def test_seeding_fixes_the_rrelu_sample():
-    block = _rrelu("hybrid")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_seeding_fixes_the_rrelu_sample(impl):
+    block = _rrelu("hybrid", impl=impl)
     x = -nd.ones((50,))
     mx.random.seed(5)
     a = _slopes(block, x, train=True)

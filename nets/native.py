@@ -1,0 +1,138 @@
+"""Native operators, compiled on first use: the fused RReLU of ``nets/native/rrelu_op.cc``.
+
+Why: RReLU composed of MXNet operators costs five extra passes over every activation forward,
+three backward and MXNet's mt19937 sampler; the fused operator does one pass each way and
+keeps only a seed for the backward pass (BENCHMARKS.md has the figures). MXNet 1.9 loads such
+operators from a shared library built against its ``lib_api.h`` (``mx.library.load``).
+
+The library is compiled with the machine's C++ compiler (``$CXX``, default ``g++``) into a
+cache directory (``$NDSB_NATIVE_CACHE``, default ``~/.cache/ndsb-pipeline``), under a name that
+hashes the source, the flags, the MXNet version and the CPU's instruction-set flags, so an
+edit, an upgrade or another machine gets its own build. The build writes a temporary file
+and renames it, so concurrent processes (``dist_sync`` workers) never load half a library.
+
+Nothing is compiled at import. :func:`load` builds and loads once per process and returns
+``False`` (with one warning) when it cannot, e.g. without a compiler; callers then fall back
+to the operator graph. ``NDSB_NATIVE=0`` disables the native path on purpose.
+``python -m nets.native`` builds and reports.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "rrelu_op.cc"
+CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+OPS = ("ndsb_rrelu",)
+
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NDSB_NATIVE_CACHE")
+                or Path.home() / ".cache" / "ndsb-pipeline")
+
+
+def _mxnet_dir() -> Path:
+    import mxnet
+    return Path(mxnet.__file__).parent
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((l for l in fh if l.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def library_path() -> Path:
+    """Where the library for this source, compiler flags, MXNet and CPU lives."""
+    import mxnet
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(CXXFLAGS).encode(), mxnet.__version__.encode(),
+                 _cpu_flags().encode(), os.environ.get("CXX", "g++").encode()):
+        key.update(part)
+    return cache_dir() / f"libndsb_ops-{key.hexdigest()[:16]}.so"
+
+
+def build(force: bool = False) -> Path:
+    """Compile the library unless an up-to-date build exists; returns its path.
+
+    Raises ``RuntimeError`` with the compiler's output when the build fails.
+    """
+    target = library_path()
+    if target.exists() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mx_dir = _mxnet_dir()
+    lib_api = mx_dir / "src" / "lib_api.cc"
+    if not lib_api.exists():
+        raise RuntimeError(f"{lib_api} not found: this MXNet wheel ships no lib_api.cc")
+    fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    cmd = [*shlex.split(os.environ.get("CXX", "g++")), *CXXFLAGS,
+           f"-I{mx_dir / 'include'}", str(SOURCE), str(lib_api), "-o", tmp]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} failed ({shlex.join(cmd)}):\n"
+                               f"{done.stderr[-4000:]}")
+        os.replace(tmp, target)
+    except FileNotFoundError as err:  # no compiler
+        raise RuntimeError(f"building {SOURCE.name} needs a C++ compiler: {err}") from err
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def enabled() -> bool:
+    return os.environ.get("NDSB_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def load() -> bool:
+    """Build (if needed) and load the native operators into MXNet, once per process.
+
+    Returns whether ``F.ndsb_rrelu`` is available.
+    """
+    if "ok" in _state:
+        return bool(_state["ok"])
+    ok = False
+    if enabled():
+        try:
+            import mxnet as mx
+            mx.library.load(str(build()), verbose=False)
+            ok = all(hasattr(mx.nd, op) and hasattr(mx.sym, op) for op in OPS)
+            if not ok:
+                raise RuntimeError(f"library loaded but {OPS} not registered")
+        except Exception as err:  # noqa: BLE001 - any failure means: use the operator graph
+            log.warning("native RReLU unavailable, using the slower operator graph: %s", err)
+            _state["error"] = str(err)
+    _state["ok"] = ok
+    return ok
+
+
+def status() -> dict[str, object]:
+    """What :func:`load` decided, for benchmark and checkpoint records."""
+    return {"native_ops": bool(_state.get("ok")), **({"native_error": _state["error"]}
+                                                      if "error" in _state else {})}
+
+
+def main(argv: list[str] | None = None) -> int:
+    path = build(force="--force" in (argv if argv is not None else sys.argv[1:]))
+    print(path)
+    return 0 if load() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

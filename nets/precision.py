@@ -1,0 +1,161 @@
+"""Mixed precision: bfloat16 convolutions on CPUs with native bfloat16 instructions.
+
+Why. On CPUs with AVX512-BF16 or AMX (this project's machine: AMD EPYC with AVX512-BF16),
+oneDNN runs bfloat16 convolutions about twice as fast as float32 ones, forward and backward;
+ndsb_net1 training went from 18-23 to 40-44 img/s with leaky ReLU (BENCHMARKS.md).
+
+What runs in which precision (:func:`set_precision` on a built :class:`nets.build.TableNet`):
+
+* ``features`` (convolutions, hidden FC layers, batch norm, pooling, oneDNN activations) run
+  in bfloat16: the input is cast once, weights are cast on the fly from their float32
+  masters, and the activations flow between layers in bfloat16 (half the memory traffic).
+* Blocks MXNet 1.9.1 cannot run fast (or at all) in bfloat16 run in float32 between two casts:
+  RReLU's random graph / native operator, PReLU, Sigmoid*, Dropout.
+* The classifier (``output``), the loss, the gradients' accumulation and the optimizer stay in
+  float32: parameters, checkpoints and their names are identical in both precisions, so a
+  checkpoint trained in one loads into a network of the other.
+
+Batch norm keeps float32 statistics and parameters (oneDNN computes them in float32).
+This is the standard mixed-precision recipe (float32 master weights, low-precision compute),
+the CPU counterpart of AMP on GPUs; MXNet's own ``amp.init`` does the same by patching every
+operator process-wide, which breaks our RReLU graph (it casts ``ones``), hence this explicit
+version. The accuracy check against float32 on the sample is in BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from mxnet.gluon import nn
+
+PRECISIONS = ("float32", "bfloat16")
+REQUESTS = PRECISIONS + ("auto",)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def bfloat16():
+    """MXNet 1.9's bfloat16 dtype object (numpy has none)."""
+    from mxnet.contrib.amp.amp import bfloat16 as dtype
+    return dtype
+
+
+def to_dtype(F, x, precision: str):
+    """``x`` cast to ``precision`` (``amp_cast``: its gradient is cast back)."""
+    return F.amp_cast(x, dtype=bfloat16() if precision == "bfloat16" else "float32")
+
+
+class LowPrecision:
+    """Mixin: ``compute_dtype`` says which precision a block's input arrives in."""
+
+    compute_dtype = "float32"
+
+    @property
+    def low_precision(self) -> bool:
+        return self.compute_dtype == "bfloat16"
+
+
+class Conv2D(LowPrecision, nn.Conv2D):
+    """``nn.Conv2D`` whose float32 weights are cast when the network runs in bfloat16.
+
+    Grouped convolutions (AlexNet's two towers) stay float32: MXNet 1.9.1's oneDNN cannot
+    reorder grouped bfloat16 weights ("could not create a primitive descriptor").
+    """
+
+    def hybrid_forward(self, F, x, weight, bias=None):
+        if self.low_precision and self._kwargs.get("num_group", 1) > 1:
+            y = super().hybrid_forward(F, to_dtype(F, x, "float32"), weight, bias)
+            return to_dtype(F, y, "bfloat16")
+        if self.low_precision:
+            weight = to_dtype(F, weight, "bfloat16")
+            bias = None if bias is None else to_dtype(F, bias, "bfloat16")
+        return super().hybrid_forward(F, x, weight, bias)
+
+
+class Dense(LowPrecision, nn.Dense):
+    """``nn.Dense`` with the same float32-master / bfloat16-compute switch."""
+
+    def hybrid_forward(self, F, x, weight, bias=None):
+        if self.low_precision:
+            weight = to_dtype(F, weight, "bfloat16")
+            bias = None if bias is None else to_dtype(F, bias, "bfloat16")
+        return super().hybrid_forward(F, x, weight, bias)
+
+
+class Float32Island(LowPrecision):
+    """Mixin for blocks that compute in float32: cast in and out when the network is bf16.
+
+    Subclasses implement ``forward32(F, x, *args)``.
+    """
+
+    def hybrid_forward(self, F, x, *args, **kwargs):
+        if not self.low_precision:
+            return self.forward32(F, x, *args, **kwargs)
+        y = self.forward32(F, to_dtype(F, x, "float32"), *args, **kwargs)
+        return to_dtype(F, y, "bfloat16")
+
+
+class Dropout(Float32Island, nn.Dropout):
+    """``nn.Dropout`` (MXNet 1.9.1's Dropout rejects bfloat16 input)."""
+
+    def forward32(self, F, x):
+        return nn.Dropout.hybrid_forward(self, F, x)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            line = next((l for l in fh if l.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.split(":", 1)[-1].split())
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 instructions and MXNet was built with oneDNN."""
+    import mxnet as mx
+    return (mx.runtime.Features().is_enabled("MKLDNN")
+            and bool(cpu_flags() & set(BF16_CPU_FLAGS)))
+
+
+def resolve_precision(requested: str, ctxs: Iterable[Any] = ()) -> str:
+    """``auto`` -> ``bfloat16`` on CPUs with native bf16 (all contexts CPU), else ``float32``.
+
+    An explicit ``bfloat16`` on a GPU context or without oneDNN raises ``ValueError``: MXNet
+    1.9.1 has no bfloat16 kernels there.
+    """
+    import mxnet as mx
+
+    if requested not in REQUESTS:
+        raise ValueError(f"precision must be one of {REQUESTS}, got {requested!r}")
+    on_cpu = all(getattr(c, "device_type", "cpu") == "cpu" for c in ctxs)
+    if requested == "auto":
+        return "bfloat16" if on_cpu and native_bfloat16() else "float32"
+    if requested == "bfloat16":
+        if not on_cpu:
+            raise ValueError("precision bfloat16 runs on CPU contexts only (MXNet 1.9.1)")
+        if not mx.runtime.Features().is_enabled("MKLDNN"):
+            raise ValueError("precision bfloat16 needs MXNet built with oneDNN (MKLDNN)")
+    return requested
+
+
+def set_precision(net: nn.Block, precision: str) -> int:
+    """Run ``net``'s features in ``precision``; returns how many blocks were switched.
+
+    ``net`` must be a :class:`nets.build.TableNet` (every registry network is). Call before
+    the first forward / ``hybridize()``: a cached graph is not rebuilt by the attributes.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    features = getattr(net, "features", None)
+    if not isinstance(net, LowPrecision) or features is None:
+        raise ValueError(f"set_precision needs a TableNet, got {type(net).__name__}")
+    count = 0
+
+    def visit(block: nn.Block) -> None:
+        nonlocal count
+        if isinstance(block, LowPrecision):
+            block.compute_dtype = precision
+            count += 1
+
+    features.apply(visit)
+    net.compute_dtype = precision
+    return count
