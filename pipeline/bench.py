@@ -112,14 +112,18 @@ def random_batch(batch: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.n
 
 # ------------------------------------------------------------------------------ networks
 
-def build_net(name: str, act: str, bn: bool, seed: int = 0, deterministic: bool = False):
+def build_net(name: str, act: str, bn: bool, seed: int = 0, deterministic: bool = False,
+              precision: str = "float32", rrelu_impl: str = "auto"):
     """Initialized network as :func:`pipeline.train.build` makes it (not yet hybridized)."""
     import mxnet as mx
 
     import nets
     from nets.activations import set_deterministic
+    from nets.precision import set_precision
 
-    net = nets.get_model(name, classes=CLASSES, act=act, bn=bn, in_channels=1)
+    act_kw = {"impl": rrelu_impl} if act == "rrelu" else {}
+    net = nets.get_model(name, classes=CLASSES, act=act, bn=bn, in_channels=1, act_kw=act_kw)
+    set_precision(net, precision)
     if deterministic:
         set_deterministic(net)
     mx.random.seed(seed)
@@ -134,12 +138,14 @@ def hybridize(net, mode: str):
 
 
 def train_rate(name: str, act: str, bn: bool, batch: int, size: int, seconds: float,
-               hybrid: str = "static", min_steps: int = 3) -> float:
+               hybrid: str = "static", min_steps: int = 3, precision: str = "float32",
+               rrelu_impl: str = "auto") -> float:
     """Training img/s: the loop body of :func:`pipeline.train.train` on one fixed batch."""
     import mxnet as mx
     from mxnet import autograd, gluon
 
-    net = hybridize(build_net(name, act, bn), hybrid)
+    net = hybridize(build_net(name, act, bn, precision=precision, rrelu_impl=rrelu_impl),
+                    hybrid)
     trainer = gluon.Trainer(net.collect_params(), "nag",
                             {"learning_rate": 0.01, "momentum": 0.9, "wd": 0.0001},
                             kvstore="device", update_on_kvstore=False)
@@ -286,7 +292,8 @@ def calibration_images(records: Path, count: int) -> np.ndarray:
 
 def probe_train(args: argparse.Namespace) -> dict[str, Any]:
     """Peak RSS of a few training steps at ``args.batch`` (run in a fresh process)."""
-    img_s = train_rate(args.net, args.act, args.bn, args.batch, args.size, 0.0, min_steps=3)
+    img_s = train_rate(args.net, args.act, args.bn, args.batch, args.size, 0.0, min_steps=3,
+                       precision=args.precision, rrelu_impl=args.rrelu_impl)
     return {"what": "memory", "kind": "train", "batch": args.batch, "steps": 5,
             "img_s": round(img_s, 2), **peak_rss_mib()}
 
@@ -296,7 +303,7 @@ def probe_tta(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.predict import DEFAULTS, predict_split
     from pipeline.records import RecordReader
 
-    net = hybridize(build_net(args.net, args.act, args.bn), "alloc")
+    net = hybridize(build_net(args.net, args.act, args.bn, deterministic=True), "alloc")
     reader = RecordReader(args.records, "test")
     n = min(args.images, len(reader))
     spec = {"size": args.size, "augment": {}, "classes": list(range(CLASSES))}
@@ -325,9 +332,11 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
     """Yield the JSON records of every mode in ``args.what``."""
     import mxnet as mx
 
+    from nets import native
+
     what = set(args.what)
     common = {"net": args.net, "act": args.act, "batch": args.batch, "size": args.size,
-              "threads": args.threads, "bn": args.bn}
+              "threads": args.threads, "bn": args.bn, "precision": args.precision}
     env = env_settings()
     results: dict[str, Any] = {}
 
@@ -336,9 +345,13 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
                 "hybridize": args.hybridize}
         if "train" in what or "data" in what:
             results["train"] = train_rate(args.net, args.act, args.bn, args.batch, args.size,
-                                          args.seconds, args.hybrid_mode)
+                                          args.seconds, args.hybrid_mode,
+                                          precision=args.precision, rrelu_impl=args.rrelu_impl)
             line["train_img_s"] = round(results["train"], 2)
-        plain = hybridize(build_net(args.net, args.act, args.bn), "alloc")
+            if args.act == "rrelu":
+                line["rrelu_impl"] = "native" if native.status()["native_ops"] else "ops"
+        # Inference as pipeline.predict runs it: float32, RReLU's deterministic graph.
+        plain = hybridize(build_net(args.net, args.act, args.bn, deterministic=True), "alloc")
         if "infer" in what or "int8" in what:
             results["infer"] = infer_rate(plain, args.batch, args.size, args.seconds)
             line["infer_img_s"] = round(results["infer"], 2)
@@ -410,7 +423,8 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
 
     if "memory" in what:
         base = ["--net", args.net, "--act", args.act, "--size", str(args.size),
-                "--threads", str(args.threads)] + (["--bn"] if args.bn else [])
+                "--threads", str(args.threads), "--precision", args.precision,
+                "--rrelu-impl", args.rrelu_impl] + (["--bn"] if args.bn else [])
         yield run_probe(base + ["--probe", "train", "--batch", str(args.memory_batch)])
         n_max = max(args.tta_images)
         folder = synthetic_folder(workdir, 10, test=n_max)
@@ -437,6 +451,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--bn", action="store_true", help="batch norm after every convolution")
     p.add_argument("--what", type=_csv(str), default=_csv(str)(DEFAULT_WHAT),
                    help=f"comma list of {','.join(MODES)} or 'all' (default {DEFAULT_WHAT})")
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="training precision (as train.precision; auto = bfloat16 on CPUs "
+                        "with native bf16); pass float32 to compare with the fp32 reference")
+    p.add_argument("--rrelu-impl", default="auto", choices=["auto", "native", "ops"],
+                   help="RReLU's random graph: the native fused operator or MXNet operators")
     p.add_argument("--hybridize", dest="hybrid_mode", default="static", choices=list(HYBRIDIZE),
                    help="training graph: static (as pipeline.train), alloc, plain, none")
     p.add_argument("--tta-views", type=int, default=100)
@@ -467,6 +486,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Before mxnet is imported (pipeline.runtime.configure_threads, but --threads wins).
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("MXNET_CPU_WORKER_NTHREADS", str(args.threads))
+    from nets.precision import resolve_precision
+
+    args.precision = resolve_precision(args.precision)
     if args.probe:
         probe = probe_train if args.probe == "train" else probe_tta
         print(json.dumps(probe(args)), flush=True)

@@ -34,6 +34,8 @@ def test_bench_prints_reference_fields_and_data_line():
         assert field in head
     assert (head["net"], head["size"], head["batch"], head["threads"]) == ("tinynet_cifar", 16, 4, 1)
     assert _positive(head["train_img_s"]) and _positive(head["infer_img_s"])
+    assert head["precision"] in ("float32", "bfloat16")  # auto is resolved, not echoed
+    assert head["rrelu_impl"] == "native"
 
     data = next(l for l in lines if l.get("what") == "data")
     assert _positive(data["img_s_per_worker"]) and _positive(data["per_worker_over_train"])
