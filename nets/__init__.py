@@ -43,10 +43,11 @@ from .activations import ACTIVATIONS, make_activation, set_deterministic
 from .build import build, nominal_input
 from .init import default_initializer, initialize
 from .maxdepth import build_maxdepth
+from .precision import set_precision
 from .tables import TABLES
 
 __all__ = ["get_model", "list_models", "default_initializer", "initialize", "ACTIVATIONS",
-           "make_activation", "set_deterministic", "build", "TABLES"]
+           "make_activation", "set_deterministic", "set_precision", "build", "TABLES"]
 
 _COMMON = ("act_kw", "pool", "dropout", "width")
 

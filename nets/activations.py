@@ -16,8 +16,8 @@ Names (``ACTIVATIONS``) and keyword arguments:
                     Xavier's initialisation assumes (§5.5.2).
 
 Why RReLU is written here. MXNet's ``LeakyReLU(act_type='rrelu')`` crashes in training
-(apache/mxnet#14447, #12894: it asks for the wrong resource type), so :class:`RReLU` is
-composed of ordinary operators. The difficulty is that a hybridized (or exported) graph is
+(apache/mxnet#14447, #12894: it asks for the wrong resource type), so :class:`RReLU` is our
+own block (a fused native operator, or ordinary operators; see *Cost*). The difficulty is that a hybridized (or exported) graph is
 built once and cannot branch on ``autograd.is_training()`` in Python. The graph therefore
 asks an operator that already switches on the run-time train flag: ``Dropout``. Applied to a
 one-element tensor of ones with ``p=0.5`` it returns exactly ``1`` at inference (Dropout is
@@ -25,23 +25,29 @@ the identity there) and exactly ``0`` or ``2`` (``mask / (1 - p)``) in training,
 ``t = |Dropout(1) - 1|`` is exactly ``1`` in training and exactly ``0`` at inference. The
 slope is ``mid + t * n`` with ``n ~ U(-h, h)`` per element (``mid = (l+u)/2``,
 ``h = (u-l)/2``): uniform on ``[l, u]`` in training, and ``mid + 0 * n == mid`` bit for bit
-at inference. The switch lives in the graph, so it survives ``hybridize()``, ``export`` and
+at inference (the native operator receives ``t`` as an input and does the same). The switch
+lives in the graph, so it survives ``hybridize()``, ``export`` and
 ``gluon.SymbolBlock.imports`` (tests/test_activations.py checks all three).
 
-Cost. Every step draws one uniform number per activation element, and MXNet 1.9's CPU
-sampler costs several multiplies per element (about what a Dropout mask costs). In ndsb_net1 a
-variant without the mode switch (always random) measured within a few percent of this block,
-both 1.2-1.6x leaky ReLU per training step depending on load. Most of that gap is not the
-draw itself: any activation built from non-oneDNN operators makes MXNet reorder the oneDNN
-convolutions' blocked outputs to the plain layout and back (a noise-free ``maximum(x, s*x)``
-alone cost ~60 % of the gap, and a fused native RReLU operator did not close it; see
-BENCHMARKS.md). The draw also happens at inference, where it is multiplied by zero.
-``contrib.cond`` would skip it but breaks shape inference of the layers after it in MXNet
-1.9 (deferred initialisation fails), so instead ``RReLU(deterministic=True)``
-(``act_kw={'deterministic': True}``, or :func:`set_deterministic` on a built net) gives the
-inference-only graph, plain leaky ReLU with slope ``(l+u)/2``: the same outputs bit for bit
-(tested) at leaky ReLU's speed. Use it for prediction / test-time augmentation.
-``python -m nets.bench_act`` measures all three.
+Cost. Composed of MXNet operators, the random graph draws one number per activation element
+with MXNet's mt19937 sampler (~4 ns per element here) and makes five extra passes forward and
+three backward; any non-oneDNN operator also makes MXNet reorder the convolutions' blocked
+outputs to the plain layout and back. The default random graph is therefore the fused native
+operator of :mod:`nets.native` (``nets/native/rrelu_op.cc``): one pass each way, a
+counter-based generator (the slope of element ``i`` is a function of a per-step seed and
+``i``), nothing but the seed kept for the backward pass. ndsb_net1 training at 128 px, batch 32,
+float32: 16.9-17.1 img/s against 14.3-15.2 for the operator graph and 22.5-23.0 for leaky ReLU
+(the reorders remain). ``impl='ops'`` (or ``NDSB_NATIVE=0``) selects the operator graph, which
+is also the fallback when no C++ compiler is available; both sample U(l, u) per element
+(tested). With bfloat16 networks (:mod:`nets.precision`) RReLU runs in float32 between two
+casts, because MXNet 1.9.1's custom-operator interface cannot pass bfloat16 tensors.
+
+Inference needs no noise at all: ``contrib.cond`` would skip the draw but breaks shape
+inference of the layers after it in MXNet 1.9 (deferred initialisation fails), so instead
+``RReLU(deterministic=True)`` (``act_kw={'deterministic': True}``, or :func:`set_deterministic`
+on a built net) gives the inference-only graph, plain leaky ReLU with slope ``(l+u)/2``: the
+same outputs bit for bit (tested) at leaky ReLU's speed. Prediction / TTA uses it.
+``python -m nets.bench_act`` measures the variants.
 """
 from __future__ import annotations
 

@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "ranges": {},            # narrower augment ranges for TTA; {} = the training ranges
     "batch_size": 4,         # images warped together (batch_size * n views)
     "max_views": 128,        # views per forward pass: bounds the activation memory
+    "precision": "float32",  # float32 | bfloat16 | auto (bf16 convolutions, nets.precision)
     "int8": False,           # predict with an INT8-quantized net (pipeline.quantize)
     "calib_images": 256,     # INT8 calibration views, from the fold's training records
     "calib_mode": "naive",   # naive (min/max) | entropy
@@ -175,6 +176,22 @@ def tta_curve_points(n: int) -> list[int]:
     return points + [n] if n > 0 else []
 
 
+def inference_precision(cfg: dict[str, Any]) -> str:
+    """``tta.precision`` resolved for this machine; INT8 quantizes the float32 graph."""
+    from nets.precision import resolve_precision
+
+    try:
+        precision = resolve_precision(cfg["precision"])
+    except ValueError as err:
+        raise PredictError(f"tta.precision: {err}") from err
+    if cfg["int8"] and precision != "float32":
+        if cfg["precision"] == "auto":
+            return "float32"
+        raise PredictError("tta.int8 quantizes the float32 network: set tta.precision to "
+                           "float32 (or auto) together with tta.int8")
+    return precision
+
+
 def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
             metrics_dir: str | Path = "metrics") -> dict[str, Any]:
     """Write the valid and test predictions of one trained model; return validation metrics.
@@ -200,10 +217,13 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
     # RReLU's inference output is fixed, (l+u)/2; the deterministic graph skips drawing the
     # unused noise: identical outputs, 2.4-6.7x faster TTA measured (BENCHMARKS.md).
     nets.set_deterministic(net)
+    precision = inference_precision(cfg)
+    nets.set_precision(net, precision)
     net.hybridize(static_alloc=True)
     name = f"{net_name}--fold{fold}"
     metrics: dict[str, Any] = {"net": net_name, "fold": fold, "tta_n": cfg["n"],
-                               "tta_mean": cfg["mean"], "tta_method": cfg["method"]}
+                               "tta_mean": cfg["mean"], "tta_method": cfg["method"],
+                               "precision": precision}
     train_idx, valid_idx = fold_indices(meta, fold)
     net, about = inference_net(net, spec, records, train_idx, cfg)
     metrics.update(about)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mxnet as mx
 import numpy as np
 import pytest
 
@@ -156,3 +157,27 @@ def test_int8_settings_are_validated(trained):
         layer_names(net, ["last_conv"])
     with pytest.raises(QuantizeError, match="calib_mode"):
         quantize(net, np.zeros((2, 1, 32, 32), np.float32), mode="kl")
+
+
+def test_precision_settings_are_validated():
+    assert P.inference_precision({"precision": "float32", "int8": False}) == "float32"
+    assert P.inference_precision({"precision": "auto", "int8": True}) == "float32"
+    with pytest.raises(P.PredictError, match="tta.precision"):
+        P.inference_precision({"precision": "half", "int8": False})
+    from nets.precision import native_bfloat16
+
+    if native_bfloat16():
+        with pytest.raises(P.PredictError, match="int8"):
+            P.inference_precision({"precision": "bfloat16", "int8": True})
+
+
+@pytest.mark.skipif(not mx.runtime.Features().is_enabled("MKLDNN"), reason="needs oneDNN")
+def test_bfloat16_tta_is_close_to_float32(trained, tmp_path):
+    records, ck = trained
+    P.predict(NET, 0, records, cfg(tmp_path / "a", ck, n=4), tmp_path / "ma")
+    metrics = P.predict(NET, 0, records, cfg(tmp_path / "b", ck, n=4, precision="bfloat16"),
+                        tmp_path / "mb")
+    assert metrics["precision"] == "bfloat16"
+    a, _ = load_predictions(tmp_path / "a" / "pred", "test", NET, 0)
+    b, _ = load_predictions(tmp_path / "b" / "pred", "test", NET, 0)
+    assert 0 < np.abs(a - b).max() < 0.02  # bf16 rounding: close, not identical
