@@ -384,6 +384,16 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
         quantized.hybridize(static_alloc=True, static_shape=True)
         int8_rate = infer_rate(quantized, args.batch, args.size, args.seconds)
         variants.update(fused=fused, int8=quantized)
+        bf16 = None
+        from nets.precision import native_bfloat16
+
+        if native_bfloat16():  # tta.precision: auto on this CPU
+            bf16 = build_net(args.net, args.act, args.bn, deterministic=True,
+                             precision="bfloat16")
+            copy_params(plain, bf16, workdir)
+            hybridize(bf16, "static")
+            bf16_rate = infer_rate(bf16, args.batch, args.size, args.seconds)
+            variants["bfloat16"] = bf16
         yield {"what": "int8", **common, "calib_mode": "naive", "calib_images": len(calib),
                "infer_img_s": round(results["infer"], 2),
                "deterministic_img_s": round(det_rate, 2),
@@ -392,7 +402,11 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
                "int8_over_fp32": round(int8_rate / results["infer"], 2),
                "int8_over_fused": round(int8_rate / fused_rate, 2),
                "fused_vs_fp32": logit_error(plain, fused, calib),
-               "int8_vs_fp32": logit_error(plain, quantized, calib), "env": env}
+               "int8_vs_fp32": logit_error(plain, quantized, calib),
+               **({"bf16_img_s": round(bf16_rate, 2),
+                   "bf16_over_fp32": round(bf16_rate / results["infer"], 2),
+                   "bf16_vs_fp32": logit_error(plain, bf16, calib)} if bf16 else {}),
+               "env": env}
 
     if "tta" in what:
         images = random_batch(args.tta_batch, args.size, seed=1)[0]

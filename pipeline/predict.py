@@ -45,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "ranges": {},            # narrower augment ranges for TTA; {} = the training ranges
     "batch_size": 4,         # images warped together (batch_size * n views)
     "max_views": 128,        # views per forward pass: bounds the activation memory
-    "precision": "float32",  # float32 | bfloat16 | auto (bf16 convolutions, nets.precision)
+    "precision": "auto",     # float32 | bfloat16 | auto (bf16 convolutions, nets.precision)
     "int8": False,           # predict with an INT8-quantized net (pipeline.quantize)
     "calib_images": 256,     # INT8 calibration views, from the fold's training records
     "calib_mode": "naive",   # naive (min/max) | entropy

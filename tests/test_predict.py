@@ -174,7 +174,7 @@ def test_precision_settings_are_validated():
 @pytest.mark.skipif(not mx.runtime.Features().is_enabled("MKLDNN"), reason="needs oneDNN")
 def test_bfloat16_tta_is_close_to_float32(trained, tmp_path):
     records, ck = trained
-    P.predict(NET, 0, records, cfg(tmp_path / "a", ck, n=4), tmp_path / "ma")
+    P.predict(NET, 0, records, cfg(tmp_path / "a", ck, n=4, precision="float32"), tmp_path / "ma")
     metrics = P.predict(NET, 0, records, cfg(tmp_path / "b", ck, n=4, precision="bfloat16"),
                         tmp_path / "mb")
     assert metrics["precision"] == "bfloat16"
