@@ -148,7 +148,8 @@ class RReLU(LowPrecision, nn.HybridBlock):
         # One-element ones created on x's device; in a symbol graph the executor places it.
         one = F.ones((1,), ctx=x.context, dtype=x.dtype) if F is mx.nd else F.ones(shape=(1,))
         training = F.abs(F.Dropout(one, p=0.5) - 1)  # exactly 1 in training, 0 at inference
-        if self.uses_native():
+        on_gpu = F is mx.nd and x.context.device_type == "gpu"
+        if not on_gpu and self.uses_native():  # the native operator is CPU-only
             return F.ndsb_rrelu(x, training, lower=self.lower, upper=self.upper)[0]
         half = (self.upper - self.lower) / 2.0
         noise = F.random.uniform_like(x, low=-half, high=half)
@@ -222,6 +223,21 @@ def negative_slope(name: str, **act_kw: Any) -> float | None:
     if name == "rrelu":
         return (kw.get("lower", RRELU_LOWER) + kw.get("upper", RRELU_UPPER)) / 2.0
     return None
+
+
+def set_rrelu_impl(net: nn.Block, impl: str) -> int:
+    """Set ``impl`` of every :class:`RReLU` in ``net`` (before ``hybridize``); returns how many.
+
+    A hybridized graph is built without knowing its device, so GPU training must choose
+    ``ops`` (the native operator has no GPU kernel); :mod:`pipeline.train` does.
+    """
+    if impl not in RRELU_IMPLS:
+        raise ValueError(f"rrelu: impl must be one of {RRELU_IMPLS}, got {impl!r}")
+    blocks = []
+    net.apply(lambda b: blocks.append(b) if isinstance(b, RReLU) else None)
+    for block in blocks:
+        block.impl = impl
+    return len(blocks)
 
 
 def set_deterministic(net: nn.Block, flag: bool = True) -> int:

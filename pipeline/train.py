@@ -160,6 +160,10 @@ def build(run: Run, classes: int, ctxs: list):
     except ValueError as err:
         raise TrainingError(f"train.precision: {err}") from err
     set_precision(net, precision)
+    if any(c.device_type == "gpu" for c in ctxs):
+        from nets.activations import set_rrelu_impl
+
+        set_rrelu_impl(net, "ops")  # the native RReLU operator is CPU-only
     mx.random.seed(run.cfg["seed"])
     nets.initialize(net, ctx=ctxs)  # MSRA with the activation's own slope (thesis §5.5)
     net.hybridize(static_alloc=True, static_shape=True)

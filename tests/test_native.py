@@ -89,3 +89,16 @@ def test_native_sample_is_independent_of_the_batch_split():
         with autograd.train_mode():
             seeds_differ.append((block(x) / x).asnumpy())
     assert not np.array_equal(*seeds_differ)
+
+
+def test_set_rrelu_impl_switches_every_block():
+    import nets
+    from nets.activations import set_rrelu_impl
+
+    net = nets.get_model("tinynet", classes=3, act="rrelu")
+    assert set_rrelu_impl(net, "ops") == 20
+    blocks = []
+    net.apply(lambda b: blocks.append(b) if isinstance(b, RReLU) else None)
+    assert {b.impl for b in blocks} == {"ops"} and not blocks[0].uses_native()
+    with pytest.raises(ValueError):
+        set_rrelu_impl(net, "gpu")
