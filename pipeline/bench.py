@@ -294,7 +294,8 @@ def probe_train(args: argparse.Namespace) -> dict[str, Any]:
     """Peak RSS of a few training steps at ``args.batch`` (run in a fresh process)."""
     img_s = train_rate(args.net, args.act, args.bn, args.batch, args.size, 0.0, min_steps=3,
                        precision=args.precision, rrelu_impl=args.rrelu_impl)
-    return {"what": "memory", "kind": "train", "batch": args.batch, "steps": 5,
+    return {"what": "memory", "kind": "train", "precision": args.precision, "size": args.size,
+            "batch": args.batch, "steps": 5,
             "img_s": round(img_s, 2), **peak_rss_mib()}
 
 
@@ -303,7 +304,8 @@ def probe_tta(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.predict import DEFAULTS, predict_split
     from pipeline.records import RecordReader
 
-    net = hybridize(build_net(args.net, args.act, args.bn, deterministic=True), "alloc")
+    net = hybridize(build_net(args.net, args.act, args.bn, deterministic=True,
+                              precision=args.precision), "alloc")
     reader = RecordReader(args.records, "test")
     n = min(args.images, len(reader))
     spec = {"size": args.size, "augment": {}, "classes": list(range(CLASSES))}
@@ -313,7 +315,8 @@ def probe_tta(args: argparse.Namespace) -> dict[str, Any]:
         probs, _ = predict_split(net, spec, reader, np.arange(n), cfg, "bench tta")
     seconds = time.perf_counter() - start
     assert probs.shape == (n, CLASSES)
-    return {"what": "memory", "kind": "tta", "images": n, "views": args.tta_views,
+    return {"what": "memory", "kind": "tta", "precision": args.precision, "images": n,
+            "views": args.tta_views, "size": args.size,
             "tta_batch": args.tta_batch, "views_s": round(n * args.tta_views / seconds, 1),
             **peak_rss_mib()}
 
