@@ -3,7 +3,8 @@
 INT8 (``mxnet.contrib.quantization.quantize_net_v2``) is the largest inference speed-up
 measured here (3-4x fused fp32, BENCHMARKS.md), at some cost in log loss, so predict uses it
 only behind ``tta.int8``. Calibration (``naive``: per-tensor min/max; ``entropy``: KL-optimal
-thresholds) records the range of every quantized layer's output on sample inputs, and those
+thresholds; ``percentile``: min/max clipped at the 0.01 % tails, :class:`PercentileCollector`)
+records the range of every quantized layer's output on sample inputs, and those
 inputs decide the INT8 scales. Two choices keep it honest and representative:
 
 * the calibration images are training records of the fold's *training part*
@@ -26,7 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-CALIB_MODES = ("naive", "entropy")
+CALIB_MODES = ("naive", "entropy", "percentile")
+PERCENTILE = 99.99        # percentile calibration: share of each layer's values kept in range
 KEEP_FP32 = ("first_conv", "classifier")
 CALIB_BATCH = 64          # calibration forward batch: bounds memory, any size gives same ranges
 
@@ -83,6 +85,41 @@ def layer_names(net, keep_fp32: Sequence[str]) -> list[str]:
     return [name for key in keep_fp32 for name in picked[key]]
 
 
+class PercentileCollector:
+    """Calibration that clips each layer's range at a percentile of its outputs.
+
+    ``naive`` takes the extreme min/max over all calibration views, so one outlier stretches
+    a layer's INT8 step for every input; clipping the rare tail (``PERCENTILE`` of the values
+    inside) keeps the resolution where the values are. Per calibration batch the percentiles
+    are computed exactly (``np.percentile``, linear time), and the widest over the batches is
+    kept. MXNet calls :meth:`collect` for every node output (``calib_mode='customize'``);
+    only the names it later looks up are used.
+    """
+
+    def __init__(self, percentile: float = PERCENTILE) -> None:
+        self.percentile = percentile
+        self.ranges: dict[str, tuple[float, float]] = {}
+
+    def collect(self, name, arr) -> None:
+        import ctypes
+
+        from mxnet.base import NDArrayHandle, py_str
+        from mxnet.ndarray import NDArray
+
+        name = py_str(name)
+        values = NDArray(ctypes.cast(arr, NDArrayHandle), writable=False).asnumpy().ravel()
+        if values.size == 0 or not np.issubdtype(values.dtype, np.floating):
+            return
+        lo, hi = np.percentile(values, [100 - self.percentile, self.percentile])
+        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)  # ranges always contain 0
+        old = self.ranges.get(name)
+        self.ranges[name] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+
+    @property
+    def min_max_dict(self) -> dict[str, tuple[float, float]]:
+        return self.ranges
+
+
 def quantize(net, calib: np.ndarray, mode: str = "naive", keep_fp32: Sequence[str] = ()):
     """INT8 ``SymbolBlock`` of the hybridized fp32 ``net`` (CPU/oneDNN), calibrated on
     ``calib`` (N, C, H, W model inputs), hybridized for repeated inference."""
@@ -99,8 +136,11 @@ def quantize(net, calib: np.ndarray, mode: str = "naive", keep_fp32: Sequence[st
     # Its SymbolBlock warns that the input's dtype is unknown: it is float32, set on first call.
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Cannot decide type")
+        collector = PercentileCollector() if mode == "percentile" else None
         qnet = quantize_net_v2(net, quantized_dtype="auto", quantize_mode="full",
-                               exclude_layers=excluded, calib_data=calib_iter, calib_mode=mode,
+                               exclude_layers=excluded, calib_data=calib_iter,
+                               calib_mode="customize" if collector else mode,
+                               LayerOutputCollector=collector,
                                num_calib_examples=len(calib), ctx=mx.cpu())
     qnet.hybridize(static_alloc=True)
     return qnet

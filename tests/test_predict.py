@@ -181,3 +181,28 @@ def test_bfloat16_tta_is_close_to_float32(trained, tmp_path):
     a, _ = load_predictions(tmp_path / "a" / "pred", "test", NET, 0)
     b, _ = load_predictions(tmp_path / "b" / "pred", "test", NET, 0)
     assert 0 < np.abs(a - b).max() < 0.02  # bf16 rounding: close, not identical
+
+
+def test_percentile_calibration_clips_rare_outliers(trained):
+    from pipeline.checkpoint import load_model, run_dir
+    from pipeline.quantize import PercentileCollector, quantize
+
+    def owned_handle(array):  # MXNet's monitor hands the collector a handle it then owns
+        copy = array.copy()
+        handle, copy.handle = copy.handle, None
+        return handle
+
+    collector = PercentileCollector(percentile=99.9)
+    values = mx.nd.array(np.concatenate([np.linspace(-1, 10, 100_000), [1e6]]))
+    collector.collect(b"relu0_output", owned_handle(values))
+    lo, hi = collector.min_max_dict["relu0_output"]
+    assert lo == pytest.approx(-0.989, abs=0.01) and 9.9 < hi <= 10.0  # not 1e6
+    collector.collect(b"relu0_output", owned_handle(values * 2))  # the widest batch wins
+    assert collector.min_max_dict["relu0_output"][1] > 19.8
+
+    net, _ = load_model(run_dir(trained[1], NET, 0))
+    net.hybridize()
+    x = np.random.default_rng(0).random((16, 1, 32, 32), dtype=np.float32)
+    ref = net(mx.nd.array(x)).softmax().asnumpy()
+    out = quantize(net, x, mode="percentile")(mx.nd.array(x)).softmax().asnumpy()
+    assert np.abs(out - ref).mean() < 0.05
