@@ -35,11 +35,12 @@ three backward; any non-oneDNN operator also makes MXNet reorder the convolution
 outputs to the plain layout and back. The default random graph is therefore the fused native
 operator of :mod:`nets.native` (``nets/native/rrelu_op.cc``): one pass each way, a
 counter-based generator (the slope of element ``i`` is a function of a per-step seed and
-``i``), nothing but the seed kept for the backward pass. ndsb_net1 training at 128 px, batch 32,
-float32: 16.9-17.1 img/s against 14.3-15.2 for the operator graph and 22.5-23.0 for leaky ReLU
-(the reorders remain). ``impl='ops'`` (or ``NDSB_NATIVE=0``) selects the operator graph, which
-is also the fallback when no C++ compiler is available; both sample U(l, u) per element
-(tested). With bfloat16 networks (:mod:`nets.precision`) RReLU runs in float32 between two
+``i``), nothing but the seed kept for the backward pass; its kernels vectorize and run
+forward + backward as fast as oneDNN's LeakyReLU. ndsb_net1 training at 128 px, batch 32,
+float32: 18.0-18.3 img/s against 15.2 for the operator graph and 21.4-22.5 for leaky ReLU
+(the reorders around a non-oneDNN operator remain; BENCHMARKS.md). ``impl='ops'`` (or
+``NDSB_NATIVE=0``) selects the operator graph, which is also the fallback when no C++
+compiler is available; both sample U(l, u) per element (tested). With bfloat16 networks (:mod:`nets.precision`) RReLU runs in float32 between two
 casts, because MXNet 1.9.1's custom-operator interface cannot pass bfloat16 tensors.
 
 Inference needs no noise at all: ``contrib.cond`` would skip the draw but breaks shape
