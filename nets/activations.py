@@ -59,6 +59,7 @@ from mxnet.gluon import nn
 
 from . import native
 from .precision import Float32Island, LowPrecision, to_dtype
+from .walk import set_on
 
 ACTIVATIONS = ("relu", "leaky", "prelu", "rrelu", "tanh", "sigmoid", "sigmoid_star")
 
@@ -234,11 +235,7 @@ def set_rrelu_impl(net: nn.Block, impl: str) -> int:
     """
     if impl not in RRELU_IMPLS:
         raise ValueError(f"rrelu: impl must be one of {RRELU_IMPLS}, got {impl!r}")
-    blocks = []
-    net.apply(lambda b: blocks.append(b) if isinstance(b, RReLU) else None)
-    for block in blocks:
-        block.impl = impl
-    return len(blocks)
+    return set_on(net, RReLU, impl=impl)
 
 
 def set_deterministic(net: nn.Block, flag: bool = True) -> int:
@@ -247,13 +244,4 @@ def set_deterministic(net: nn.Block, flag: bool = True) -> int:
     Returns how many blocks were switched. Call before ``hybridize()`` (or re-hybridize):
     a cached graph is not rebuilt by changing the attribute alone.
     """
-    count = 0
-
-    def visit(block: nn.Block) -> None:
-        nonlocal count
-        if isinstance(block, RReLU):
-            block.deterministic = flag
-            count += 1
-
-    net.apply(visit)
-    return count
+    return set_on(net, RReLU, deterministic=flag)

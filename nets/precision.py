@@ -27,6 +27,8 @@ from typing import Any, Iterable
 
 from mxnet.gluon import nn
 
+from .walk import set_on
+
 PRECISIONS = ("float32", "bfloat16")
 REQUESTS = PRECISIONS + ("auto",)
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -148,14 +150,6 @@ def set_precision(net: nn.Block, precision: str) -> int:
     features = getattr(net, "features", None)
     if not isinstance(net, LowPrecision) or features is None:
         raise ValueError(f"set_precision needs a TableNet, got {type(net).__name__}")
-    count = 0
-
-    def visit(block: nn.Block) -> None:
-        nonlocal count
-        if isinstance(block, LowPrecision):
-            block.compute_dtype = precision
-            count += 1
-
-    features.apply(visit)
+    count = set_on(features, LowPrecision, compute_dtype=precision)
     net.compute_dtype = precision
     return count

@@ -352,7 +352,8 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
                                           precision=args.precision, rrelu_impl=args.rrelu_impl)
             line["train_img_s"] = round(results["train"], 2)
             if args.act == "rrelu":
-                line["rrelu_impl"] = "native" if native.status()["native_ops"] else "ops"
+                native_used = args.rrelu_impl != "ops" and native.status()["native_ops"]
+                line["rrelu_impl"] = "native" if native_used else "ops"
         # Inference as pipeline.predict runs it: float32, RReLU's deterministic graph.
         plain = hybridize(build_net(args.net, args.act, args.bn, deterministic=True), "alloc")
         if "infer" in what or "int8" in what:

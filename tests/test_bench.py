@@ -39,3 +39,15 @@ def test_bench_prints_reference_fields_and_data_line():
 
     data = next(l for l in lines if l.get("what") == "data")
     assert _positive(data["img_s_per_worker"]) and _positive(data["per_worker_over_train"])
+
+
+def test_bench_precision_and_rrelu_impl_flags():
+    cmd = [sys.executable, "-m", "pipeline.bench", "--net", "tinynet_cifar", "--size", "16",
+           "--batch", "4", "--seconds", "0.05", "--threads", "1", "--what", "train",
+           "--precision", "float32", "--rrelu-impl", "ops"]
+    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    head = json.loads(done.stdout.splitlines()[0])
+    assert head["precision"] == "float32" and head["rrelu_impl"] == "ops"
+    assert _positive(head["train_img_s"])
