@@ -78,6 +78,8 @@ def build(force: bool = False) -> Path:
     lib_api = mx_dir / "src" / "lib_api.cc"
     if not lib_api.exists():
         raise RuntimeError(f"{lib_api} not found: this MXNet wheel ships no lib_api.cc")
+    print(f"nets.native: compiling {SOURCE.name} into {target.parent} (first use with this "
+          "source, MXNet and CPU; ~10 s)", file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
     os.close(fd)
     cmd = [*shlex.split(os.environ.get("CXX", "g++")), *CXXFLAGS,
