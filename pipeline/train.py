@@ -13,8 +13,9 @@ and every fold in ``models.folds``; ``--fold -1`` trains on all labelled images)
   ``split_and_load`` and a kvstore (``device``; ``nccl`` where the build has it). Several
   machines: ``kvstore: dist_sync`` under :mod:`pipeline.launch`; each worker trains on its own
   shard of the records and the gradients are summed by MXNet's parameter server.
-* Precision (``precision``): ``bfloat16`` runs the convolutions in bfloat16 with float32
-  master weights (:mod:`nets.precision`), about 2x faster on CPUs with AVX512-BF16/AMX;
+* Precision (``precision``, default float32): ``bfloat16`` runs the convolutions in bfloat16
+  with float32 master weights (:mod:`nets.precision`), about 2x faster on CPUs with
+  AVX512-BF16/AMX, at a measured accuracy cost for ndsb_net1 on the sample (BENCHMARKS.md);
   ``auto`` picks it on such CPUs and float32 elsewhere. The precision used is recorded in the
   checkpoint and is part of its fingerprint.
 * Every epoch: train loss, validation log loss and accuracy go to ``plots/train--{run}.tsv``
@@ -57,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "lr_factor": 0.1,
     "seed": 0,
     "ctx": "cpu",
-    "precision": "auto",       # float32 | bfloat16 | auto (bf16 on CPUs with native bf16)
+    "precision": "float32",    # float32 | bfloat16 | auto (bf16 on CPUs with native bf16)
     "kvstore": "device",
     "workers": 1,
     "prefetch": 4,
