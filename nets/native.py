@@ -28,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .precision import cpu_flags
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "rrelu_op.cc"
@@ -47,20 +49,13 @@ def _mxnet_dir() -> Path:
     return Path(mxnet.__file__).parent
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next((l for l in fh if l.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
-
-
 def library_path() -> Path:
     """Where the library for this source, compiler flags, MXNet and CPU lives."""
     import mxnet
     key = hashlib.sha256()
+    cpu = " ".join(sorted(cpu_flags())) or platform.processor()
     for part in (SOURCE.read_bytes(), " ".join(CXXFLAGS).encode(), mxnet.__version__.encode(),
-                 _cpu_flags().encode(), os.environ.get("CXX", "g++").encode()):
+                 cpu.encode(), os.environ.get("CXX", "g++").encode()):
         key.update(part)
     return cache_dir() / f"libndsb_ops-{key.hexdigest()[:16]}.so"
 

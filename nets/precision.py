@@ -54,6 +54,13 @@ class LowPrecision:
     def low_precision(self) -> bool:
         return self.compute_dtype == "bfloat16"
 
+    def compute_params(self, F, weight, bias=None):
+        """``(weight, bias)`` in the compute precision: float32 masters, cast on the fly."""
+        if not self.low_precision:
+            return weight, bias
+        return (to_dtype(F, weight, "bfloat16"),
+                None if bias is None else to_dtype(F, bias, "bfloat16"))
+
 
 class Conv2D(LowPrecision, nn.Conv2D):
     """``nn.Conv2D`` whose float32 weights are cast when the network runs in bfloat16.
@@ -66,20 +73,14 @@ class Conv2D(LowPrecision, nn.Conv2D):
         if self.low_precision and self._kwargs.get("num_group", 1) > 1:
             y = super().hybrid_forward(F, to_dtype(F, x, "float32"), weight, bias)
             return to_dtype(F, y, "bfloat16")
-        if self.low_precision:
-            weight = to_dtype(F, weight, "bfloat16")
-            bias = None if bias is None else to_dtype(F, bias, "bfloat16")
-        return super().hybrid_forward(F, x, weight, bias)
+        return super().hybrid_forward(F, x, *self.compute_params(F, weight, bias))
 
 
 class Dense(LowPrecision, nn.Dense):
     """``nn.Dense`` with the same float32-master / bfloat16-compute switch."""
 
     def hybrid_forward(self, F, x, weight, bias=None):
-        if self.low_precision:
-            weight = to_dtype(F, weight, "bfloat16")
-            bias = None if bias is None else to_dtype(F, bias, "bfloat16")
-        return super().hybrid_forward(F, x, weight, bias)
+        return super().hybrid_forward(F, x, *self.compute_params(F, weight, bias))
 
 
 class Float32Island(LowPrecision):
