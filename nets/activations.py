@@ -142,17 +142,17 @@ class RReLU(LowPrecision, nn.HybridBlock):
     def hybrid_forward(self, F, x):
         if self.deterministic:  # oneDNN's leaky ReLU runs in bfloat16 as well
             return F.LeakyReLU(x, act_type="leaky", slope=self.mid)
-        if self.low_precision:  # neither random graph takes bfloat16 (see nets/precision.py)
-            return to_dtype(F, self._random(F, to_dtype(F, x, "float32")), "bfloat16")
-        return self._random(F, x)
-
-    def _random(self, F, x):
-        # One-element ones created on x's device; in a symbol graph the executor places it.
-        one = F.ones((1,), ctx=x.context, dtype=x.dtype) if F is mx.nd else F.ones(shape=(1,))
+        # One-element float32 ones on x's device; in a symbol graph the executor places it.
+        one = F.ones((1,), ctx=x.context) if F is mx.nd else F.ones(shape=(1,))
         training = F.abs(F.Dropout(one, p=0.5) - 1)  # exactly 1 in training, 0 at inference
         on_gpu = F is mx.nd and x.context.device_type == "gpu"
-        if not on_gpu and self.uses_native():  # the native operator is CPU-only
+        if not on_gpu and self.uses_native():  # CPU-only; takes float32 and bfloat16
             return F.ndsb_rrelu(x, training, lower=self.lower, upper=self.upper)[0]
+        if self.low_precision:  # the operator graph needs float32 (see nets/precision.py)
+            return to_dtype(F, self._random(F, to_dtype(F, x, "float32"), training), "bfloat16")
+        return self._random(F, x, training)
+
+    def _random(self, F, x, training):
         half = (self.upper - self.lower) / 2.0
         noise = F.random.uniform_like(x, low=-half, high=half)
         # BlockGrad: the slope is a sample, not a function of x; this also spares the backward

@@ -36,6 +36,16 @@ SOURCE = Path(__file__).with_name("native") / "rrelu_op.cc"
 CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 OPS = ("ndsb_rrelu",)
 
+# MXNet 1.9.1's lib_api.cc throws "Invalid dtype flag: 12" when it wraps a bfloat16 tensor
+# for a library operator, although MXNet passes such tensors; the build compiles a copy with
+# the one missing case (DLPack's kDLBfloat = 4), so bfloat16 networks need no casts around
+# the operator. The patch is part of the build key.
+LIB_API_ANCHOR = "  default:\n    dltensor.dtype.code = 0;\n"
+LIB_API_BF16_CASE = ("  case 12:  // bfloat16 (mshadow::kBfloat16): added by nets/native.py\n"
+                     "    dltensor.dtype.code = 4;\n"
+                     "    dltensor.dtype.bits = 16;\n"
+                     "    break;\n")
+
 _state: dict[str, object] = {}
 
 
@@ -54,10 +64,20 @@ def library_path() -> Path:
     import mxnet
     key = hashlib.sha256()
     cpu = " ".join(sorted(cpu_flags())) or platform.processor()
-    for part in (SOURCE.read_bytes(), " ".join(CXXFLAGS).encode(), mxnet.__version__.encode(),
-                 cpu.encode(), os.environ.get("CXX", "g++").encode()):
+    for part in (SOURCE.read_bytes(), LIB_API_BF16_CASE.encode(), " ".join(CXXFLAGS).encode(),
+                 mxnet.__version__.encode(), cpu.encode(), os.environ.get("CXX", "g++").encode()):
         key.update(part)
     return cache_dir() / f"libndsb_ops-{key.hexdigest()[:16]}.so"
+
+
+def patched_lib_api(source: str) -> str:
+    """``lib_api.cc`` with the bfloat16 case added to its tensor-type switch."""
+    if LIB_API_BF16_CASE in source:
+        return source
+    if source.count(LIB_API_ANCHOR) != 1:
+        raise RuntimeError("lib_api.cc: the tensor-type switch to patch for bfloat16 was not "
+                           "found (another MXNet version?)")
+    return source.replace(LIB_API_ANCHOR, LIB_API_BF16_CASE + LIB_API_ANCHOR)
 
 
 def build(force: bool = False) -> Path:
@@ -75,11 +95,15 @@ def build(force: bool = False) -> Path:
         raise RuntimeError(f"{lib_api} not found: this MXNet wheel ships no lib_api.cc")
     print(f"nets.native: compiling {SOURCE.name} into {target.parent} (first use with this "
           "source, MXNet and CPU; ~10 s)", file=sys.stderr, flush=True)
+    api_source = patched_lib_api(lib_api.read_text())
     fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
     os.close(fd)
+    api_fd, api_copy = tempfile.mkstemp(prefix="lib_api-", suffix=".cc", dir=target.parent)
     cmd = [*shlex.split(os.environ.get("CXX", "g++")), *CXXFLAGS,
-           f"-I{mx_dir / 'include'}", str(SOURCE), str(lib_api), "-o", tmp]
+           f"-I{mx_dir / 'include'}", str(SOURCE), api_copy, "-o", tmp]
     try:
+        with os.fdopen(api_fd, "w") as fh:
+            fh.write(api_source)
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"building {SOURCE.name} failed ({shlex.join(cmd)}):\n"
@@ -88,8 +112,9 @@ def build(force: bool = False) -> Path:
     except FileNotFoundError as err:  # no compiler
         raise RuntimeError(f"building {SOURCE.name} needs a C++ compiler: {err}") from err
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, api_copy):
+            if os.path.exists(path):
+                os.unlink(path)
     return target
 
 

@@ -9,8 +9,10 @@ What runs in which precision (:func:`set_precision` on a built :class:`nets.buil
 * ``features`` (convolutions, hidden FC layers, batch norm, pooling, oneDNN activations) run
   in bfloat16: the input is cast once, weights are cast on the fly from their float32
   masters, and the activations flow between layers in bfloat16 (half the memory traffic).
-* Blocks MXNet 1.9.1 cannot run fast (or at all) in bfloat16 run in float32 between two casts:
-  RReLU's random graph / native operator, PReLU, Sigmoid*, Dropout.
+* RReLU's native operator takes bfloat16 directly (:mod:`nets.native` patches the one
+  missing type case of MXNet's ``lib_api.cc``). Blocks MXNet 1.9.1 cannot run fast (or at
+  all) in bfloat16 run in float32 between two casts: RReLU's operator graph (the fallback),
+  PReLU, Sigmoid*, Dropout.
 * The classifier (``output``), the loss, the gradients' accumulation and the optimizer stay in
   float32: parameters, checkpoints and their names are identical in both precisions, so a
   checkpoint trained in one loads into a network of the other.

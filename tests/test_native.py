@@ -102,3 +102,68 @@ def test_set_rrelu_impl_switches_every_block():
     assert {b.impl for b in blocks} == {"ops"} and not blocks[0].uses_native()
     with pytest.raises(ValueError):
         set_rrelu_impl(net, "gpu")
+
+
+def test_lib_api_patch_adds_bfloat16_once():
+    source = (native._mxnet_dir() / "src" / "lib_api.cc").read_text()
+    patched = native.patched_lib_api(source)
+    assert "Invalid dtype flag" in patched and patched.count("case 12:") == 1
+    assert native.patched_lib_api(patched) == patched  # idempotent
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        native.patched_lib_api("int main() {}")
+
+
+def _bf16(a):
+    from nets.precision import bfloat16
+    return nd.amp_cast(a, dtype=bfloat16())
+
+
+def _f32(a):
+    return nd.amp_cast(a, dtype="float32")
+
+
+def test_bfloat16_operator_equals_float32_rounded_to_bfloat16():
+    """Same seed, same element indices: the bf16 op is the fp32 op rounded to nearest even."""
+    assert native.load()
+    xb = _bf16(nd.random.normal(0, 1, (4, 16, 32, 32)))
+    dy = nd.full(xb.shape, 0.375)  # exact in bfloat16
+    t = nd.ones((1,))
+    results = {}
+    for name, x, g in (("f32", _f32(xb), dy), ("bf16", xb, _bf16(dy))):
+        x.attach_grad()
+        mx.random.seed(3)
+        with autograd.record():
+            y = nd.ndsb_rrelu(x, t, lower=0.125, upper=1 / 3.0)[0]
+        y.backward(g)
+        assert y.dtype == x.dtype and x.grad.dtype == x.dtype
+        results[name] = (y, x.grad)
+    (y32, g32), (y16, g16) = results["f32"], results["bf16"]
+    np.testing.assert_array_equal(_f32(y16).asnumpy(), _f32(_bf16(y32)).asnumpy())
+    np.testing.assert_array_equal(_f32(g16).asnumpy(), _f32(_bf16(g32)).asnumpy())
+    x = _f32(xb).asnumpy()
+    assert np.array_equal(_f32(y16).asnumpy()[x >= 0], x[x >= 0])  # passed through exactly
+    s = (_f32(y16).asnumpy() / x)[x < -0.1]
+    assert 0.12 < s.min() and s.max() < 0.34 and s.std() > 0.05  # per-element U(l, u)
+
+
+def test_bfloat16_network_calls_the_operator_without_casts():
+    import json
+
+    import nets
+
+    counts = {}
+    for impl in ("native", "ops"):
+        net = nets.get_model("lenet", classes=3, act="rrelu", act_kw={"impl": impl})
+        nets.set_precision(net, "bfloat16")
+        net.initialize(nets.default_initializer("rrelu"))
+        net.hybridize()
+        x = nd.random.uniform(shape=(2, 1, 28, 28))
+        with autograd.record():
+            out = net(x)
+        out.backward()
+        assert np.isfinite(out.asnumpy()).all()
+        nodes = json.loads(net._cached_graph[1].tojson(remove_amp_cast=False))["nodes"]
+        counts[impl] = sum(n["op"] == "amp_cast" for n in nodes)
+    rrelus = []
+    net.apply(lambda b: rrelus.append(b) if isinstance(b, RReLU) else None)
+    assert counts["ops"] - counts["native"] == 2 * len(rrelus) > 0

@@ -12,15 +12,21 @@
 // computes the forward, nothing but the seed is kept for the backward pass, and the
 // backward recomputes each slope. The result does not depend on the number of threads.
 //
-// Inputs:  x (float32: lib_api.h in MXNet 1.9.1 cannot pass bfloat16 tensors, so a
-//          bfloat16 network casts around this op), t (float32, one element: 1 in
-//          training, 0 at inference; the graph derives it from a Dropout op, see
-//          nets/activations.py).
-// Outputs: y (float32), seed (float64, one element; 0 at inference).
+// Inputs:  x (float32 or bfloat16), t (float32, one element: 1 in training, 0 at inference;
+//          the graph derives it from a Dropout op, see nets/activations.py).
+// Outputs: y (x's type), seed (float64, one element; 0 at inference).
 // Backward inputs (lib_api order): dy, dseed, x, t, y, seed.  Outputs: dx, dt (= 0).
+//
+// bfloat16: MXNet 1.9.1's lib_api.cc rejects its type flag (12) when it wraps a tensor;
+// nets/native.py compiles a copy of lib_api.cc with that one case added, so a bfloat16
+// network calls this op directly instead of casting to float32 around it (two extra passes
+// over every activation each way). Slopes are computed in float32 and each product is
+// rounded to nearest-even, as oneDNN rounds; x >= 0 passes through bit for bit.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
+#include <utility>
 #include <unordered_map>
 #include <vector>
 
@@ -68,6 +74,32 @@ struct Key {
       : k0(static_cast<uint32_t>(seed)), k1(static_cast<uint32_t>(seed >> 32)) {}
 };
 
+// MXNet's type flag for bfloat16 (mshadow::kBfloat16); lib_api.h's MXDType has no name for it.
+constexpr int kBfloat16 = 12;
+
+// Storage types: float32 as is; bfloat16 as the upper half of a float32's bits.
+struct F32 {
+  using T = float;
+  static float load(float v) { return v; }
+  static float store(float v) { return v; }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  static float load(uint16_t v) {
+    const uint32_t bits = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+  static uint16_t store(float f) {  // round to nearest even (products of finite numbers)
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return static_cast<uint16_t>(bits >> 16);
+  }
+};
+
 // Slopes are computed a block at a time into a buffer, then applied with a select: two
 // simple loops that vectorize (16 lanes with AVX-512). In one loop the compiler would
 // branch around the hash for positive inputs, which mispredicts on random signs.
@@ -84,48 +116,67 @@ void slopes(float* __restrict out, int64_t begin, int64_t len, Key key, float lo
     out[j] = slope_at(base + j, key.k0, key.k1, lower, width);
 }
 
-void forward_chunk(const float* __restrict x, float* __restrict y, int64_t begin, int64_t end,
-                   Key key, float lower, float width) {
+template <typename S>
+void forward_chunk(const typename S::T* __restrict x, typename S::T* __restrict y,
+                   int64_t begin, int64_t end, Key key, float lower, float width) {
   alignas(64) float slope[kBlock];
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t len = std::min(kBlock, end - b);
     slopes(slope, b, len, key, lower, width);
-    const float* __restrict xs = x + b;
-    float* __restrict ys = y + b;
-    for (int64_t j = 0; j < len; ++j) ys[j] = xs[j] >= 0.0f ? xs[j] : xs[j] * slope[j];
+    const typename S::T* __restrict xs = x + b;
+    typename S::T* __restrict ys = y + b;
+    for (int64_t j = 0; j < len; ++j) {
+      const float v = S::load(xs[j]);
+      ys[j] = v >= 0.0f ? xs[j] : S::store(v * slope[j]);
+    }
   }
 }
 
-void backward_chunk(const float* __restrict dy, const float* __restrict x,
-                    float* __restrict dx, int64_t begin, int64_t end, Key key, float lower,
-                    float width) {
+template <typename S>
+void backward_chunk(const typename S::T* __restrict dy, const typename S::T* __restrict x,
+                    typename S::T* __restrict dx, int64_t begin, int64_t end, Key key,
+                    float lower, float width) {
   alignas(64) float slope[kBlock];
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t len = std::min(kBlock, end - b);
     slopes(slope, b, len, key, lower, width);
-    const float* __restrict xs = x + b;
-    const float* __restrict gs = dy + b;
-    float* __restrict out = dx + b;
-    for (int64_t j = 0; j < len; ++j) out[j] = xs[j] >= 0.0f ? gs[j] : gs[j] * slope[j];
+    const typename S::T* __restrict xs = x + b;
+    const typename S::T* __restrict gs = dy + b;
+    typename S::T* __restrict out = dx + b;
+    for (int64_t j = 0; j < len; ++j)
+      out[j] = S::load(xs[j]) >= 0.0f ? gs[j] : S::store(S::load(gs[j]) * slope[j]);
   }
 }
 
-void forward_kernel(const float* x, float* y, int64_t n, uint64_t seed, bool training,
-                    float lower, float upper) {
+// (lower, width) of the slopes: U(lower, upper) in training; at inference width 0 makes
+// every slope (l+u)/2 exactly.
+inline std::pair<float, float> slope_range(bool training, float lower, float upper) {
+  return training ? std::make_pair(lower, upper - lower)
+                  : std::make_pair(0.5f * (lower + upper), 0.0f);
+}
+
+template <typename S>
+void forward_kernel(const MXTensor& x, MXTensor& y, uint64_t seed, bool training, float lower,
+                    float upper) {
   const Key key(seed);
-  // Inference: width 0 makes every slope (l+u)/2 exactly.
-  const float lo = training ? lower : 0.5f * (lower + upper), width = training ? upper - lower : 0.0f;
-  parallel_for(n, [=](int64_t begin, int64_t end) {
-    forward_chunk(x, y, begin, end, key, lo, width);
+  const auto [lo, width] = slope_range(training, lower, upper);
+  const auto* xs = static_cast<const typename S::T*>(x.data_ptr);
+  auto* ys = static_cast<typename S::T*>(y.data_ptr);
+  parallel_for(x.size(), [=](int64_t begin, int64_t end) {
+    forward_chunk<S>(xs, ys, begin, end, key, lo, width);
   });
 }
 
-void backward_kernel(const float* dy, const float* x, float* dx, int64_t n, uint64_t seed,
+template <typename S>
+void backward_kernel(const MXTensor& dy, const MXTensor& x, MXTensor& dx, uint64_t seed,
                      bool training, float lower, float upper) {
   const Key key(seed);
-  const float lo = training ? lower : 0.5f * (lower + upper), width = training ? upper - lower : 0.0f;
-  parallel_for(n, [=](int64_t begin, int64_t end) {
-    backward_chunk(dy, x, dx, begin, end, key, lo, width);
+  const auto [lo, width] = slope_range(training, lower, upper);
+  const auto* gs = static_cast<const typename S::T*>(dy.data_ptr);
+  const auto* xs = static_cast<const typename S::T*>(x.data_ptr);
+  auto* out = static_cast<typename S::T*>(dx.data_ptr);
+  parallel_for(x.size(), [=](int64_t begin, int64_t end) {
+    backward_chunk<S>(gs, xs, out, begin, end, key, lo, width);
   });
 }
 
@@ -143,9 +194,10 @@ MXReturnValue forward(const Attrs& attrs, std::vector<MXTensor>* inputs,
     seed = ((static_cast<uint64_t>(states[0]()) << 32) ^ states[0]()) & ((1ULL << 52) - 1);
   }
   outputs->at(1).data<double>()[0] = static_cast<double>(seed);
-  const int64_t n = x.size();
-  forward_kernel(x.data<float>(), outputs->at(0).data<float>(), n, seed, training, lower,
-                 upper);
+  if (x.dtype == kBfloat16)
+    forward_kernel<BF16>(x, outputs->at(0), seed, training, lower, upper);
+  else
+    forward_kernel<F32>(x, outputs->at(0), seed, training, lower, upper);
   return MX_SUCCESS;
 }
 
@@ -156,9 +208,10 @@ MXReturnValue backward(const Attrs& attrs, std::vector<MXTensor>* inputs,
   MXTensor& x = inputs->at(2);
   const bool training = inputs->at(3).data<float>()[0] != 0.0f;
   const uint64_t seed = static_cast<uint64_t>(inputs->at(5).data<double>()[0]);
-  const int64_t n = x.size();
-  backward_kernel(dy.data<float>(), x.data<float>(), outputs->at(0).data<float>(), n, seed,
-                  training, lower, upper);
+  if (x.dtype == kBfloat16)
+    backward_kernel<BF16>(dy, x, outputs->at(0), seed, training, lower, upper);
+  else
+    backward_kernel<F32>(dy, x, outputs->at(0), seed, training, lower, upper);
   outputs->at(1).data<float>()[0] = 0.0f;  // t is a switch, not a parameter
   return MX_SUCCESS;
 }
@@ -175,12 +228,13 @@ MXReturnValue parseAttrs(const Attrs& attrs, int* num_in, int* num_out) {
 }
 
 MXReturnValue inferType(const Attrs& attrs, std::vector<int>* in, std::vector<int>* out) {
-  if (in->at(0) != kFloat32) {
-    MX_ERROR_MSG << "ndsb_rrelu: input must be float32, got type flag " << in->at(0);
+  if (in->at(0) != kFloat32 && in->at(0) != kBfloat16) {
+    MX_ERROR_MSG << "ndsb_rrelu: input must be float32 or bfloat16, got type flag "
+                 << in->at(0);
     return MX_FAIL;
   }
   (*in)[1] = kFloat32;
-  (*out)[0] = kFloat32;
+  (*out)[0] = in->at(0);
   (*out)[1] = kFloat64;
   return MX_SUCCESS;
 }
