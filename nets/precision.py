@@ -25,6 +25,9 @@ version. The accuracy check against float32 on the sample is in BENCHMARKS.md.
 """
 from __future__ import annotations
 
+import ctypes
+import platform
+import sys
 from typing import Any, Iterable
 
 from mxnet.gluon import nn
@@ -33,7 +36,12 @@ from .walk import set_on
 
 PRECISIONS = ("float32", "bfloat16")
 REQUESTS = PRECISIONS + ("auto",)
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# Linux x86-64 (asm/unistd_64.h, asm/prctl.h): arch_prctl, its AMX permission options, and
+# the tile-data state component (pipeline.runtime.enable_amx asks for it).
+SYS_ARCH_PRCTL = 158
+ARCH_GET_XCOMP_PERM = 0x1022
+ARCH_REQ_XCOMP_PERM = 0x1023
+XFEATURE_XTILEDATA = 18
 
 
 def bfloat16():
@@ -114,11 +122,37 @@ def cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
+def arch_prctl(option: int, arg: int) -> int:
+    """Linux x86-64 ``arch_prctl``; -1 elsewhere."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return -1
+    return ctypes.CDLL(None, use_errno=True).syscall(SYS_ARCH_PRCTL, option, ctypes.c_ulong(arg))
+
+
+def amx_permitted() -> bool:
+    """Whether this process may execute AMX instructions (asked for by ``enable_amx``)."""
+    mask = ctypes.c_uint64(0)
+    if arch_prctl(ARCH_GET_XCOMP_PERM, ctypes.addressof(mask)) != 0:
+        return False
+    return bool(mask.value >> XFEATURE_XTILEDATA & 1)
+
+
 def native_bfloat16() -> bool:
-    """Whether this CPU has bfloat16 instructions and MXNet was built with oneDNN."""
+    """Whether bfloat16 runs fast here: MXNet with oneDNN on a CPU with usable bf16 kernels.
+
+    On AMX CPUs that means AMX enabled for this process (:func:`pipeline.runtime.enable_amx`):
+    without it oneDNN 2.4 falls back to its AVX512-BF16 kernels, which on such a CPU trained
+    ndsb_net1 slower than float32 (18 against 22 img/s, BENCHMARKS.md). On CPUs with
+    AVX512-BF16 and no AMX (AMD Zen 4) those kernels are the fast path (2x float32).
+    """
     import mxnet as mx
-    return (mx.runtime.Features().is_enabled("MKLDNN")
-            and bool(cpu_flags() & set(BF16_CPU_FLAGS)))
+
+    if not mx.runtime.Features().is_enabled("MKLDNN"):
+        return False
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return amx_permitted()
+    return "avx512_bf16" in flags
 
 
 def resolve_precision(requested: str, ctxs: Iterable[Any] = ()) -> str:

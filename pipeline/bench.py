@@ -339,7 +339,8 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
 
     what = set(args.what)
     common = {"net": args.net, "act": args.act, "batch": args.batch, "size": args.size,
-              "threads": args.threads, "bn": args.bn, "precision": args.precision}
+              "threads": args.threads, "bn": args.bn, "precision": args.precision,
+              "amx": args.amx}
     env = env_settings()
     results: dict[str, Any] = {}
 
@@ -504,6 +505,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Before mxnet is imported (pipeline.runtime.configure_threads, but --threads wins).
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("MXNET_CPU_WORKER_NTHREADS", str(args.threads))
+    from pipeline.runtime import enable_amx
+
+    args.amx = enable_amx()
     from nets.precision import resolve_precision
 
     args.precision = resolve_precision(args.precision)

@@ -1,0 +1,66 @@
+"""Process set-up: threads and AMX (pipeline.runtime), and what ``auto`` precision makes of it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nets import precision
+from pipeline import runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_AMX = "amx_bf16" in precision.cpu_flags()
+
+
+def test_user_isa_setting_wins(monkeypatch):
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")
+    assert runtime.enable_amx() is False
+    assert os.environ["DNNL_MAX_CPU_ISA"] == "AVX512_CORE"
+
+
+def test_no_amx_cpu_sets_nothing(monkeypatch):
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert runtime.request_amx() is False
+    assert runtime.enable_amx() is False
+    assert "DNNL_MAX_CPU_ISA" not in os.environ
+
+
+@pytest.mark.parametrize("flags,permitted,expected", [
+    ({"avx512_bf16"}, False, True),                 # AMD Zen 4: AVX512-BF16 is the fast path
+    ({"avx512_bf16", "amx_bf16"}, True, True),      # Sapphire Rapids with AMX enabled
+    ({"avx512_bf16", "amx_bf16"}, False, False),    # ... without: bf16 slower than float32
+    ({"avx2", "fma"}, False, False),
+])
+def test_native_bfloat16_follows_the_usable_kernels(monkeypatch, flags, permitted, expected):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(precision, "amx_permitted", lambda: permitted)
+    assert precision.native_bfloat16() is expected
+    assert precision.resolve_precision("auto") == ("bfloat16" if expected else "float32")
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="CPU without AMX")
+def test_enable_amx_runs_amx_kernels_and_leaves_no_variable_behind():
+    code = (
+        "import os, sys; sys.path.insert(0, %r)\n"
+        "os.environ.pop('DNNL_MAX_CPU_ISA', None)\n"
+        "from pipeline.runtime import enable_amx\n"
+        "assert enable_amx()\n"
+        "assert 'DNNL_MAX_CPU_ISA' not in os.environ  # children never inherit it\n"
+        "import mxnet as mx\n"
+        "from nets.precision import amx_permitted, bfloat16\n"
+        "assert amx_permitted()\n"
+        "x = mx.nd.amp_cast(mx.nd.ones((2, 16, 8, 8)), dtype=bfloat16())\n"
+        "w = mx.nd.amp_cast(mx.nd.ones((16, 16, 3, 3)), dtype=bfloat16())\n"
+        "y = mx.nd.Convolution(x, w, kernel=(3, 3), pad=(1, 1), num_filter=16, no_bias=True)\n"
+        "print(float(mx.nd.amp_cast(y, dtype='float32')[0, 0, 4, 4].asscalar()))\n"
+    ) % str(ROOT)
+    env = {**os.environ, "DNNL_VERBOSE": "1"}
+    env.pop("DNNL_MAX_CPU_ISA", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "144.0" in done.stdout  # 16 channels x 3x3 ones
+    assert "avx512_core_amx" in done.stdout  # oneDNN's verbose names the AMX kernel
