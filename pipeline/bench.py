@@ -9,7 +9,8 @@ line when run back to back. ``--what`` adds further lines (``--what all`` = ever
 * ``train``  one SGD step (forward, backward, Nesterov update), hybridized with
   ``static_alloc``/``static_shape``, initialized and stepped exactly as :mod:`pipeline.train`
   does; a fixed random batch, so the data path is not measured here.
-* ``infer``  forward only of the net as :mod:`pipeline.predict` runs it (fp32, hybridized).
+* ``infer``  forward only of the net as :mod:`pipeline.predict` runs it (RReLU's deterministic
+  graph, hybridized, in ``--infer-precision``: predict's default ``auto``).
 * ``int8``   inference variants that are NOT wired into predict: the RReLU net switched to its
   deterministic inference graph (:func:`nets.activations.set_deterministic`), that graph fused
   by oneDNN (``optimize_for(backend='MKLDNN')``), and INT8 quantized
@@ -355,11 +356,23 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
             if args.act == "rrelu":
                 native_used = args.rrelu_impl != "ops" and native.status()["native_ops"]
                 line["rrelu_impl"] = "native" if native_used else "ops"
-        # Inference as pipeline.predict runs it: float32, RReLU's deterministic graph.
+        # Inference as pipeline.predict runs it: RReLU's deterministic graph, in the precision
+        # of tta.precision (--infer-precision); the int8 line compares every variant to fp32.
         plain = hybridize(build_net(args.net, args.act, args.bn, deterministic=True), "alloc")
-        if "infer" in what or "int8" in what:
-            results["infer"] = infer_rate(plain, args.batch, args.size, args.seconds)
+        if "infer" in what:
+            served = plain
+            if args.infer_precision != "float32":
+                served = build_net(args.net, args.act, args.bn, deterministic=True,
+                                   precision=args.infer_precision)
+                copy_params(plain, served, workdir)
+                hybridize(served, "alloc")
+            results["infer"] = infer_rate(served, args.batch, args.size, args.seconds)
             line["infer_img_s"] = round(results["infer"], 2)
+            line["infer_precision"] = args.infer_precision
+            if served is plain:
+                results["infer32"] = results["infer"]
+        if "int8" in what and "infer32" not in results:
+            results["infer32"] = infer_rate(plain, args.batch, args.size, args.seconds)
         yield dict(line, env=env)
 
     variants = {"predict": plain} if what & {"tta", "int8"} else {}
@@ -400,16 +413,16 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
             bf16_rate = infer_rate(bf16, args.batch, args.size, args.seconds)
             variants["bfloat16"] = bf16
         yield {"what": "int8", **common, "calib_mode": "naive", "calib_images": len(calib),
-               "infer_img_s": round(results["infer"], 2),
+               "infer_img_s": round(results["infer32"], 2),
                "deterministic_img_s": round(det_rate, 2),
                "fused_img_s": round(fused_rate, 2), "int8_img_s": round(int8_rate, 2),
-               "fused_over_fp32": round(fused_rate / results["infer"], 2),
-               "int8_over_fp32": round(int8_rate / results["infer"], 2),
+               "fused_over_fp32": round(fused_rate / results["infer32"], 2),
+               "int8_over_fp32": round(int8_rate / results["infer32"], 2),
                "int8_over_fused": round(int8_rate / fused_rate, 2),
                "fused_vs_fp32": logit_error(plain, fused, calib),
                "int8_vs_fp32": logit_error(plain, quantized, calib),
                **({"bf16_img_s": round(bf16_rate, 2),
-                   "bf16_over_fp32": round(bf16_rate / results["infer"], 2),
+                   "bf16_over_fp32": round(bf16_rate / results["infer32"], 2),
                    "bf16_vs_fp32": logit_error(plain, bf16, calib)} if bf16 else {}),
                "env": env}
 
@@ -436,7 +449,7 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
                 "gflop_per_img": round(2 * summary["macs"] / 1e9, 3)}
         if "train" in results:  # backward ~ 2x forward
             line["train_gflop_s"] = round(3 * 2 * summary["macs"] * results["train"] / 1e9, 1)
-        if "infer" in results:
+        if "infer" in results:  # in the infer line's precision
             line["infer_gflop_s"] = round(2 * summary["macs"] * results["infer"] / 1e9, 1)
         yield line
 
@@ -473,6 +486,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="training precision (as train.precision; auto = bfloat16 on CPUs "
                         "with native bf16); pass float32 to compare with the fp32 reference")
+    p.add_argument("--infer-precision", default="auto",
+                   choices=["auto", "float32", "bfloat16"],
+                   help="the infer line's precision (as tta.precision, predict's default auto)")
     p.add_argument("--rrelu-impl", default="auto", choices=["auto", "native", "ops"],
                    help="RReLU's random graph: the native fused operator or MXNet operators")
     p.add_argument("--hybridize", dest="hybrid_mode", default="static", choices=list(HYBRIDIZE),
@@ -511,6 +527,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from nets.precision import resolve_precision
 
     args.precision = resolve_precision(args.precision)
+    args.infer_precision = resolve_precision(args.infer_precision)
     if args.probe:
         probe = probe_train if args.probe == "train" else probe_tta
         print(json.dumps(probe(args)), flush=True)
