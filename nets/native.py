@@ -33,7 +33,10 @@ from .precision import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "rrelu_op.cc"
-CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp") + (
+    # GCC keeps to 256-bit vectors on Intel CPUs by default; the bf16 kernels run ~12 % faster
+    # with 512 bits (measured on a Xeon with AMX: 35.5 -> 31 ms over 8.4 M elements).
+    ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ())
 OPS = ("ndsb_rrelu",)
 
 # MXNet 1.9.1's lib_api.cc throws "Invalid dtype flag: 12" when it wraps a bfloat16 tensor
