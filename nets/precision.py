@@ -155,8 +155,24 @@ def native_bfloat16() -> bool:
     return "avx512_bf16" in flags
 
 
-def resolve_precision(requested: str, ctxs: Iterable[Any] = ()) -> str:
-    """``auto`` -> ``bfloat16`` on CPUs with native bf16 (all contexts CPU), else ``float32``.
+def bfloat16_training_validated() -> bool:
+    """Whether bfloat16 *training* matched float32 accuracy on this kind of CPU.
+
+    Measured (BENCHMARKS.md): with AMX kernels, ndsb_net1's validation log loss moved by
+    -0.006 +- 0.030 on the sample (8 seeds) and +0.001 +- 0.002 on 684 synthetic images
+    (6 seeds). With AVX512-BF16 kernels and no AMX (AMD EPYC, 2026-11-29) it rose by
+    +0.09 +- 0.04 (8 seeds), so ``auto`` trains in float32 there; bf16 inference on that CPU
+    stayed within +0.006 and remains ``auto``.
+    """
+    return "amx_bf16" in cpu_flags() and native_bfloat16()
+
+
+def resolve_precision(requested: str, ctxs: Iterable[Any] = (), training: bool = False
+                      ) -> str:
+    """``auto`` -> ``bfloat16`` where it runs fast (all contexts CPU), else ``float32``.
+
+    For ``training``, ``auto`` also needs bf16 training validated on this kind of CPU
+    (:func:`bfloat16_training_validated`).
 
     An explicit ``bfloat16`` on a GPU context or without oneDNN raises ``ValueError``: MXNet
     1.9.1 has no bfloat16 kernels there.
@@ -167,7 +183,8 @@ def resolve_precision(requested: str, ctxs: Iterable[Any] = ()) -> str:
         raise ValueError(f"precision must be one of {REQUESTS}, got {requested!r}")
     on_cpu = all(getattr(c, "device_type", "cpu") == "cpu" for c in ctxs)
     if requested == "auto":
-        return "bfloat16" if on_cpu and native_bfloat16() else "float32"
+        fast = native_bfloat16() and (bfloat16_training_validated() if training else True)
+        return "bfloat16" if on_cpu and fast else "float32"
     if requested == "bfloat16":
         if not on_cpu:
             raise ValueError("precision bfloat16 runs on CPU contexts only (MXNet 1.9.1)")

@@ -526,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.amx = enable_amx()
     from nets.precision import resolve_precision
 
-    args.precision = resolve_precision(args.precision)
+    args.precision = resolve_precision(args.precision, training=True)
     args.infer_precision = resolve_precision(args.infer_precision)
     if args.probe:
         probe = probe_train if args.probe == "train" else probe_tta

@@ -13,11 +13,12 @@ and every fold in ``models.folds``; ``--fold -1`` trains on all labelled images)
   ``split_and_load`` and a kvstore (``device``; ``nccl`` where the build has it). Several
   machines: ``kvstore: dist_sync`` under :mod:`pipeline.launch`; each worker trains on its own
   shard of the records and the gradients are summed by MXNet's parameter server.
-* Precision (``precision``, default float32): ``bfloat16`` runs the convolutions in bfloat16
-  with float32 master weights (:mod:`nets.precision`), about 2x faster on CPUs with
-  AVX512-BF16/AMX, at a measured accuracy cost for ndsb_net1 on the sample (BENCHMARKS.md);
-  ``auto`` picks it on such CPUs and float32 elsewhere. The precision used is recorded in the
-  checkpoint and is part of its fingerprint.
+* Precision (``precision``, default ``auto``): ``bfloat16`` runs the convolutions in bfloat16
+  with float32 master weights (:mod:`nets.precision`): 2.7x float32 on CPUs with AMX (which
+  :mod:`pipeline.runtime` enables), where it matched float32's validation log loss; ``auto``
+  picks it there and float32 elsewhere (on AVX512-BF16 without AMX it is 2x faster but cost
+  ndsb_net1 +0.09 on the sample; BENCHMARKS.md). The requested precision is part of the
+  checkpoint's fingerprint; the one used is recorded in it.
 * Every epoch: train loss, validation log loss and accuracy go to ``plots/train--{run}.tsv``
   (``dvc plots``) and a crash-safe checkpoint (:mod:`pipeline.checkpoint`); a rerun resumes from
   the newest intact one. A NaN/inf loss stops the run with a clear error; the last good
@@ -58,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "lr_factor": 0.1,
     "seed": 0,
     "ctx": "cpu",
-    "precision": "float32",    # float32 | bfloat16 | auto (bf16 on CPUs with native bf16)
+    "precision": "auto",       # float32 | bfloat16 | auto (bf16 where validated and fast)
     "kvstore": "device",
     "workers": 1,
     "prefetch": 4,
@@ -157,7 +158,7 @@ def build(run: Run, classes: int, ctxs: list):
     kwargs = model_kwargs(run, classes)
     net = nets.get_model(run.net, **kwargs)
     try:
-        precision = resolve_precision(run.cfg["precision"], ctxs)
+        precision = resolve_precision(run.cfg["precision"], ctxs, training=True)
     except ValueError as err:
         raise TrainingError(f"train.precision: {err}") from err
     set_precision(net, precision)

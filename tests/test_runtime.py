@@ -29,17 +29,20 @@ def test_no_amx_cpu_sets_nothing(monkeypatch):
     assert "DNNL_MAX_CPU_ISA" not in os.environ
 
 
-@pytest.mark.parametrize("flags,permitted,expected", [
-    ({"avx512_bf16"}, False, True),                 # AMD Zen 4: AVX512-BF16 is the fast path
-    ({"avx512_bf16", "amx_bf16"}, True, True),      # Sapphire Rapids with AMX enabled
-    ({"avx512_bf16", "amx_bf16"}, False, False),    # ... without: bf16 slower than float32
-    ({"avx2", "fma"}, False, False),
+@pytest.mark.parametrize("flags,permitted,infer,train", [
+    ({"avx512_bf16"}, False, True, False),              # AMD Zen 4: fast; training not validated
+    ({"avx512_bf16", "amx_bf16"}, True, True, True),    # Sapphire Rapids with AMX enabled
+    ({"avx512_bf16", "amx_bf16"}, False, False, False), # ... without: slower than float32
+    ({"avx2", "fma"}, False, False, False),
 ])
-def test_native_bfloat16_follows_the_usable_kernels(monkeypatch, flags, permitted, expected):
+def test_auto_precision_follows_the_usable_kernels(monkeypatch, flags, permitted, infer, train):
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
     monkeypatch.setattr(precision, "amx_permitted", lambda: permitted)
-    assert precision.native_bfloat16() is expected
-    assert precision.resolve_precision("auto") == ("bfloat16" if expected else "float32")
+    assert precision.native_bfloat16() is infer
+    name = {True: "bfloat16", False: "float32"}
+    assert precision.resolve_precision("auto") == name[infer]
+    assert precision.resolve_precision("auto", training=True) == name[train]
+    assert precision.resolve_precision("float32", training=True) == "float32"
 
 
 @pytest.mark.skipif(not HAS_AMX, reason="CPU without AMX")
