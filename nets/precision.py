@@ -142,7 +142,7 @@ def native_bfloat16() -> bool:
 
     On AMX CPUs that means AMX enabled for this process (:func:`pipeline.runtime.enable_amx`):
     without it oneDNN 2.4 falls back to its AVX512-BF16 kernels, which on such a CPU trained
-    ndsb_net1 slower than float32 (18 against 22 img/s, BENCHMARKS.md). On CPUs with
+    ndsb_net1 slower than float32 (20 against 24-25 img/s, BENCHMARKS.md). On CPUs with
     AVX512-BF16 and no AMX (AMD Zen 4) those kernels are the fast path (2x float32).
     """
     import mxnet as mx

@@ -10,8 +10,8 @@ oneDNN (v2.4.4) has AMX bfloat16 and INT8 kernels but leaves them off: it uses t
 ``DNNL_MAX_CPU_ISA=AVX512_CORE_AMX`` is set, and Linux kills a process that executes AMX
 instructions without first asking for the tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM)``),
 which oneDNN 2.4 does not do. :func:`enable_amx` does both. Measured on such a CPU
-(BENCHMARKS.md): ndsb_net1 bfloat16 training went from 18 img/s (AVX512-BF16 kernels, slower
-than float32's 22) to 60 img/s. The variable is removed again once oneDNN has read it, so
+(BENCHMARKS.md): ndsb_net1 bfloat16 training went from 20 img/s (AVX512-BF16 kernels, slower
+than float32's 24-25) to 69-71 img/s. The variable is removed again once oneDNN has read it, so
 child processes that do not ask for the permission never inherit an AMX setting (they would
 die with SIGILL on the first AMX instruction).
 """
