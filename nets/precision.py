@@ -156,7 +156,7 @@ def native_bfloat16() -> bool:
 
 
 def bfloat16_training_validated() -> bool:
-    """Whether bfloat16 *training* matched float32 accuracy on this kind of CPU.
+    """Whether bfloat16 *training* matched float32 accuracy on this kind of CPU (AMX ones).
 
     Measured (BENCHMARKS.md): with AMX kernels, ndsb_net1's validation log loss moved by
     -0.006 +- 0.030 on the sample (8 seeds) and +0.001 +- 0.002 on 684 synthetic images
@@ -164,7 +164,7 @@ def bfloat16_training_validated() -> bool:
     +0.09 +- 0.04 (8 seeds), so ``auto`` trains in float32 there; bf16 inference on that CPU
     stayed within +0.006 and remains ``auto``.
     """
-    return "amx_bf16" in cpu_flags() and native_bfloat16()
+    return "amx_bf16" in cpu_flags()
 
 
 def resolve_precision(requested: str, ctxs: Iterable[Any] = (), training: bool = False
@@ -183,7 +183,7 @@ def resolve_precision(requested: str, ctxs: Iterable[Any] = (), training: bool =
         raise ValueError(f"precision must be one of {REQUESTS}, got {requested!r}")
     on_cpu = all(getattr(c, "device_type", "cpu") == "cpu" for c in ctxs)
     if requested == "auto":
-        fast = native_bfloat16() and (bfloat16_training_validated() if training else True)
+        fast = native_bfloat16() and (not training or bfloat16_training_validated())
         return "bfloat16" if on_cpu and fast else "float32"
     if requested == "bfloat16":
         if not on_cpu:
