@@ -184,6 +184,13 @@ def copy_params(src, dst, workdir: Path) -> None:
     dst.load_parameters(str(path))
 
 
+def inference_copy(ref, args: argparse.Namespace, precision: str, workdir: Path):
+    """Deterministic-activation net in ``precision`` with ``ref``'s weights (not hybridized)."""
+    net = build_net(args.net, args.act, args.bn, deterministic=True, precision=precision)
+    copy_params(ref, net, workdir)
+    return net
+
+
 def fused_net(name: str, act: str, bn: bool, ref, batch: int, size: int, workdir: Path):
     """Deterministic-activation net with ``ref``'s weights, partitioned for oneDNN fusion."""
     import mxnet as mx
@@ -362,10 +369,7 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
         if "infer" in what:
             served = plain
             if args.infer_precision != "float32":
-                served = build_net(args.net, args.act, args.bn, deterministic=True,
-                                   precision=args.infer_precision)
-                copy_params(plain, served, workdir)
-                hybridize(served, "alloc")
+                served = hybridize(inference_copy(plain, args, "bfloat16", workdir), "alloc")
             results["infer"] = infer_rate(served, args.batch, args.size, args.seconds)
             line["infer_img_s"] = round(results["infer"], 2)
             line["infer_precision"] = args.infer_precision
@@ -406,10 +410,7 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
         from nets.precision import native_bfloat16
 
         if native_bfloat16():  # tta.precision: auto on this CPU
-            bf16 = build_net(args.net, args.act, args.bn, deterministic=True,
-                             precision="bfloat16")
-            copy_params(plain, bf16, workdir)
-            hybridize(bf16, "static")
+            bf16 = hybridize(inference_copy(plain, args, "bfloat16", workdir), "static")
             bf16_rate = infer_rate(bf16, args.batch, args.size, args.seconds)
             variants["bfloat16"] = bf16
         yield {"what": "int8", **common, "calib_mode": "naive", "calib_images": len(calib),
@@ -484,8 +485,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--what", type=_csv(str), default=_csv(str)(DEFAULT_WHAT),
                    help=f"comma list of {','.join(MODES)} or 'all' (default {DEFAULT_WHAT})")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="training precision (as train.precision; auto = bfloat16 on CPUs "
-                        "with native bf16); pass float32 to compare with the fp32 reference")
+                   help="training precision (as train.precision; auto = bfloat16 where AMX runs "
+                        "it); pass float32 to compare with the fp32 reference")
     p.add_argument("--infer-precision", default="auto",
                    choices=["auto", "float32", "bfloat16"],
                    help="the infer line's precision (as tta.precision, predict's default auto)")
