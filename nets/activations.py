@@ -48,7 +48,7 @@ inference of the layers after it in MXNet 1.9 (deferred initialisation fails), s
 ``RReLU(deterministic=True)`` (``act_kw={'deterministic': True}``, or :func:`set_deterministic`
 on a built net) gives the inference-only graph, plain leaky ReLU with slope ``(l+u)/2``: the
 same outputs bit for bit (tested) at leaky ReLU's speed. Prediction / TTA uses it.
-``python -m nets.bench_act`` measures the variants.
+``python -m pipeline.tools.bench_act`` measures the variants.
 """
 from __future__ import annotations
 

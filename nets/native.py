@@ -7,8 +7,9 @@ operators from a shared library built against its ``lib_api.h`` (``mx.library.lo
 
 The library is compiled with the machine's C++ compiler (``$CXX``, default ``g++``) into a
 cache directory (``$NDSB_NATIVE_CACHE``, default ``~/.cache/ndsb-pipeline``), under a name that
-hashes the source, the flags, the MXNet version and the CPU's instruction-set flags, so an
-edit, an upgrade or another machine gets its own build. The build writes a temporary file
+hashes the source, the flags, the MXNet version and the instruction set the compiler targets
+with ``-march=native`` (its predefined macros), so an edit, an upgrade or another CPU kind gets
+its own build. The build writes a temporary file
 and renames it, so concurrent processes (``dist_sync`` workers) never load half a library.
 
 Nothing is compiled at import. :func:`load` builds and loads once per process and returns
@@ -28,14 +29,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .precision import cpu_flags
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "rrelu_op.cc"
 CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp") + (
-    # GCC keeps to 256-bit vectors on Intel CPUs by default; the bf16 kernels run ~12 % faster
-    # with 512 bits (measured on a Xeon with AMX: 35.5 -> 31 ms over 8.4 M elements).
+    # GCC keeps to 256-bit vectors on Intel CPUs by default; the bf16 kernels run faster with
+    # 512 bits (BENCHMARKS.md).
     ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ())
 OPS = ("ndsb_rrelu",)
 
@@ -62,11 +62,28 @@ def _mxnet_dir() -> Path:
     return Path(mxnet.__file__).parent
 
 
+def target_isa() -> str:
+    """The instruction set ``-march=native`` means here: the compiler's predefined macros.
+
+    Exactly what the built library depends on (``__AVX512BF16__``, ``__AMX_TILE__``, ...),
+    read the same way from GCC and Clang; the machine name where the compiler cannot tell.
+    """
+    cmd = [*shlex.split(os.environ.get("CXX", "g++")), "-march=native", "-dM", "-E", "-x", "c++",
+           os.devnull]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return platform.machine()
+    if done.returncode != 0:
+        return platform.machine()
+    return "\n".join(sorted(done.stdout.splitlines()))
+
+
 def library_path() -> Path:
     """Where the library for this source, compiler flags, MXNet and CPU lives."""
     import mxnet
     key = hashlib.sha256()
-    cpu = " ".join(sorted(cpu_flags())) or platform.processor()
+    cpu = target_isa()
     for part in (SOURCE.read_bytes(), LIB_API_BF16_CASE.encode(), " ".join(CXXFLAGS).encode(),
                  mxnet.__version__.encode(), cpu.encode(), os.environ.get("CXX", "g++").encode()):
         key.update(part)

@@ -1,8 +1,9 @@
 """Mixed precision: bfloat16 convolutions on CPUs with native bfloat16 instructions.
 
-Why. On CPUs with AVX512-BF16 or AMX (this project's machine: AMD EPYC with AVX512-BF16),
-oneDNN runs bfloat16 convolutions about twice as fast as float32 ones, forward and backward;
-ndsb_net1 training went from 18-23 to 40-44 img/s with leaky ReLU (BENCHMARKS.md).
+Why. On CPUs with AVX512-BF16 or AMX, oneDNN runs bfloat16 convolutions much faster than
+float32 ones, forward and backward (BENCHMARKS.md has the figures per CPU kind). Which
+precision ``auto`` means on a machine is decided by :func:`pipeline.lib.runtime.resolve_precision`;
+this module only makes a built network run in the precision it is given.
 
 What runs in which precision (:func:`set_precision` on a built :class:`nets.build.TableNet`):
 
@@ -25,23 +26,11 @@ version. The accuracy check against float32 on the sample is in BENCHMARKS.md.
 """
 from __future__ import annotations
 
-import ctypes
-import platform
-import sys
-from typing import Any, Iterable
-
 from mxnet.gluon import nn
 
 from .walk import set_on
 
 PRECISIONS = ("float32", "bfloat16")
-REQUESTS = PRECISIONS + ("auto",)
-# Linux x86-64 (asm/unistd_64.h, asm/prctl.h): arch_prctl, its AMX permission options, and
-# the tile-data state component (pipeline.runtime.enable_amx asks for it).
-SYS_ARCH_PRCTL = 158
-ARCH_GET_XCOMP_PERM = 0x1022
-ARCH_REQ_XCOMP_PERM = 0x1023
-XFEATURE_XTILEDATA = 18
 
 
 def bfloat16():
@@ -111,86 +100,6 @@ class Dropout(Float32Island, nn.Dropout):
 
     def forward32(self, F, x):
         return nn.Dropout.hybrid_forward(self, F, x)
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            line = next((l for l in fh if l.startswith("flags")), "")
-    except OSError:
-        return set()
-    return set(line.split(":", 1)[-1].split())
-
-
-def arch_prctl(option: int, arg: int) -> int:
-    """Linux x86-64 ``arch_prctl``; -1 elsewhere."""
-    if sys.platform != "linux" or platform.machine() != "x86_64":
-        return -1
-    return ctypes.CDLL(None, use_errno=True).syscall(SYS_ARCH_PRCTL, option, ctypes.c_ulong(arg))
-
-
-def amx_permitted() -> bool:
-    """Whether this process may execute AMX instructions (asked for by ``enable_amx``)."""
-    mask = ctypes.c_uint64(0)
-    if arch_prctl(ARCH_GET_XCOMP_PERM, ctypes.addressof(mask)) != 0:
-        return False
-    return bool(mask.value >> XFEATURE_XTILEDATA & 1)
-
-
-def native_bfloat16() -> bool:
-    """Whether bfloat16 runs fast here: MXNet with oneDNN on a CPU with usable bf16 kernels.
-
-    On AMX CPUs that means AMX enabled for this process (:func:`pipeline.runtime.enable_amx`):
-    without it oneDNN 2.4 falls back to its AVX512-BF16 kernels, which on such a CPU trained
-    ndsb_net1 slower than float32 (20 against 24-25 img/s, BENCHMARKS.md). On CPUs with
-    AVX512-BF16 and no AMX (AMD Zen 4) those kernels are the fast path (2x float32).
-    """
-    import mxnet as mx
-
-    if not mx.runtime.Features().is_enabled("MKLDNN"):
-        return False
-    flags = cpu_flags()
-    if "amx_bf16" in flags:
-        return amx_permitted()
-    return "avx512_bf16" in flags
-
-
-def bfloat16_training_validated() -> bool:
-    """Whether bfloat16 *training* matched float32 accuracy on this kind of CPU (AMX ones).
-
-    Measured (BENCHMARKS.md): with AMX kernels, ndsb_net1's validation log loss moved by
-    -0.006 +- 0.030 on the sample (8 seeds) and +0.001 +- 0.002 on 684 synthetic images
-    (6 seeds). With AVX512-BF16 kernels and no AMX (AMD EPYC, 2026-11-29) it rose by
-    +0.09 +- 0.04 (8 seeds), so ``auto`` trains in float32 there; bf16 inference on that CPU
-    stayed within +0.006 and remains ``auto``.
-    """
-    return "amx_bf16" in cpu_flags()
-
-
-def resolve_precision(requested: str, ctxs: Iterable[Any] = (), training: bool = False
-                      ) -> str:
-    """``auto`` -> ``bfloat16`` where it runs fast (all contexts CPU), else ``float32``.
-
-    For ``training``, ``auto`` also needs bf16 training validated on this kind of CPU
-    (:func:`bfloat16_training_validated`).
-
-    An explicit ``bfloat16`` on a GPU context or without oneDNN raises ``ValueError``: MXNet
-    1.9.1 has no bfloat16 kernels there.
-    """
-    import mxnet as mx
-
-    if requested not in REQUESTS:
-        raise ValueError(f"precision must be one of {REQUESTS}, got {requested!r}")
-    on_cpu = all(getattr(c, "device_type", "cpu") == "cpu" for c in ctxs)
-    if requested == "auto":
-        fast = native_bfloat16() and (not training or bfloat16_training_validated())
-        return "bfloat16" if on_cpu and fast else "float32"
-    if requested == "bfloat16":
-        if not on_cpu:
-            raise ValueError("precision bfloat16 runs on CPU contexts only (MXNet 1.9.1)")
-        if not mx.runtime.Features().is_enabled("MKLDNN"):
-            raise ValueError("precision bfloat16 needs MXNet built with oneDNN (MKLDNN)")
-    return requested
 
 
 def set_precision(net: nn.Block, precision: str) -> int:

@@ -26,11 +26,12 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.optimize import minimize
 
-from pipeline import params
-from pipeline.fsutil import read_json, write_json
-from pipeline.predictions import (SPLITS, align_rows, duplicates, load_predictions,
+from pipeline.lib import params
+from pipeline.lib.fsutil import read_json, write_json
+from pipeline.lib.predictions import (SPLITS, align_rows, duplicates, load_predictions,
                                   prediction_files, save_predictions)
-from pipeline.score import EPS, accuracy, ndsb_log_loss
+from pipeline.lib.metrics import clip_normalize, summary
+from pipeline.lib.errors import PipelineError
 
 ENSEMBLE_NAME = "ensemble"
 
@@ -44,11 +45,11 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class EnsembleError(ValueError):
+class EnsembleError(PipelineError, ValueError):
     """The ensemble cannot be built from the given predictions; the message says why."""
 
 
-class MissingPredictionsError(FileNotFoundError):
+class MissingPredictionsError(PipelineError, FileNotFoundError):
     """Some prediction files do not exist; the message lists every one of them."""
 
 

@@ -6,7 +6,7 @@ Input (``data.root``)::
     test/*              unlabelled images (names must be unique)
     sampleSubmission.csv (optional) its header fixes the class order of the submission
 
-Output (``data/records/``, see :mod:`pipeline.records`): single-channel images whose longer
+Output (``data/records/``, see :mod:`pipeline.lib.records`): single-channel images whose longer
 side is resized to ``data.size`` keeping the aspect ratio, centred on a square of the
 background value (white for NDSB: dark plankton on white), plus ``meta.json`` with the class
 order, the original width/height of every image and a stratified K-fold assignment.
@@ -31,10 +31,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from pipeline import params as params_mod
-from pipeline.fsutil import write_json
-from pipeline.records import BAD_FILES, META, META_VERSION, rec_paths
-from pipeline.runtime import available_cpus
+from pipeline.lib import params as params_mod
+from pipeline.lib.fsutil import write_json
+from pipeline.lib.records import BAD_FILES, META, META_VERSION, rec_paths
+from pipeline.lib.images import decode, fit_square, whiten
+from pipeline.lib.runtime import available_cpus
+from pipeline.lib.errors import PipelineError
 
 DEFAULTS: dict[str, Any] = {
     "root": "data/sample/ndsb",
@@ -55,7 +57,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".pg
 SAMPLE_SUBMISSION = "sampleSubmission.csv"
 
 
-class IngestError(ValueError):
+class IngestError(PipelineError, ValueError):
     """The input folder cannot be ingested; the message lists every reason."""
 
 
@@ -171,88 +173,6 @@ def discover(root: str | os.PathLike) -> tuple[list[str], list[Item], list[Item]
 
 
 # ---------------------------------------------------------------- decoding and conversion
-
-def to_gray8(image: "Image.Image", background: int) -> np.ndarray:  # noqa: F821
-    """8-bit grayscale of any PIL image: RGB(A), palette, 16-bit, float, bilevel.
-
-    Transparent pixels are composited onto the background (not black), and 16-bit images are
-    scaled by their type's range (>> 8), not clipped.
-    """
-    from PIL import Image
-
-    mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(image, dtype=np.int64)
-        if mode == "I" and arr.max(initial=0) > 65535:
-            arr = arr * 255 // max(1, int(arr.max()))
-            return arr.clip(0, 255).astype(np.uint8)
-        return (arr.clip(0, 65535) >> 8).astype(np.uint8)
-    if mode == "F":
-        arr = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
-        return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
-    if mode == "P" or "A" in mode or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (background,) * 3 + (255,))
-        image = Image.alpha_composite(canvas, rgba)
-    return np.asarray(image.convert("L"), dtype=np.uint8)
-
-
-def decode(path: str, background: int) -> np.ndarray:
-    """Decode a file to an HxW uint8 array; raise ValueError saying why it is bad."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"unreadable ({exc.strerror or exc})") from None
-    if not data:
-        raise ValueError("zero-byte file")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES is off)
-            gray = to_gray8(image, background)
-    except UnidentifiedImageError:
-        raise ValueError("not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"corrupt or truncated image ({exc})") from None
-    if gray.ndim != 2 or min(gray.shape) < 1:
-        raise ValueError(f"unexpected decoded shape {gray.shape}")
-    return gray
-
-
-# Below this border median the border is mostly organism, not background: leave it alone.
-WHITEN_MIN_LEVEL = 100
-
-
-def whiten(gray: np.ndarray, background: int) -> np.ndarray:
-    """Scale intensities so the median border pixel maps to ``background`` (dark stays dark).
-
-    A no-op on NDSB's images (their borders are already white); an image whose border is
-    mostly organism (median below ``WHITEN_MIN_LEVEL``) is left as it is.
-    """
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    level = float(np.median(border))
-    if level < WHITEN_MIN_LEVEL:
-        return gray
-    return np.clip(np.rint(gray * (background / level)), 0, 255).astype(np.uint8)
-
-
-def fit_square(gray: np.ndarray, size: int, background: int) -> np.ndarray:
-    """Resize the longer side to ``size`` keeping the aspect ratio; centre on a square."""
-    import cv2
-
-    h, w = gray.shape
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    # INTER_AREA averages when shrinking (no aliasing); cubic when enlarging small organisms.
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-    resized = cv2.resize(gray, (nw, nh), interpolation=interp) if scale != 1 else gray
-    out = np.full((size, size), background, dtype=np.uint8)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out[top:top + nh, left:left + nw] = resized
-    return out
-
 
 def encode_record(index: int, label: int, img: np.ndarray, settings: Settings) -> bytes:
     import mxnet as mx

@@ -6,7 +6,7 @@
 * ``valid``: the fold's out-of-fold training images (for fitting ensemble weights), and
 * ``test``: every test image, streamed batch by batch (memory does not grow with the set),
 
-and writes ``predictions/models/{split}--NET--foldK.npy`` + ``.names.txt`` (:mod:`pipeline.predictions`)
+and writes ``predictions/models/{split}--NET--foldK.npy`` + ``.names.txt`` (:mod:`pipeline.lib.predictions`)
 and ``metrics/predict--NET--foldK.json``: the validation log loss without TTA and with the
 first n views (n = 1, 2, 5, 10, ..., T), so every run reports what TTA bought.
 
@@ -14,10 +14,10 @@ The thesis averages 100 random augmentations per image (§6.2). The T transforms
 per model from the training ranges stored in the checkpoint, or from narrower ``tta.ranges``;
 ``tta.method: halton`` draws them quasi-randomly (more even coverage for small T). The warps run
 batched on tensors: one ``GridGenerator`` + ``BilinearSampler`` call turns a batch of B images
-into B*T views (:func:`pipeline.augment.tta_batch`). ``tta.n: 0`` predicts the plain images.
+into B*T views (:func:`pipeline.lib.augment.tta_batch`). ``tta.n: 0`` predicts the plain images.
 
 INT8 (``tta.int8``, default off): the fp32 net is quantized for CPU/oneDNN
-(:mod:`pipeline.quantize`), calibrated on ``tta.calib_images`` TTA-warped views of the fold's
+(:mod:`pipeline.lib.quantize`), calibrated on ``tta.calib_images`` TTA-warped views of the fold's
 *training* records (never its validation images), and every prediction runs through the INT8
 net. The metrics record whether INT8 was used and the views/s of each pass, so the speed and
 the log-loss cost can be read off the same file.
@@ -34,8 +34,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from pipeline import params as params_mod
-from pipeline.runtime import configure_threads
+from pipeline.lib import params as params_mod
+from pipeline.lib.runs import artifact_name, run_name
+from pipeline.lib.runtime import configure_threads
+from pipeline.lib.tta import predict_split, tta_curve_points, tta_matrices
+from pipeline.lib.errors import PipelineError
 
 DEFAULTS: dict[str, Any] = {
     "n": 100,
@@ -46,109 +49,17 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 4,         # images warped together (batch_size * n views)
     "max_views": 128,        # views per forward pass: bounds the activation memory
     "precision": "auto",     # float32 | bfloat16 | auto (bf16 convolutions, nets.precision)
-    "int8": False,           # predict with an INT8-quantized net (pipeline.quantize)
+    "int8": False,           # predict with an INT8-quantized net (pipeline.lib.quantize)
     "calib_images": 256,     # INT8 calibration views, from the fold's training records
     "calib_mode": "naive",   # naive (min/max) | entropy
     "int8_keep_fp32": [],    # layers left in fp32: first_conv, classifier
     "checkpoints": "checkpoints",
     "predictions": "predictions/models",
 }
-MEANS = ("probs", "logits", "geometric")
 
 
-class PredictError(ValueError):
+class PredictError(PipelineError, ValueError):
     """Invalid TTA settings or inputs."""
-
-
-def tta_matrices(ranges: dict[str, Any], n: int, size: int, method: str, seed: int
-                 ) -> np.ndarray:
-    """(n, 2, 3) forward pixel matrices; n = 0 gives the single identity transform."""
-    from pipeline.augment import AffineRanges, sample_matrices
-
-    if n == 0:
-        return np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
-    rng = np.random.default_rng(seed)
-    return sample_matrices(AffineRanges.from_dict(ranges), n, size, rng, method=method)
-
-
-def average(outputs: np.ndarray, mean: str) -> np.ndarray:
-    """Reduce logits (B, T, K) over the T views to probabilities (B, K) by ``mean``."""
-    if mean not in MEANS:
-        raise PredictError(f"tta.mean must be one of {MEANS}, got {mean!r}")
-    if mean == "logits":
-        return _softmax(outputs.mean(axis=1))
-    log_p = _log_softmax(outputs)
-    if mean == "geometric":
-        return _softmax(log_p.mean(axis=1))
-    return np.exp(log_p).mean(axis=1)
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    return np.exp(_log_softmax(z))
-
-
-def predict_batches(net, batches: Iterator[np.ndarray], matrices: np.ndarray, mean: str,
-                    prefixes: Sequence[int] = (), ctx=None, max_views: int = 128
-                    ) -> Iterator[tuple[np.ndarray, dict[int, np.ndarray]]]:
-    """For each (B, 1, H, W) model-input batch, yield (B, K) TTA-averaged probabilities and,
-    for every n in ``prefixes``, the average over the first n views only (the TTA curve)."""
-    import mxnet as mx
-
-    from pipeline.augment import tta_batch
-
-    ctx = ctx or mx.cpu()
-    t = len(matrices)
-    identity = t == 1 and np.allclose(matrices[0], [[1, 0, 0], [0, 1, 0]])
-    for x in batches:
-        data = mx.nd.array(x, ctx=ctx)
-        views = data if identity else tta_batch(data, matrices)
-        # The warped views are cheap to hold; the activations of a forward over all of them
-        # are not (~8 MiB per view at 128 px), so the net sees at most max_views at a time.
-        logits = np.concatenate([net(views[i:i + max_views]).asnumpy()
-                                 for i in range(0, views.shape[0], max_views)])
-        logits = logits.astype(np.float64).reshape(len(x), t, -1)
-        yield average(logits, mean), {n: average(logits[:, :n], mean) for n in prefixes}
-
-
-def predict_split(net, spec: dict[str, Any], reader, indices: Sequence[int], cfg: dict[str, Any],
-                  desc: str, prefixes: Sequence[int] = (), stats: dict[str, float] | None = None
-                  ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """TTA probabilities (N, K) of the records ``indices``, streamed in batches, and the
-    probabilities with only the first n views for each n in ``prefixes``. ``stats``, if given,
-    receives the wall time and the views/s of the pass."""
-    from tqdm import tqdm
-
-    from pipeline.data import BatchLoader
-
-    ranges = cfg["ranges"] or spec["augment"]
-    matrices = tta_matrices(ranges, cfg["n"], spec["size"], cfg["method"], cfg["seed"])
-    k = len(spec["classes"])
-    out = np.zeros((len(indices), k), dtype=np.float32)
-    curve = {n: np.zeros((len(indices), k), dtype=np.float32) for n in prefixes}
-    with BatchLoader(reader, indices, cfg["batch_size"], workers=1) as loader:
-        batches = (x for x, _ in loader.epoch(0))
-        bar = tqdm(total=len(indices), unit="img", desc=desc, mininterval=2)
-        t0, row = time.perf_counter(), 0
-        for probs, partial in predict_batches(net, batches, matrices, cfg["mean"], prefixes,
-                                              max_views=cfg["max_views"]):
-            out[row:row + len(probs)] = probs
-            for n, p in partial.items():
-                curve[n][row:row + len(p)] = p
-            row += len(probs)
-            bar.update(len(probs))
-        bar.close()
-    seconds = time.perf_counter() - t0
-    views_s = len(indices) * len(matrices) / max(seconds, 1e-9)
-    print(f"{desc}: {len(indices)} images x {len(matrices)} views in {seconds:.1f} s "
-          f"({len(indices) / max(seconds, 1e-9):.1f} img/s, {views_s:.0f} views/s)")
-    if stats is not None:
-        stats.update(seconds=round(seconds, 3), views_per_s=round(views_s, 1))
-    return out, curve
 
 
 def inference_net(net, spec: dict[str, Any], records: Path, train_idx: np.ndarray,
@@ -157,8 +68,8 @@ def inference_net(net, spec: dict[str, Any], records: Path, train_idx: np.ndarra
     metrics that describe it. INT8 calibrates on TTA views of ``train_idx`` only."""
     if not cfg["int8"]:
         return net, {"int8": False}
-    from pipeline.quantize import int8_net
-    from pipeline.records import RecordReader
+    from pipeline.lib.quantize import int8_net
+    from pipeline.lib.records import RecordReader
 
     if len(train_idx) == 0:
         raise PredictError("tta.int8 needs training records to calibrate on")
@@ -170,15 +81,9 @@ def inference_net(net, spec: dict[str, Any], records: Path, train_idx: np.ndarra
                   "quantize_seconds": round(time.perf_counter() - t0, 2)}
 
 
-def tta_curve_points(n: int) -> list[int]:
-    """The view counts at which the validation TTA curve is reported (1, 2, 5, 10, ... n)."""
-    points = [p for p in (1, 2, 5, 10, 20, 50, 100, 200, 500) if p < n]
-    return points + [n] if n > 0 else []
-
-
 def inference_precision(cfg: dict[str, Any]) -> str:
     """``tta.precision`` resolved for this machine; INT8 quantizes the float32 graph."""
-    from nets.precision import resolve_precision
+    from pipeline.lib.runtime import resolve_precision
 
     try:
         precision = resolve_precision(cfg["precision"])
@@ -199,10 +104,10 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
     The validation images have labels, so their log loss is measured without TTA and with the
     first n of the T views (n = 1, 2, 5, 10, ..., T): the effect of TTA, per model, every run.
     """
-    from pipeline.checkpoint import load_model, run_dir
-    from pipeline.fsutil import write_json
-    from pipeline.predictions import save_predictions
-    from pipeline.records import RecordReader, fold_indices, labels, load_meta
+    from pipeline.lib.checkpoint import load_model, run_dir
+    from pipeline.lib.fsutil import write_json
+    from pipeline.lib.predictions import save_predictions
+    from pipeline.lib.records import RecordReader, fold_indices, labels, load_meta
     from pipeline.score import accuracy, ndsb_log_loss
 
     if cfg["n"] < 0:
@@ -210,7 +115,7 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
     meta = load_meta(records)
     net, spec = load_model(run_dir(cfg["checkpoints"], net_name, fold))
     if spec["classes"] != meta["classes"] or spec["size"] != meta["size"]:
-        raise PredictError(f"{net_name}--fold{fold} was trained on other records "
+        raise PredictError(f"{run_name(net_name, fold)} was trained on other records "
                            "(classes or size differ from meta.json); retrain it")
     import nets
 
@@ -220,7 +125,7 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
     precision = inference_precision(cfg)
     nets.set_precision(net, precision)
     net.hybridize(static_alloc=True)
-    name = f"{net_name}--fold{fold}"
+    name = run_name(net_name, fold)
     metrics: dict[str, Any] = {"net": net_name, "fold": fold, "tta_n": cfg["n"],
                                "tta_mean": cfg["mean"], "tta_method": cfg["method"],
                                "precision": precision}
@@ -249,7 +154,7 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
     save_predictions(cfg["predictions"], "test", net_name, fold, probs,
                      [r["name"] for r in meta["test"]])
     metrics.update(test_images=len(probs), test_views_per_s=test_speed["views_per_s"])
-    write_json(Path(metrics_dir) / f"predict--{name}.json", metrics)
+    write_json(Path(metrics_dir) / f"{artifact_name('predict', net_name, fold)}.json", metrics)
     return metrics
 
 

@@ -2,7 +2,7 @@
 
 The notebooks in ``notebooks/`` and the ``report`` stage share this module, so both show the
 same numbers computed the same way. Everything here only *reads* what the stages wrote, through
-the stages' own modules (:mod:`pipeline.records`, :mod:`pipeline.predictions`,
+the stages' own modules (:mod:`pipeline.lib.records`, :mod:`pipeline.lib.predictions`,
 :mod:`pipeline.score`, :mod:`pipeline.ingest`):
 
 * loaders return ``pandas.DataFrame`` tables (one row per image, epoch, model, ...);
@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline import params as params_mod
-from pipeline import records
-from pipeline.fsutil import atomic_path, read_json, write_text
-from pipeline.ingest import decode
-from pipeline.predictions import load_predictions
-from pipeline.score import ndsb_log_loss, per_class_log_loss
+from pipeline.lib import params as params_mod
+from pipeline.lib import records
+from pipeline.lib.fsutil import atomic_path, read_json, write_text
+from pipeline.lib.images import decode
+from pipeline.lib.predictions import load_predictions
+from pipeline.lib.metrics import ndsb_log_loss, per_class_log_loss
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -27,9 +27,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline import params as params_mod
-from pipeline.fsutil import sha256
-from pipeline.synth import non_alphabetical, write_sample_submission
+from pipeline.lib import params as params_mod
+from pipeline.lib.fsutil import sha256
+from pipeline.lib.submission import non_alphabetical, write_sample_submission
+from pipeline.lib.errors import PipelineError
 
 WHEEL = "planktonclas-0.2.4-py3-none-any.whl"
 WHEEL_SHA256 = "8117093b31700306b047adfb50cab8cb6fde773ebbb9688409621416e25c1530"
@@ -43,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class SampleError(RuntimeError):
+class SampleError(PipelineError, RuntimeError):
     """The wheel could not be obtained or is not the expected one."""
 
 

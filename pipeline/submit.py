@@ -22,11 +22,11 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline import params
-from pipeline.fsutil import atomic_path, read_json
-from pipeline.predictions import (describe_mismatch, duplicates, load_prediction_file,
+from pipeline.lib import params
+from pipeline.lib.fsutil import atomic_path, read_json
+from pipeline.lib.predictions import (describe_mismatch, duplicates, load_prediction_file,
                                   row_indices)
-from pipeline.score import IMAGE_COLUMN, check_submission, read_sample
+from pipeline.lib.submission import IMAGE_COLUMN, SubmissionError, check_submission, read_sample
 
 FLOAT_FORMAT = "%.6g"
 

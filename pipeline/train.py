@@ -4,8 +4,8 @@
 and every fold in ``models.folds``; ``--fold -1`` trains on all labelled images).
 
 * Data: the fold's train records, augmented on the fly by the one affine parameterization of
-  :mod:`pipeline.augment` (rotation, translation, zoom, shear, stretch, flips; background fill),
-  decoded in worker processes with bounded prefetch (:mod:`pipeline.data`).
+  :mod:`pipeline.lib.augment` (rotation, translation, zoom, shear, stretch, flips; background fill),
+  decoded in worker processes with bounded prefetch (:mod:`pipeline.lib.data`).
 * Optimization (thesis §2.1.8-2.1.10): SGD with Nesterov momentum (MXNet ``nag``), weight
   decay, learning rate multiplied by ``lr_factor`` at each of ``lr_steps`` epochs (the thesis
   ran 0.01 x 400 -> 0.001 x 80 -> 0.0001 x 80 epochs).
@@ -15,12 +15,12 @@ and every fold in ``models.folds``; ``--fold -1`` trains on all labelled images)
   shard of the records and the gradients are summed by MXNet's parameter server.
 * Precision (``precision``, default ``auto``): ``bfloat16`` runs the convolutions in bfloat16
   with float32 master weights (:mod:`nets.precision`): 2.7x float32 on CPUs with AMX (which
-  :mod:`pipeline.runtime` enables), where it matched float32's validation log loss; ``auto``
+  :mod:`pipeline.lib.runtime` enables), where it matched float32's validation log loss; ``auto``
   picks it there and float32 elsewhere (on AVX512-BF16 without AMX it is 2x faster but cost
   ndsb_net1 +0.09 on the sample; BENCHMARKS.md). The requested precision is part of the
   checkpoint's fingerprint; the one used is recorded in it.
 * Every epoch: train loss, validation log loss and accuracy go to ``plots/train--{run}.tsv``
-  (``dvc plots``) and a crash-safe checkpoint (:mod:`pipeline.checkpoint`); a rerun resumes from
+  (``dvc plots``) and a crash-safe checkpoint (:mod:`pipeline.lib.checkpoint`); a rerun resumes from
   the newest intact one. A NaN/inf loss stops the run with a clear error; the last good
   checkpoint stays. At the end: ``metrics/train--{run}.json``, the final model and its plain
   (no TTA) out-of-fold predictions.
@@ -41,10 +41,12 @@ from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
-from pipeline import checkpoint
-from pipeline import params as params_mod
-from pipeline.fsutil import write_json, write_text
-from pipeline.runtime import configure_threads
+from pipeline.lib import checkpoint
+from pipeline.lib import params as params_mod
+from pipeline.lib.fsutil import write_json, write_text
+from pipeline.lib.runs import artifact_name, run_name
+from pipeline.lib.runtime import configure_threads
+from pipeline.lib.errors import PipelineError
 
 DEFAULTS: dict[str, Any] = {
     "net_kwargs": {},          # {net name: {kwarg: value}} passed to nets.get_model
@@ -63,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "kvstore": "device",
     "workers": 1,
     "prefetch": 4,
-    "augment": {},             # pipeline.augment.AffineRanges fields; {} = defaults
+    "augment": {},             # pipeline.lib.augment.AffineRanges fields; {} = defaults
     "checkpoints": "checkpoints",
     "metrics": "metrics",
     "plots": "plots",
@@ -74,7 +76,7 @@ RESUMABLE_KEYS = ("epochs", "workers", "prefetch", "checkpoints", "metrics", "pl
                   "kvstore")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PipelineError, RuntimeError):
     """Training cannot go on (diverged, or the configuration is invalid)."""
 
 
@@ -124,7 +126,7 @@ class Run:
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.name = f"{self.net}--fold{self.fold}"
+        self.name = run_name(self.net, self.fold)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -132,11 +134,11 @@ class Run:
 
     @property
     def metrics_path(self) -> Path:
-        return Path(self.cfg["metrics"]) / f"train--{self.name}.json"
+        return Path(self.cfg["metrics"]) / f"{artifact_name('train', self.net, self.fold)}.json"
 
     @property
     def plots_path(self) -> Path:
-        return Path(self.cfg["plots"]) / f"train--{self.name}.tsv"
+        return Path(self.cfg["plots"]) / f"{artifact_name('train', self.net, self.fold)}.tsv"
 
 
 def model_kwargs(run: Run, classes: int) -> dict[str, Any]:
@@ -153,7 +155,8 @@ def build(run: Run, classes: int, ctxs: list):
     import mxnet as mx
 
     import nets
-    from nets.precision import resolve_precision, set_precision
+    from nets.precision import set_precision
+    from pipeline.lib.runtime import resolve_precision
 
     kwargs = model_kwargs(run, classes)
     net = nets.get_model(run.net, **kwargs)
@@ -268,11 +271,10 @@ class Session:
 
 def open_session(run: Run) -> Session:
     """Load the fold's data, build the network and optimizer, resume if a checkpoint fits."""
-    from mxnet import gluon
-
-    from pipeline.augment import AffineRanges, build_train_transform
-    from pipeline.data import BatchLoader
-    from pipeline.records import RecordReader, fold_indices, load_meta
+    from pipeline.lib import sgd
+    from pipeline.lib.augment import AffineRanges, build_train_transform
+    from pipeline.lib.data import BatchLoader
+    from pipeline.lib.records import RecordReader, fold_indices, load_meta
 
     cfg = run.cfg
     meta = load_meta(run.records)
@@ -292,9 +294,7 @@ def open_session(run: Run) -> Session:
     valid_loader = BatchLoader(reader, valid_idx, 2 * batch, None, workers=0)
 
     net, kwargs, precision = build(run, len(meta["classes"]), ctxs)
-    trainer = gluon.Trainer(net.collect_params(), "nag",
-                            {"learning_rate": cfg["lr"], "momentum": cfg["momentum"],
-                             "wd": cfg["wd"]}, kvstore=kv, update_on_kvstore=False)
+    trainer = sgd.make_trainer(net, cfg["lr"], cfg["momentum"], cfg["wd"], kvstore=kv)
     spec = {"net": run.net, "kwargs": kwargs, "classes": meta["classes"], "size": meta["size"],
             "input": {"invert": True, "scale": 1 / 255, "background": meta["background"]},
             "augment": ranges.to_dict(), "fold": run.fold,
@@ -331,31 +331,26 @@ def _resume(s: Session) -> None:
 def run_epoch(s: Session, epoch: int, sync_first: bool) -> dict[str, Any]:
     """One pass over the training shard, then validation; returns the epoch's row."""
     import mxnet as mx
-    from mxnet import autograd, gluon
     from tqdm import tqdm
 
-    from pipeline.score import accuracy, ndsb_log_loss
+    from pipeline.lib import sgd
+    from pipeline.lib.metrics import accuracy, ndsb_log_loss
 
     cfg, run = s.run.cfg, s.run
     lr = lr_at(epoch, cfg["lr"], cfg["lr_steps"], cfg["lr_factor"])
     s.trainer.set_learning_rate(lr)
     mx.random.seed(cfg["seed"] * 100003 + epoch)  # RReLU/dropout noise per epoch
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    loss_fn = sgd.loss_function()
     t0, seen, total = time.perf_counter(), 0, 0.0
     bar = tqdm(s.train_loader.epoch(epoch), total=len(s.train_loader), unit="batch",
                desc=f"{run.name} epoch {epoch + 1}/{cfg['epochs']}", mininterval=2,
                disable=s.rank != 0)
     for x, y in bar:
-        xs = gluon.utils.split_and_load(x, s.ctxs, even_split=False)
-        ys = gluon.utils.split_and_load(y, s.ctxs, even_split=False)
-        with autograd.record():
-            losses = [loss_fn(s.net(xi), yi) for xi, yi in zip(xs, ys)]
-        autograd.backward(losses)
-        if sync_first:  # dist: weights must arrive before the first gradient leaves
-            finish_initial_broadcast(s.trainer)
-            sync_first = False
-        s.trainer.step(len(x) * s.n_workers)
-        batch_loss = sum(l.sum().asscalar() for l in losses)
+        # dist: the initial weights must arrive before the first gradient leaves.
+        first = (lambda: finish_initial_broadcast(s.trainer)) if sync_first else None
+        batch_loss = sgd.step(s.net, s.trainer, loss_fn, x, y, s.ctxs,
+                              scale=len(x) * s.n_workers, before_update=first)
+        sync_first = False
         if not math.isfinite(batch_loss):
             raise TrainingError(
                 f"{run.name}: loss became {batch_loss} in epoch {epoch + 1} (lr {lr:g}); "
@@ -376,7 +371,7 @@ def run_epoch(s: Session, epoch: int, sync_first: bool) -> dict[str, Any]:
 
 def finish(s: Session) -> dict[str, Any]:
     """Publish the final model, its out-of-fold predictions and the run's metrics."""
-    from pipeline.predictions import save_prediction_file
+    from pipeline.lib.predictions import save_prediction_file
 
     run, cfg = s.run, s.run.cfg
     final = checkpoint.latest(run.ckpt_dir)

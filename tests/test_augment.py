@@ -1,4 +1,4 @@
-"""Tests for pipeline.augment: sampled ranges, matrix convention, and train (cv2) == TTA (MXNet)."""
+"""Tests for pipeline.lib.augment: sampled ranges, matrix convention, and train (cv2) == TTA (MXNet)."""
 from __future__ import annotations
 
 import multiprocessing
@@ -12,7 +12,7 @@ import yaml
 from scipy import stats
 from scipy.stats import qmc
 
-from pipeline import augment as au
+from pipeline.lib import augment as au
 
 N = 4000  # draws for the statistical tests; seeds are fixed, so these are deterministic
 
@@ -308,7 +308,7 @@ def _reseeded_worker_rotation(seed: int) -> float:
 
 
 def test_reseed_in_a_worker_gives_the_same_stream_as_in_the_parent():
-    """Per-batch reseeding (pipeline.data) must not depend on which worker runs the batch."""
+    """Per-batch reseeding (pipeline.lib.data) must not depend on which worker runs the batch."""
     t = au.RandomAffineNDSB(seed=11)
     expected = []
     for seed in range(4):

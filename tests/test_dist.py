@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import launch as L
+from pipeline.tools import launch as L
 from tests.conftest import ROOT
 
 PY = sys.executable
@@ -272,7 +272,7 @@ def _dist_job(tmp_path: Path, **env_extra: str) -> tuple[int, str, float]:
     18 per worker); leaky ReLU without batch norm, so the run is deterministic.
     """
     from pipeline.ingest import Settings, ingest
-    from pipeline.synth import generate
+    from pipeline.tools.synth import generate
 
     generate(tmp_path / "ndsb", classes=3, per_class=24, test=3, seed=0, max_size=64)
     ingest(tmp_path / "ndsb", tmp_path / "records", Settings(size=32), folds=2, workers=1)

@@ -43,7 +43,7 @@ def tiny_params(params: dict, root: Path) -> dict:
 
 
 def test_dvc_repro_on_tiny_synthetic_folder(tmp_path):
-    from pipeline.synth import generate
+    from pipeline.tools.synth import generate
 
     data = tmp_path / "ndsb"
     generate(data, classes=3, per_class=8, test=6, seed=3, max_size=80)

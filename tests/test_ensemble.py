@@ -8,10 +8,10 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from pipeline import predictions as preds_mod
+from pipeline.lib import predictions as preds_mod
 from pipeline.ensemble import (EnsembleError, MissingPredictionsError, fit_weights, main, run)
-from pipeline.fsutil import write_json
-from pipeline.predictions import (load_prediction_file, load_predictions, prediction_path,
+from pipeline.lib.fsutil import write_json
+from pipeline.lib.predictions import (load_prediction_file, load_predictions, prediction_path,
                                   save_predictions)
 from pipeline.score import ndsb_log_loss
 

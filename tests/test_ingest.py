@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from pipeline.ingest import IngestError, Settings, fit_square, ingest, stratified_folds
-from pipeline.records import RecordReader, fold_indices, load_meta
-from pipeline.synth import write_sample_submission
+from pipeline.lib.records import RecordReader, fold_indices, load_meta
+from pipeline.tools.synth import write_sample_submission
 from tests.conftest import organism, write_png
 
 SIZE = 32
@@ -189,7 +189,7 @@ def test_deterministic_bytes(ndsb_folder, tmp_path):
 
 
 def test_parallel_ingest_of_many_files_matches_serial(tmp_path):
-    from pipeline.synth import generate
+    from pipeline.tools.synth import generate
 
     generate(tmp_path / "synth", classes=4, per_class=30, test=20, seed=1, max_size=60)
     serial = run(tmp_path / "synth", tmp_path / "s", workers=1)
@@ -220,7 +220,7 @@ def test_fold_indices_partition(ndsb_folder, tmp_path):
 
 
 def test_load_meta_detects_mismatched_records(ndsb_folder, tmp_path):
-    from pipeline.records import RecordsError
+    from pipeline.lib.records import RecordsError
 
     out = tmp_path / "rec"
     run(ndsb_folder, out)

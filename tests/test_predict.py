@@ -8,12 +8,13 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from pipeline import params
+from pipeline.lib import params
 from pipeline import predict as P
+from pipeline.lib import tta
 from pipeline import train as T
 from pipeline.ingest import Settings, ingest
-from pipeline.predictions import load_predictions
-from pipeline.synth import generate
+from pipeline.lib.predictions import load_predictions
+from pipeline.tools.synth import generate
 
 NET = "lenet"
 
@@ -76,33 +77,33 @@ def test_tta_is_deterministic_given_seed_and_batch_size_independent(trained, tmp
 
 def test_averaging_modes_on_constructed_logits():
     logits = np.log(np.array([[[0.7, 0.2, 0.1], [0.1, 0.2, 0.7]]]))  # 1 image, 2 views
-    probs = P.average(logits, "probs")
+    probs = tta.average(logits, "probs")
     np.testing.assert_allclose(probs, [[0.4, 0.2, 0.4]])
-    geo = P.average(logits, "geometric")
+    geo = tta.average(logits, "geometric")
     g = np.sqrt([0.07, 0.04, 0.07])
     np.testing.assert_allclose(geo, [g / g.sum()])
     shifted = logits + np.array([[[5.0], [-3.0]]])  # per-view constants: same softmax
-    np.testing.assert_allclose(P.average(shifted, "geometric"), geo)
-    lg = P.average(logits, "logits")
+    np.testing.assert_allclose(tta.average(shifted, "geometric"), geo)
+    lg = tta.average(logits, "logits")
     np.testing.assert_allclose(lg, geo)  # log-softmax inputs: mean logit = geometric mean
-    with pytest.raises(P.PredictError, match="tta.mean"):
-        P.average(logits, "median")
+    with pytest.raises(tta.TTAError, match="tta.mean"):
+        tta.average(logits, "median")
 
 
 def test_tta_matrices_halton_and_identity():
-    m0 = P.tta_matrices({}, 0, 32, "random", 0)
+    m0 = tta.tta_matrices({}, 0, 32, "random", 0)
     assert m0.shape == (1, 2, 3) and np.allclose(m0[0], [[1, 0, 0], [0, 1, 0]])
-    h1 = P.tta_matrices({}, 16, 32, "halton", 3)
-    h2 = P.tta_matrices({}, 16, 32, "halton", 3)
+    h1 = tta.tta_matrices({}, 16, 32, "halton", 3)
+    h2 = tta.tta_matrices({}, 16, 32, "halton", 3)
     assert h1.shape == (16, 2, 3) and np.array_equal(h1, h2)
-    assert P.tta_curve_points(100) == [1, 2, 5, 10, 20, 50, 100]
-    assert P.tta_curve_points(0) == []
+    assert tta.tta_curve_points(100) == [1, 2, 5, 10, 20, 50, 100]
+    assert tta.tta_curve_points(0) == []
 
 
 def test_int8_predictions_are_close_to_fp32_and_calibrate_on_training_records_only(
         trained, tmp_path, monkeypatch):
-    from pipeline import quantize as Q
-    from pipeline.records import fold_indices, load_meta
+    from pipeline.lib import quantize as Q
+    from pipeline.lib.records import fold_indices, load_meta
 
     records, ck = trained
     seen: list[np.ndarray] = []
@@ -134,7 +135,7 @@ def test_int8_predictions_are_close_to_fp32_and_calibrate_on_training_records_on
 
 
 def test_calibration_plan_is_deterministic_and_spreads_views():
-    from pipeline.quantize import QuantizeError, calibration_plan
+    from pipeline.lib.quantize import QuantizeError, calibration_plan
 
     train = np.array([3, 5, 8, 13, 21])
     rec, tr = calibration_plan(train, 12, 4, seed=7)
@@ -149,8 +150,8 @@ def test_calibration_plan_is_deterministic_and_spreads_views():
 
 
 def test_int8_settings_are_validated(trained):
-    from pipeline.checkpoint import load_model, run_dir
-    from pipeline.quantize import QuantizeError, layer_names, quantize
+    from pipeline.lib.checkpoint import load_model, run_dir
+    from pipeline.lib.quantize import QuantizeError, layer_names, quantize
 
     net, _ = load_model(run_dir(trained[1], NET, 0))
     net.hybridize()
@@ -167,7 +168,7 @@ def test_precision_settings_are_validated():
     assert P.inference_precision({"precision": "auto", "int8": True}) == "float32"
     with pytest.raises(P.PredictError, match="tta.precision"):
         P.inference_precision({"precision": "half", "int8": False})
-    from nets.precision import native_bfloat16
+    from pipeline.lib.runtime import native_bfloat16
 
     if native_bfloat16():
         with pytest.raises(P.PredictError, match="int8"):
@@ -187,8 +188,8 @@ def test_bfloat16_tta_is_close_to_float32(trained, tmp_path):
 
 
 def test_percentile_calibration_clips_rare_outliers(trained):
-    from pipeline.checkpoint import load_model, run_dir
-    from pipeline.quantize import PercentileCollector, quantize
+    from pipeline.lib.checkpoint import load_model, run_dir
+    from pipeline.lib.quantize import PercentileCollector, quantize
 
     def owned_handle(array):  # MXNet's monitor hands the collector a handle it then owns
         copy = array.copy()

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from pipeline import report as R
-from pipeline.fsutil import write_json
+from pipeline.lib.fsutil import write_json
 from tests.conftest import ROOT
 
 # lenet (RReLU) and a slim vgg16 (ReLU): two nets with two activations, each trains in seconds.
@@ -37,9 +37,10 @@ def build_run(base: Path) -> Path:
     """
     if (base / BUILT).exists():
         return base
-    from pipeline import ensemble, params, predict, train
+    from pipeline import ensemble, predict, train
+    from pipeline.lib import params
     from pipeline.ingest import Settings, ingest
-    from pipeline.synth import generate
+    from pipeline.tools.synth import generate
 
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)

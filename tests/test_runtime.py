@@ -1,4 +1,4 @@
-"""Process set-up: threads and AMX (pipeline.runtime), and what ``auto`` precision makes of it."""
+"""Process set-up: threads and AMX (pipeline.lib.runtime), and what ``auto`` precision makes of it."""
 from __future__ import annotations
 
 import os
@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from nets import precision
-from pipeline import runtime
+from pipeline.lib import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
-HAS_AMX = "amx_bf16" in precision.cpu_flags()
+HAS_AMX = "amx_bf16" in runtime.cpu_flags()
 
 
 def test_user_isa_setting_wins(monkeypatch):
@@ -23,7 +22,7 @@ def test_user_isa_setting_wins(monkeypatch):
 
 def test_no_amx_cpu_sets_nothing(monkeypatch):
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
-    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     assert runtime.request_amx() is False
     assert runtime.enable_amx() is False
     assert "DNNL_MAX_CPU_ISA" not in os.environ
@@ -36,13 +35,13 @@ def test_no_amx_cpu_sets_nothing(monkeypatch):
     ({"avx2", "fma"}, False, False, False),
 ])
 def test_auto_precision_follows_the_usable_kernels(monkeypatch, flags, permitted, infer, train):
-    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
-    monkeypatch.setattr(precision, "amx_permitted", lambda: permitted)
-    assert precision.native_bfloat16() is infer
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(runtime, "amx_permitted", lambda: permitted)
+    assert runtime.native_bfloat16() is infer
     name = {True: "bfloat16", False: "float32"}
-    assert precision.resolve_precision("auto") == name[infer]
-    assert precision.resolve_precision("auto", training=True) == name[train]
-    assert precision.resolve_precision("float32", training=True) == "float32"
+    assert runtime.resolve_precision("auto") == name[infer]
+    assert runtime.resolve_precision("auto", training=True) == name[train]
+    assert runtime.resolve_precision("float32", training=True) == "float32"
 
 
 @pytest.mark.skipif(not HAS_AMX, reason="CPU without AMX")
@@ -50,11 +49,12 @@ def test_enable_amx_runs_amx_kernels_and_leaves_no_variable_behind():
     code = (
         "import os, sys; sys.path.insert(0, %r)\n"
         "os.environ.pop('DNNL_MAX_CPU_ISA', None)\n"
-        "from pipeline.runtime import enable_amx\n"
+        "from pipeline.lib.runtime import enable_amx\n"
         "assert enable_amx()\n"
         "assert 'DNNL_MAX_CPU_ISA' not in os.environ  # children never inherit it\n"
         "import mxnet as mx\n"
-        "from nets.precision import amx_permitted, bfloat16\n"
+        "from nets.precision import bfloat16\n"
+        "from pipeline.lib.runtime import amx_permitted\n"
         "assert amx_permitted()\n"
         "x = mx.nd.amp_cast(mx.nd.ones((2, 16, 8, 8)), dtype=bfloat16())\n"
         "w = mx.nd.amp_cast(mx.nd.ones((16, 16, 3, 3)), dtype=bfloat16())\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import params
+from pipeline.lib import params
 from pipeline import sample as S
 from pipeline import train as T
 from pipeline.ingest import Settings, ingest

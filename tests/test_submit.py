@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.fsutil import write_json
-from pipeline.predictions import save_prediction_file
+from pipeline.lib.fsutil import write_json
+from pipeline.lib.predictions import save_prediction_file
 from pipeline.score import check_submission
 from pipeline.submit import SubmitError, build_submission, main, make_submission
 

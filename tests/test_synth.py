@@ -6,7 +6,7 @@ import csv
 import numpy as np
 from PIL import Image
 
-from pipeline.synth import class_names, generate, main
+from pipeline.tools.synth import class_names, generate, main
 
 
 def test_generate_writes_an_ndsb_layout(tmp_path):

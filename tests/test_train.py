@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import checkpoint, params
+from pipeline.lib import checkpoint, params
 from pipeline import train as T
 from pipeline.ingest import Settings, ingest
-from pipeline.synth import generate
+from pipeline.tools.synth import generate
 from tests.conftest import ROOT
 
 NET = "lenet"
@@ -85,7 +85,7 @@ def test_train_writes_metrics_plots_checkpoint_and_oof(records, tmp_path):
     assert len(plot) == 3 and plot[2].split("\t")[1] == "0.001"
     saved = json.loads((tmp_path / "m" / f"train--{NET}--fold0.json").read_text())
     assert saved["valid_logloss"] == pytest.approx(metrics["valid_logloss"])
-    from pipeline.predictions import load_prediction_file
+    from pipeline.lib.predictions import load_prediction_file
 
     probs, names = load_prediction_file(run_dir / "valid.npy")
     assert len(names) == saved["valid_images"] and np.allclose(probs.sum(1), 1, atol=1e-5)
@@ -127,7 +127,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(records, tmp_path):
 
 
 def test_precision_is_recorded_and_part_of_the_fingerprint(records, tmp_path, capsys):
-    from nets.precision import native_bfloat16
+    from pipeline.lib.runtime import native_bfloat16
 
     T.train(T.Run(NET, 0, config(tmp_path, epochs=1, precision="float32"), records))
     run_dir = tmp_path / "ck" / f"{NET}--fold0"

@@ -20,7 +20,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.fsutil import read_json
+from pipeline.lib.fsutil import read_json
+from pipeline.lib.errors import PipelineError
 
 SPLITS = ("train", "test")
 META = "meta.json"
@@ -28,7 +29,7 @@ BAD_FILES = "bad_files.json"
 META_VERSION = 1
 
 
-class RecordsError(RuntimeError):
+class RecordsError(PipelineError, RuntimeError):
     """The records directory is missing, incomplete or inconsistent with meta.json."""
 
 

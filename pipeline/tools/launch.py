@@ -46,7 +46,8 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Mapping, Sequence
 
-from pipeline.runtime import available_cpus
+from pipeline.lib.runtime import available_cpus
+from pipeline.lib.errors import PipelineError
 
 ROLES = ("scheduler", "server", "worker")
 SERVER_CMD: tuple[str, ...] = (sys.executable, "-c", "import mxnet")
@@ -58,7 +59,7 @@ SERVER_GRACE_S = 10.0   # after the workers succeed, servers normally exit on th
 KILL_GRACE_S = 5.0      # SIGTERM -> SIGKILL
 
 
-class LaunchError(RuntimeError):
+class LaunchError(PipelineError, RuntimeError):
     """The launch request is inconsistent (missing DMLC_* settings, bad counts, no command)."""
 
 

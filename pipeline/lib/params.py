@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+from pipeline.lib.errors import PipelineError
 
 PARAMS_FILE = "params.yaml"
 
 
-class ParamsError(ValueError):
+class ParamsError(PipelineError, ValueError):
     """params.yaml is missing a section, or has an unknown or ill-typed key."""
 
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from pipeline.records import RecordReader
+from pipeline.lib.records import RecordReader
 
 # Worker-process state, inherited through fork (a RecordReader re-opens its handle per pid).
 _STATE: dict[str, Any] = {}
@@ -54,7 +54,7 @@ class BatchLoader:
     """Iterate (input, label) numpy batches over ``indices`` of one split's records.
 
     ``transform`` is an albumentations pipeline ending in an affine with a ``reseed`` method
-    (:func:`pipeline.augment.build_train_transform`), or None for plain decoding.
+    (:func:`pipeline.lib.augment.build_train_transform`), or None for plain decoding.
     """
 
     def __init__(self, reader: RecordReader, indices: Sequence[int], batch_size: int,

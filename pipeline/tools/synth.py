@@ -16,11 +16,12 @@ sizes vary as NDSB's do (tens to a few hundred pixels a side).
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from pipeline.lib.submission import SAMPLE_SUBMISSION, non_alphabetical, write_sample_submission
 
 SHAPES = ("ellipse", "rectangle", "triangle", "star", "ring", "cross", "crescent", "chain")
 
@@ -114,28 +115,10 @@ def generate(out: str | Path, classes: int = 10, per_class: int = 20, test: int 
             cv2.imwrite(str(out / "test" / name), draw(str(cls), rng, min_size, max_size))
             writer.writerow([name, cls])
     if sample_submission:
-        write_sample_submission(out / "sampleSubmission.csv",
+        write_sample_submission(out / SAMPLE_SUBMISSION,
                                 [f"{j + 1:06d}.jpg" for j in range(test)],
                                 non_alphabetical(names, rng))
     return names
-
-
-def non_alphabetical(names: Sequence[str], rng: np.random.Generator) -> list[str]:
-    """A shuffled order that is guaranteed not to be sorted (as in the real NDSB file)."""
-    order = list(rng.permutation(list(names)))
-    if len(order) > 1 and order == sorted(order):
-        order[0], order[1] = order[1], order[0]
-    return order
-
-
-def write_sample_submission(path: Path, images: Sequence[str], classes: Sequence[str]) -> None:
-    """A Kaggle-style sample submission: uniform probabilities, the given column order."""
-    uniform = f"{1 / len(classes):.6g}"
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", *classes])
-        for image in images:
-            writer.writerow([image] + [uniform] * len(classes))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

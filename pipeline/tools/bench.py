@@ -16,16 +16,16 @@ line when run back to back. ``--what`` adds further lines (``--what all`` = ever
   by oneDNN (``optimize_for(backend='MKLDNN')``), and INT8 quantized
   (``quantize_net_v2``, naive calibration on synthetic training records); speed ratios and the
   logit error against fp32.
-* ``tta``    100-fold TTA through :func:`pipeline.predict.predict_batches` (warps + net +
+* ``tta``    100-fold TTA through :func:`pipeline.lib.tta.predict_batches` (warps + net +
   averaging), in views/s, for every inference variant built in this run.
-* ``data``   record decode + training augmentation (:class:`pipeline.data.BatchLoader` with
-  :func:`pipeline.augment.build_train_transform`) in ONE process, i.e. per loader worker,
+* ``data``   record decode + training augmentation (:class:`pipeline.lib.data.BatchLoader` with
+  :func:`pipeline.lib.augment.build_train_transform`) in ONE process, i.e. per loader worker,
   against the training step.
 * ``ingest`` :func:`pipeline.ingest.ingest` of NDSB-sized synthetic images (24..300 px) on all
   cores, at 64 px and at ``--size``.
 * ``cost``   multiply-adds per image (:func:`nets.summary.summarize`) and the GFLOP/s achieved.
 * ``memory`` peak RSS of training at ``--memory-batch`` and of 100-fold TTA (the real
-  :func:`pipeline.predict.predict_split`) over two numbers of test images, each in its own
+  :func:`pipeline.lib.tta.predict_split`) over two numbers of test images, each in its own
   subprocess so every peak is separate.
 
 Why a module and not a notebook: the figures in BENCHMARKS.md must be reproducible with one
@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from pipeline.runtime import available_cpus
+from pipeline.lib.runtime import available_cpus, cpu_kind
 
 CLASSES = 121
 MODES = ("train", "infer", "int8", "tta", "data", "ingest", "cost", "memory")
@@ -141,27 +141,20 @@ def hybridize(net, mode: str):
 def train_rate(name: str, act: str, bn: bool, batch: int, size: int, seconds: float,
                hybrid: str = "static", min_steps: int = 3, precision: str = "float32",
                rrelu_impl: str = "auto") -> float:
-    """Training img/s: the loop body of :func:`pipeline.train.train` on one fixed batch."""
+    """Training img/s: the training step of :mod:`pipeline.lib.sgd` on one fixed batch."""
     import mxnet as mx
-    from mxnet import autograd, gluon
+
+    from pipeline.lib import sgd
 
     net = hybridize(build_net(name, act, bn, precision=precision, rrelu_impl=rrelu_impl),
                     hybrid)
-    trainer = gluon.Trainer(net.collect_params(), "nag",
-                            {"learning_rate": 0.01, "momentum": 0.9, "wd": 0.0001},
-                            kvstore="device", update_on_kvstore=False)
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    trainer = sgd.make_trainer(net, lr=0.01, momentum=0.9, wd=0.0001)
+    loss_fn = sgd.loss_function()
     x, y = random_batch(batch, size)
     ctxs = [mx.cpu()]
 
     def step() -> int:
-        xs = gluon.utils.split_and_load(x, ctxs, even_split=False)
-        ys = gluon.utils.split_and_load(y, ctxs, even_split=False)
-        with autograd.record():
-            losses = [loss_fn(net(xi), yi) for xi, yi in zip(xs, ys)]
-        autograd.backward(losses)
-        trainer.step(len(x))
-        loss = sum(l.sum().asscalar() for l in losses)
+        loss = sgd.step(net, trainer, loss_fn, x, y, ctxs)
         if not np.isfinite(loss):
             raise RuntimeError(f"benchmark loss became {loss}")
         return len(x)
@@ -213,8 +206,8 @@ def logit_error(ref, other, images: np.ndarray) -> dict[str, float]:
 
 
 def tta_rate(net, images: np.ndarray, n_views: int, tta_batch: int, seconds: float) -> float:
-    """Views/s of :func:`pipeline.predict.predict_batches` (warps + net + averaging)."""
-    from pipeline.predict import predict_batches, tta_matrices
+    """Views/s of :func:`pipeline.lib.tta.predict_batches` (warps + net + averaging)."""
+    from pipeline.lib.tta import predict_batches, tta_matrices
 
     size = images.shape[-1]
     matrices = tta_matrices({}, n_views, size, "random", 0)
@@ -233,7 +226,7 @@ def tta_rate(net, images: np.ndarray, n_views: int, tta_batch: int, seconds: flo
 def synthetic_folder(root: Path, images: int, test: int = 8, classes: int = 10,
                      seed: int = 0) -> Path:
     """An NDSB-shaped folder of ``images`` training images, 24..300 px (cached in ``root``)."""
-    from pipeline.synth import generate
+    from pipeline.tools.synth import generate
 
     per_class = max(1, images // classes)
     folder = root / f"synth-{classes}x{per_class}-{test}"
@@ -250,7 +243,7 @@ def ingest_records(folder: Path, out: Path, size: int, workers: int, reuse: bool
     With ``reuse`` an earlier ingest in ``out`` is kept (seconds is then NaN).
     """
     from pipeline.ingest import Settings, ingest
-    from pipeline.records import META
+    from pipeline.lib.records import META
 
     if reuse and (out / META).exists():
         meta = json.loads((out / META).read_text())
@@ -263,9 +256,9 @@ def ingest_records(folder: Path, out: Path, size: int, workers: int, reuse: bool
 
 def data_rate(records: Path, size: int, batch: int, seconds: float) -> float:
     """Decode + training augmentation img/s of one loader worker (in this process)."""
-    from pipeline.augment import AffineRanges, build_train_transform
-    from pipeline.data import BatchLoader
-    from pipeline.records import RecordReader, load_meta
+    from pipeline.lib.augment import AffineRanges, build_train_transform
+    from pipeline.lib.data import BatchLoader
+    from pipeline.lib.records import RecordReader, load_meta
 
     meta = load_meta(records)
     reader = RecordReader(records, "train")
@@ -288,8 +281,8 @@ def data_rate(records: Path, size: int, batch: int, seconds: float) -> float:
 
 def calibration_images(records: Path, count: int) -> np.ndarray:
     """Model inputs of the first ``count`` training records (no augmentation)."""
-    from pipeline.data import to_input
-    from pipeline.records import RecordReader
+    from pipeline.lib.data import to_input
+    from pipeline.lib.records import RecordReader
 
     reader = RecordReader(records, "train")
     count = min(count, len(reader))
@@ -309,8 +302,9 @@ def probe_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def probe_tta(args: argparse.Namespace) -> dict[str, Any]:
     """Peak RSS of 100-fold TTA over the first ``args.images`` test records, as predict runs."""
-    from pipeline.predict import DEFAULTS, predict_split
-    from pipeline.records import RecordReader
+    from pipeline.lib.tta import predict_split
+    from pipeline.predict import DEFAULTS
+    from pipeline.lib.records import RecordReader
 
     net = hybridize(build_net(args.net, args.act, args.bn, deterministic=True,
                               precision=args.precision), "alloc")
@@ -331,7 +325,7 @@ def probe_tta(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_probe(argv: list[str]) -> dict[str, Any]:
     """Run ``python -m pipeline.bench --probe ...`` in a subprocess; return its JSON line."""
-    done = subprocess.run([sys.executable, "-m", "pipeline.bench", *argv], check=True,
+    done = subprocess.run([sys.executable, "-m", "pipeline.tools.bench", *argv], check=True,
                           stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
     lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
     return json.loads(lines[-1])
@@ -348,7 +342,7 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
     what = set(args.what)
     common = {"net": args.net, "act": args.act, "batch": args.batch, "size": args.size,
               "threads": args.threads, "bn": args.bn, "precision": args.precision,
-              "amx": args.amx}
+              "amx": args.amx, "cpu": cpu_kind()}
     env = env_settings()
     results: dict[str, Any] = {}
 
@@ -400,14 +394,14 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
         fused = fused_net(args.net, args.act, args.bn, plain, args.batch, args.size, workdir)
         fused_rate = infer_rate(fused, args.batch, args.size, args.seconds)
         calib = calibration_images(records, args.calib_images)
-        from pipeline.quantize import quantize
+        from pipeline.lib.quantize import quantize
 
         quantized = quantize(det, calib)  # exactly what predict runs with tta.int8
         quantized.hybridize(static_alloc=True, static_shape=True)
         int8_rate = infer_rate(quantized, args.batch, args.size, args.seconds)
         variants.update(fused=fused, int8=quantized)
         bf16 = None
-        from nets.precision import native_bfloat16
+        from pipeline.lib.runtime import native_bfloat16
 
         if native_bfloat16():  # tta.precision: auto on this CPU
             bf16 = hybridize(inference_copy(plain, args, "bfloat16", workdir), "static")
@@ -519,13 +513,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    # Before mxnet is imported (pipeline.runtime.configure_threads, but --threads wins).
+    # Before mxnet is imported (pipeline.lib.runtime.configure_threads, but --threads wins).
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("MXNET_CPU_WORKER_NTHREADS", str(args.threads))
-    from pipeline.runtime import enable_amx
+    from pipeline.lib.runtime import enable_amx
 
     args.amx = enable_amx()
-    from nets.precision import resolve_precision
+    from pipeline.lib.runtime import resolve_precision
 
     args.precision = resolve_precision(args.precision, training=True)
     args.infer_precision = resolve_precision(args.infer_precision)

@@ -26,6 +26,7 @@ import warnings
 from typing import Any, Sequence
 
 import numpy as np
+from pipeline.lib.errors import PipelineError
 
 CALIB_MODES = ("naive", "entropy", "percentile")
 PERCENTILE = 99.99        # percentile calibration: share of each layer's values kept in range
@@ -33,7 +34,7 @@ KEEP_FP32 = ("first_conv", "classifier")
 CALIB_BATCH = 64          # calibration forward batch: bounds memory, any size gives same ranges
 
 
-class QuantizeError(ValueError):
+class QuantizeError(PipelineError, ValueError):
     """Invalid INT8 settings."""
 
 
@@ -60,11 +61,11 @@ def calibration_plan(train_idx: Sequence[int], count: int, n_transforms: int, se
 def calibration_inputs(reader, records: np.ndarray, transforms: np.ndarray,
                        matrices: np.ndarray) -> np.ndarray:
     """Model inputs (N, 1, H, W): record ``records[i]`` warped by ``matrices[transforms[i]]``,
-    the same batched warp predict applies (:func:`pipeline.augment.warp_batch`)."""
+    the same batched warp predict applies (:func:`pipeline.lib.augment.warp_batch`)."""
     import mxnet as mx
 
-    from pipeline.augment import warp_batch
-    from pipeline.data import to_input
+    from pipeline.lib.augment import warp_batch
+    from pipeline.lib.data import to_input
 
     unique, inverse = np.unique(records, return_inverse=True)
     images = to_input(np.stack([reader.read(int(i))[1] for i in unique]))[inverse]

@@ -19,7 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.fsutil import atomic_path
+from pipeline.lib.fsutil import atomic_path
+from pipeline.lib.runs import artifact_name
 
 SPLITS = ("valid", "test")
 NAMES_SUFFIX = ".names.txt"
@@ -33,11 +34,7 @@ def prediction_path(directory: str | os.PathLike, split: str, net: str,
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    # "--" separates the fields and "/" would leave the directory, so neither may occur in a net.
-    if not net or "--" in net or "/" in net or os.sep in net:
-        raise ValueError(f"invalid net name {net!r} (must be non-empty, without '--' or '/')")
-    stem = f"{split}--{net}" if fold is None else f"{split}--{net}--fold{int(fold)}"
-    return Path(directory) / f"{stem}.npy"
+    return Path(directory) / f"{artifact_name(split, net, fold)}.npy"
 
 
 def names_path(npy_path: str | os.PathLike) -> Path:

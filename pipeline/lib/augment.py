@@ -55,6 +55,7 @@ import albumentations as A
 import cv2
 import mxnet as mx
 import numpy as np
+from pipeline.lib.errors import PipelineError
 
 Params = Dict[str, np.ndarray]
 Size = Union[int, Tuple[int, int]]
@@ -66,7 +67,7 @@ _N_DIMS = len(PARAM_NAMES)
 METHODS = ("random", "halton")
 
 
-class RangesError(ValueError):
+class RangesError(PipelineError, ValueError):
     """An augmentation range is unknown, malformed or out of its valid domain."""
 
 
@@ -334,7 +335,7 @@ class RandomAffineNDSB(A.ImageOnlyTransform):
     restarts the stream (e.g. per epoch).
 
     ``reseed(seed)`` makes the stream exactly ``default_rng(seed)`` in whichever process calls
-    it, so re-seeding per batch from (seed, epoch, batch) - as :mod:`pipeline.data` does inside
+    it, so re-seeding per batch from (seed, epoch, batch) - as :mod:`pipeline.lib.data` does inside
     its workers - gives the same augmented batches for any number of workers.
 
     A stream that was NOT re-seeded in the current process is inherited (fork, or unpickled in
@@ -394,7 +395,7 @@ def build_train_transform(ranges: Optional[AffineRanges] = None, size: int = 64,
     The resize comes first (INTER_AREA, anti-aliased; a no-op when the record is already
     ``size`` x ``size``) so the affine acts at the net's resolution - the same resolution the
     TTA path warps at - and ``translate`` means the same number of net-input pixels in both.
-    The affine is the LAST transform: :mod:`pipeline.data` reseeds ``transforms[-1]`` per batch.
+    The affine is the LAST transform: :mod:`pipeline.lib.data` reseeds ``transforms[-1]`` per batch.
     Call as ``build_train_transform(...)(image=img)["image"]``.
     """
     return A.Compose([

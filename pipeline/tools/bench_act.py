@@ -1,6 +1,6 @@
 """Cost of RReLU against leaky ReLU in a real network (a benchmark, not a test).
 
-``python -m nets.bench_act [--net ndsb_net1] [--batch 32] [--size 128] [--steps 3]``
+``python -m pipeline.tools.bench_act [--net ndsb_net1] [--batch 32] [--size 128] [--steps 3]``
 
 Times one SGD training step (forward, backward, update) and one inference forward pass of
 the network built with ``rrelu``, with ``leaky`` (same mid slope, so the only difference is
@@ -18,10 +18,11 @@ import time
 from typing import Callable
 
 import mxnet as mx
-from mxnet import autograd, gluon
+from mxnet import gluon
 
-from . import get_model, initialize
-from .activations import RRELU_LOWER, RRELU_UPPER, set_deterministic
+from nets import get_model, initialize
+from nets.activations import RRELU_LOWER, RRELU_UPPER, set_deterministic
+from pipeline.lib import sgd
 
 
 def _make(net_name: str, act: str, act_kw: dict, classes: int, deterministic: bool = False
@@ -31,17 +32,11 @@ def _make(net_name: str, act: str, act_kw: dict, classes: int, deterministic: bo
     if deterministic:
         set_deterministic(net)
     net.hybridize(static_alloc=True, static_shape=True)
-    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.01,
-                                                          "momentum": 0.9})
-    return net, trainer
+    return net, sgd.make_trainer(net, lr=0.01, momentum=0.9)
 
 
 def _train_step(net, trainer, x, y, loss_fn) -> None:
-    with autograd.record():
-        loss = loss_fn(net(x), y)
-    loss.backward()
-    trainer.step(x.shape[0])
-    mx.nd.waitall()
+    sgd.step(net, trainer, loss_fn, x, y, [mx.cpu()])
 
 
 def _infer(net, x) -> None:
@@ -60,7 +55,7 @@ def run(net_name: str = "ndsb_net1", batch: int = 32, size: int = 128, steps: in
     mx.random.seed(0)
     x = mx.nd.random.uniform(shape=(batch, 1, size, size))
     y = mx.nd.random.randint(0, classes, shape=(batch,)).astype("float32")
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    loss_fn = sgd.loss_function()
     mid_a = 2.0 / (RRELU_LOWER + RRELU_UPPER)  # leaky's a with slope (l+u)/2
     variants = {
         "rrelu": _make(net_name, "rrelu", {"impl": "native"}, classes),
@@ -88,7 +83,7 @@ def run(net_name: str = "ndsb_net1", batch: int = 32, size: int = 128, steps: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m nets.bench_act",
+    p = argparse.ArgumentParser(prog="python -m pipeline.tools.bench_act",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--net", default="ndsb_net1")
     p.add_argument("--batch", type=int, default=32)

@@ -25,18 +25,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pipeline.fsutil import atomic_path, read_json, sha256, write_json
+from pipeline.lib.fsutil import atomic_path, read_json, sha256, write_json
+from pipeline.lib.errors import PipelineError
+from pipeline.lib.runs import run_name
 
 KEEP = 2
 _EPOCH = re.compile(r"epoch-(\d+)\.json$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PipelineError, RuntimeError):
     """No usable checkpoint where one was required."""
 
 
 def run_dir(root: str | Path, net: str, fold: int) -> Path:
-    return Path(root) / f"{net}--fold{fold}"
+    return Path(root) / run_name(net, fold)
 
 
 def _stem(directory: Path, epoch: int) -> Path:

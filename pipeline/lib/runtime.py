@@ -1,0 +1,201 @@
+"""What this process runs on: CPUs, threads, CPU features, AMX, and the precision ``auto`` means.
+
+This is the one place that probes the machine (``/proc/cpuinfo``, ``arch_prctl``); stages and
+tools ask it, nets never do.
+
+Threads. MXNet leaves one of two cores idle by default; ``OMP_NUM_THREADS`` set to the CPUs we
+may use gives every core work (BENCHMARKS.md has the figures). The variables must be set
+before ``import mxnet`` to take effect, so stages call :func:`configure_threads` first thing in
+``main()``. A value the user already set wins.
+
+AMX. On Intel CPUs with Advanced Matrix Extensions (Sapphire Rapids and later), MXNet 1.9.1's
+oneDNN (v2.4.4) has AMX bfloat16 and INT8 kernels but leaves them off: it uses them only when
+``DNNL_MAX_CPU_ISA=AVX512_CORE_AMX`` is set, and Linux kills a process that executes AMX
+instructions without first asking for the tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM)``),
+which oneDNN 2.4 does not do. :func:`enable_amx` does both. The variable is removed again once
+oneDNN has read it, so child processes that do not ask for the permission never inherit an AMX
+setting (they would die with SIGILL on the first AMX instruction).
+
+Precision. ``auto`` (``train.precision``, ``tta.precision``) is resolved here
+(:func:`resolve_precision`): bfloat16 where its kernels are fast on this CPU and, for training,
+where its accuracy was validated on this kind of CPU; float32 elsewhere. How a network runs in
+the resolved precision is :mod:`nets.precision`'s business.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+from typing import Any, Iterable
+
+# Nothing here imports mxnet (or nets, which does) at module level: the thread variables
+# must be set before MXNet is first imported.
+ISA_VARIABLES = ("DNNL_MAX_CPU_ISA", "MKLDNN_MAX_CPU_ISA")
+AMX_ISA = "AVX512_CORE_AMX"
+# Linux x86-64 (asm/unistd_64.h, asm/prctl.h): arch_prctl, its AMX permission options, and
+# the tile-data state component that :func:`request_amx` asks for.
+SYS_ARCH_PRCTL = 158
+ARCH_GET_XCOMP_PERM = 0x1022
+ARCH_REQ_XCOMP_PERM = 0x1023
+XFEATURE_XTILEDATA = 18
+
+
+# ------------------------------------------------------------------------------ CPUs, threads
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (affinity / cgroup aware where the OS tells)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_threads(n: int | None = None) -> int:
+    """Set OpenMP and MXNet engine thread counts unless the user set them; return OMP threads.
+
+    Also enables AMX where the CPU has it (:func:`enable_amx`).
+    """
+    n = n or available_cpus()
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    os.environ.setdefault("MXNET_CPU_WORKER_NTHREADS", str(max(1, n)))
+    enable_amx()
+    return int(os.environ["OMP_NUM_THREADS"])
+
+
+# -------------------------------------------------------------------------------- CPU features
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags Linux reports for this CPU (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            line = next((l for l in fh if l.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.split(":", 1)[-1].split())
+
+
+def cpu_kind() -> str:
+    """A short description of this CPU for benchmark records: model name and bf16 features."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")),
+                        name)
+    except OSError:
+        pass
+    flags = cpu_flags()
+    features = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+                if f in flags]
+    return f"{name} ({', '.join(features) or 'no AVX-512'})"
+
+
+def arch_prctl(option: int, arg: int) -> int:
+    """Linux x86-64 ``arch_prctl``; -1 elsewhere."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return -1
+    return ctypes.CDLL(None, use_errno=True).syscall(SYS_ARCH_PRCTL, option, ctypes.c_ulong(arg))
+
+
+def amx_permitted() -> bool:
+    """Whether this process may execute AMX instructions (asked for by :func:`enable_amx`)."""
+    mask = ctypes.c_uint64(0)
+    if arch_prctl(ARCH_GET_XCOMP_PERM, ctypes.addressof(mask)) != 0:
+        return False
+    return bool(mask.value >> XFEATURE_XTILEDATA & 1)
+
+
+def request_amx() -> bool:
+    """Ask Linux for the AMX tile state for this process; True when granted."""
+    if "amx_bf16" not in cpu_flags():
+        return False
+    return amx_permitted() or (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+                               and amx_permitted())
+
+
+def enable_amx() -> bool:
+    """Let MXNet's oneDNN use AMX on CPUs that have it; True when it will.
+
+    A ``DNNL_MAX_CPU_ISA`` / ``MKLDNN_MAX_CPU_ISA`` the user set wins (the permission is still
+    requested, so a user's AMX setting works). Otherwise the variable is set, oneDNN is made to
+    read it with one tiny convolution, and it is removed again. Effective only if oneDNN has
+    not run in this process yet: stages call this first thing, through
+    :func:`configure_threads`.
+    """
+    granted = request_amx()
+    if any(v in os.environ for v in ISA_VARIABLES):
+        return granted and AMX_ISA in (os.environ.get(ISA_VARIABLES[0])
+                                       or os.environ.get(ISA_VARIABLES[1], "")).upper()
+    if not granted:
+        return False
+    os.environ[ISA_VARIABLES[0]] = AMX_ISA
+    try:
+        import mxnet as mx
+
+        one = mx.nd.ones((1, 1, 1, 1))
+        mx.nd.Convolution(one, one, kernel=(1, 1), num_filter=1, no_bias=True).wait_to_read()
+    finally:
+        del os.environ[ISA_VARIABLES[0]]
+    return True
+
+
+# ---------------------------------------------------------------------------------- precision
+
+
+def native_bfloat16() -> bool:
+    """Whether bfloat16 runs fast here: MXNet with oneDNN on a CPU with usable bf16 kernels.
+
+    On AMX CPUs that means AMX enabled for this process (:func:`enable_amx`): without it
+    oneDNN 2.4 falls back to its AVX512-BF16 kernels, which on such a CPU trained slower than
+    float32. On CPUs with AVX512-BF16 and no AMX (AMD Zen 4) those kernels are the fast path.
+    BENCHMARKS.md has the measurements per CPU kind.
+    """
+    import mxnet as mx
+
+    if not mx.runtime.Features().is_enabled("MKLDNN"):
+        return False
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return amx_permitted()
+    return "avx512_bf16" in flags
+
+
+def bfloat16_training_validated() -> bool:
+    """Whether bfloat16 *training* matched float32 accuracy on this kind of CPU.
+
+    Validated with AMX kernels only; with AVX512-BF16 kernels and no AMX it lost accuracy, so
+    ``auto`` trains in float32 there (BENCHMARKS.md, "bf16 training accuracy"). bf16
+    inference stayed within the noise on both kinds and remains ``auto``.
+    """
+    return "amx_bf16" in cpu_flags()
+
+
+def resolve_precision(requested: str, ctxs: Iterable[Any] = (), training: bool = False
+                      ) -> str:
+    """``auto`` -> ``bfloat16`` where it runs fast (all contexts CPU), else ``float32``.
+
+    For ``training``, ``auto`` also needs bf16 training validated on this kind of CPU
+    (:func:`bfloat16_training_validated`).
+
+    An explicit ``bfloat16`` on a GPU context or without oneDNN raises ``ValueError``: MXNet
+    1.9.1 has no bfloat16 kernels there.
+    """
+    import mxnet as mx
+
+    from nets.precision import PRECISIONS
+
+    requests = PRECISIONS + ("auto",)
+    if requested not in requests:
+        raise ValueError(f"precision must be one of {requests}, got {requested!r}")
+    on_cpu = all(getattr(c, "device_type", "cpu") == "cpu" for c in ctxs)
+    if requested == "auto":
+        fast = native_bfloat16() and (not training or bfloat16_training_validated())
+        return "bfloat16" if on_cpu and fast else "float32"
+    if requested == "bfloat16":
+        if not on_cpu:
+            raise ValueError("precision bfloat16 runs on CPU contexts only (MXNet 1.9.1)")
+        if not mx.runtime.Features().is_enabled("MKLDNN"):
+            raise ValueError("precision bfloat16 needs MXNet built with oneDNN (MKLDNN)")
+    return requested

@@ -1,0 +1,123 @@
+"""Test-time augmentation: the views, their batched forward passes and their average.
+
+Shared by the predict stage and the benchmarks, so both measure the same code. The T
+transforms are drawn once per model from affine ranges (:mod:`pipeline.lib.augment`, the same
+parameterization training uses); the warps run batched on tensors: one ``GridGenerator`` +
+``BilinearSampler`` call turns a batch of B images into B*T views
+(:func:`pipeline.lib.augment.tta_batch`), and the network sees at most ``max_views`` of them at
+a time.
+
+Averaging over the views (``mean``): ``probs`` (arithmetic mean of probabilities), ``logits``
+(softmax of the mean logit) or ``geometric`` (normalized geometric mean of probabilities).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from pipeline.lib.errors import PipelineError
+
+MEANS = ("probs", "logits", "geometric")
+
+
+class TTAError(PipelineError, ValueError):
+    """Invalid TTA settings."""
+
+
+def tta_matrices(ranges: dict[str, Any], n: int, size: int, method: str, seed: int
+                 ) -> np.ndarray:
+    """(n, 2, 3) forward pixel matrices; n = 0 gives the single identity transform."""
+    from pipeline.lib.augment import AffineRanges, sample_matrices
+
+    if n == 0:
+        return np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    rng = np.random.default_rng(seed)
+    return sample_matrices(AffineRanges.from_dict(ranges), n, size, rng, method=method)
+
+
+def average(outputs: np.ndarray, mean: str) -> np.ndarray:
+    """Reduce logits (B, T, K) over the T views to probabilities (B, K) by ``mean``."""
+    if mean not in MEANS:
+        raise TTAError(f"tta.mean must be one of {MEANS}, got {mean!r}")
+    if mean == "logits":
+        return _softmax(outputs.mean(axis=1))
+    log_p = _log_softmax(outputs)
+    if mean == "geometric":
+        return _softmax(log_p.mean(axis=1))
+    return np.exp(log_p).mean(axis=1)
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    return np.exp(_log_softmax(z))
+
+
+def predict_batches(net, batches: Iterator[np.ndarray], matrices: np.ndarray, mean: str,
+                    prefixes: Sequence[int] = (), ctx=None, max_views: int = 128
+                    ) -> Iterator[tuple[np.ndarray, dict[int, np.ndarray]]]:
+    """For each (B, 1, H, W) model-input batch, yield (B, K) TTA-averaged probabilities and,
+    for every n in ``prefixes``, the average over the first n views only (the TTA curve)."""
+    import mxnet as mx
+
+    from pipeline.lib.augment import tta_batch
+
+    ctx = ctx or mx.cpu()
+    t = len(matrices)
+    identity = t == 1 and np.allclose(matrices[0], [[1, 0, 0], [0, 1, 0]])
+    for x in batches:
+        data = mx.nd.array(x, ctx=ctx)
+        views = data if identity else tta_batch(data, matrices)
+        # The warped views are cheap to hold; the activations of a forward over all of them
+        # are not (~8 MiB per view at 128 px), so the net sees at most max_views at a time.
+        logits = np.concatenate([net(views[i:i + max_views]).asnumpy()
+                                 for i in range(0, views.shape[0], max_views)])
+        logits = logits.astype(np.float64).reshape(len(x), t, -1)
+        yield average(logits, mean), {n: average(logits[:, :n], mean) for n in prefixes}
+
+
+def predict_split(net, spec: dict[str, Any], reader, indices: Sequence[int], cfg: dict[str, Any],
+                  desc: str, prefixes: Sequence[int] = (), stats: dict[str, float] | None = None
+                  ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """TTA probabilities (N, K) of the records ``indices``, streamed in batches, and the
+    probabilities with only the first n views for each n in ``prefixes``. ``stats``, if given,
+    receives the wall time and the views/s of the pass."""
+    from tqdm import tqdm
+
+    from pipeline.lib.data import BatchLoader
+
+    ranges = cfg["ranges"] or spec["augment"]
+    matrices = tta_matrices(ranges, cfg["n"], spec["size"], cfg["method"], cfg["seed"])
+    k = len(spec["classes"])
+    out = np.zeros((len(indices), k), dtype=np.float32)
+    curve = {n: np.zeros((len(indices), k), dtype=np.float32) for n in prefixes}
+    with BatchLoader(reader, indices, cfg["batch_size"], workers=1) as loader:
+        batches = (x for x, _ in loader.epoch(0))
+        bar = tqdm(total=len(indices), unit="img", desc=desc, mininterval=2)
+        t0, row = time.perf_counter(), 0
+        for probs, partial in predict_batches(net, batches, matrices, cfg["mean"], prefixes,
+                                              max_views=cfg["max_views"]):
+            out[row:row + len(probs)] = probs
+            for n, p in partial.items():
+                curve[n][row:row + len(p)] = p
+            row += len(probs)
+            bar.update(len(probs))
+        bar.close()
+    seconds = time.perf_counter() - t0
+    views_s = len(indices) * len(matrices) / max(seconds, 1e-9)
+    print(f"{desc}: {len(indices)} images x {len(matrices)} views in {seconds:.1f} s "
+          f"({len(indices) / max(seconds, 1e-9):.1f} img/s, {views_s:.0f} views/s)")
+    if stats is not None:
+        stats.update(seconds=round(seconds, 3), views_per_s=round(views_s, 1))
+    return out, curve
+
+
+def tta_curve_points(n: int) -> list[int]:
+    """The view counts at which the validation TTA curve is reported (1, 2, 5, 10, ... n)."""
+    points = [p for p in (1, 2, 5, 10, 20, 50, 100, 200, 500) if p < n]
+    return points + [n] if n > 0 else []
