@@ -27,11 +27,13 @@ import numpy as np
 from scipy.optimize import minimize
 
 from pipeline.lib import params
-from pipeline.lib.fsutil import read_json, write_json
-from pipeline.lib.predictions import (SPLITS, align_rows, duplicates, load_predictions,
-                                  prediction_files, save_predictions)
+from pipeline.lib.fsutil import write_json
+from pipeline.lib.errors import PipelineError, stage_errors
 from pipeline.lib.metrics import clip_normalize, summary
-from pipeline.lib.errors import PipelineError
+from pipeline.lib.names import duplicates
+from pipeline.lib.predictions import (SPLITS, align_rows, load_predictions, prediction_files,
+                                      save_predictions)
+from pipeline.lib.records import load_meta
 
 ENSEMBLE_NAME = "ensemble"
 
@@ -40,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "folds": None,  # null: every fold in meta.json; K: folds 0..K-1; or an explicit list
     "predictions_dir": "predictions/models",
     "out_dir": "predictions",
-    "meta": "data/records/meta.json",
+    "records": "data/records",
     "metrics": "metrics/ensemble.json",
 }
 
@@ -74,7 +76,7 @@ def fit_weights(valid_probs: Sequence[np.ndarray], y_true_idx: np.ndarray) -> np
     if len(valid_probs) == 1:
         return np.ones(1)
     y = np.asarray(y_true_idx)
-    q = np.stack([_kaggle_normalize(p)[np.arange(len(y)), y] for p in valid_probs], axis=1)
+    q = np.stack([clip_normalize(p)[np.arange(len(y)), y] for p in valid_probs], axis=1)
 
     # SLSQP may probe slightly outside the bounds; the floor keeps log() finite there.
     def loss(w: np.ndarray) -> float:
@@ -96,14 +98,9 @@ def fit_weights(valid_probs: Sequence[np.ndarray], y_true_idx: np.ndarray) -> np
     return min(candidates, key=loss)
 
 
-def _kaggle_normalize(probs: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1 - EPS)
-    return p / p.sum(axis=1, keepdims=True)
-
-
 def blend(probs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     """Weighted sum of the models' (clipped, renormalized) probability matrices."""
-    return sum(w * _kaggle_normalize(p) for w, p in zip(weights, probs) if w > 0)
+    return sum(w * clip_normalize(p) for w, p in zip(weights, probs) if w > 0)
 
 
 def ensemble(models: Sequence[Model], y_true_idx: np.ndarray
@@ -116,16 +113,12 @@ def ensemble(models: Sequence[Model], y_true_idx: np.ndarray
     metrics = {
         "nets": [m.net for m in models],
         "weights": {m.net: float(w) for m, w in zip(models, weights)},
-        "models": {m.net: _summary(y_true_idx, m.valid) for m in models},
-        "ensemble": _summary(y_true_idx, valid_blend),
+        "models": {m.net: summary(y_true_idx, m.valid) for m in models},
+        "ensemble": summary(y_true_idx, valid_blend),
         "n_valid": int(len(y_true_idx)),
         "n_test": int(len(test_blend)),
     }
     return weights, valid_blend, test_blend, metrics
-
-
-def _summary(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    return {"logloss": ndsb_log_loss(y, probs), "accuracy": accuracy(y, probs)}
 
 
 # ------------------------------------------------------------------------------ loading
@@ -187,7 +180,7 @@ def _check_classes(what: str, probs: np.ndarray, n_classes: int) -> None:
 
 
 def run(nets: Sequence[str], folds: int | Sequence[int] | None,
-        predictions_dir: str | os.PathLike, meta: str | os.PathLike,
+        predictions_dir: str | os.PathLike, records: str | os.PathLike,
         metrics_path: str | os.PathLike, out_dir: str | os.PathLike | None = None
         ) -> dict[str, Any]:
     """Load every model, blend, write the ensemble predictions and metrics; return metrics.
@@ -200,7 +193,7 @@ def run(nets: Sequence[str], folds: int | Sequence[int] | None,
     if not nets or duplicates(nets):
         raise EnsembleError(f"need a list of distinct nets (params ensemble.nets or --nets), "
                             f"got {nets!r}")
-    info = read_json(meta)
+    info = load_meta(records)
     chosen = resolve_folds(folds, int(info["folds"]))
     check_files(predictions_dir, nets, chosen)
     train = [t for t in info["train"] if int(t["fold"]) in set(chosen)]
@@ -228,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="the folds to use, listed (default: every fold in meta.json)")
     parser.add_argument("--predictions-dir", help="directory of the per-model prediction files")
     parser.add_argument("--out-dir", help="directory for the ensemble predictions")
-    parser.add_argument("--meta", help="data/records/meta.json written by ingest")
+    parser.add_argument("--records", help="records folder written by ingest (its meta.json)")
     parser.add_argument("--metrics", help="metrics JSON to write")
     parser.add_argument("--params", default=params.PARAMS_FILE, help="params file to read")
     return parser
@@ -236,13 +229,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = vars(_parser().parse_args(argv))
-    cfg = params.section("ensemble", DEFAULTS, args.pop("params"))
-    cfg.update({k: v for k, v in args.items() if v is not None})  # CLI overrides params.yaml
-    try:
-        metrics = run(cfg["nets"], cfg["folds"], cfg["predictions_dir"], cfg["meta"],
+    with stage_errors("ensemble"):
+        cfg = params.section("ensemble", DEFAULTS, args.pop("params"))
+        cfg.update({k: v for k, v in args.items() if v is not None})  # CLI overrides params
+        metrics = run(cfg["nets"], cfg["folds"], cfg["predictions_dir"], cfg["records"],
                       cfg["metrics"], cfg["out_dir"])
-    except (OSError, ValueError) as exc:  # EnsembleError is a ValueError
-        raise SystemExit(f"ensemble: {exc}") from None
     weights = ", ".join(f"{net} {w:.3f}" for net, w in metrics["weights"].items())
     print(f"ensemble OOF logloss {metrics['ensemble']['logloss']:.5f} "
           f"accuracy {metrics['ensemble']['accuracy']:.4f}; weights: {weights}")

@@ -6,39 +6,36 @@
 * ``valid``: the fold's out-of-fold training images (for fitting ensemble weights), and
 * ``test``: every test image, streamed batch by batch (memory does not grow with the set),
 
-and writes ``predictions/models/{split}--NET--foldK.npy`` + ``.names.txt`` (:mod:`pipeline.lib.predictions`)
-and ``metrics/predict--NET--foldK.json``: the validation log loss without TTA and with the
+and writes ``predictions/models/{split}--NET--foldK.npy`` + ``.names.txt``
+(:mod:`pipeline.lib.predictions`) and ``metrics/predict--NET--foldK.json``: the validation log loss without TTA and with the
 first n views (n = 1, 2, 5, 10, ..., T), so every run reports what TTA bought.
 
 The thesis averages 100 random augmentations per image (§6.2). The T transforms are drawn once
 per model from the training ranges stored in the checkpoint, or from narrower ``tta.ranges``;
-``tta.method: halton`` draws them quasi-randomly (more even coverage for small T). The warps run
-batched on tensors: one ``GridGenerator`` + ``BilinearSampler`` call turns a batch of B images
-into B*T views (:func:`pipeline.lib.augment.tta_batch`). ``tta.n: 0`` predicts the plain images.
+``tta.method: halton`` draws them quasi-randomly (more even coverage for small T); ``tta.mean``
+says how views are averaged and ``tta.n: 0`` predicts the plain images. The views, their
+batched forward passes and the averaging are :mod:`pipeline.lib.tta`.
 
 INT8 (``tta.int8``, default off): the fp32 net is quantized for CPU/oneDNN
-(:mod:`pipeline.lib.quantize`), calibrated on ``tta.calib_images`` TTA-warped views of the fold's
-*training* records (never its validation images), and every prediction runs through the INT8
-net. The metrics record whether INT8 was used and the views/s of each pass, so the speed and
-the log-loss cost can be read off the same file.
-
-Averaging (``tta.mean``): ``probs`` (arithmetic mean of probabilities), ``logits`` (softmax of
-the mean logit) or ``geometric`` (normalized geometric mean of probabilities).
+(:mod:`pipeline.lib.quantize`), calibrated on ``tta.calib_images`` TTA-warped views of the
+fold's *training* records (never its validation images), and every prediction runs through the
+INT8 net. The metrics record whether INT8 was used and the views/s of each pass, so the speed
+and the log-loss cost can be read off the same file.
 """
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from pipeline.lib import params as params_mod
+from pipeline.lib.errors import PipelineError, stage_errors
 from pipeline.lib.runs import artifact_name, run_name
 from pipeline.lib.runtime import configure_threads
 from pipeline.lib.tta import predict_split, tta_curve_points, tta_matrices
-from pipeline.lib.errors import PipelineError
 
 DEFAULTS: dict[str, Any] = {
     "n": 100,
@@ -48,11 +45,11 @@ DEFAULTS: dict[str, Any] = {
     "ranges": {},            # narrower augment ranges for TTA; {} = the training ranges
     "batch_size": 4,         # images warped together (batch_size * n views)
     "max_views": 128,        # views per forward pass: bounds the activation memory
-    "precision": "auto",     # float32 | bfloat16 | auto (bf16 convolutions, nets.precision)
+    "precision": "auto",     # float32 | bfloat16 | auto (pipeline.lib.runtime.resolve_precision)
     "int8": False,           # predict with an INT8-quantized net (pipeline.lib.quantize)
     "calib_images": 256,     # INT8 calibration views, from the fold's training records
-    "calib_mode": "naive",   # naive (min/max) | entropy
-    "int8_keep_fp32": [],    # layers left in fp32: first_conv, classifier
+    "calib_mode": "naive",   # naive | entropy | percentile (pipeline.lib.quantize.CALIB_MODES)
+    "int8_keep_fp32": [],    # layers left in fp32 (pipeline.lib.quantize.KEEP_FP32)
     "checkpoints": "checkpoints",
     "predictions": "predictions/models",
 }
@@ -108,7 +105,7 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
     from pipeline.lib.fsutil import write_json
     from pipeline.lib.predictions import save_predictions
     from pipeline.lib.records import RecordReader, fold_indices, labels, load_meta
-    from pipeline.score import accuracy, ndsb_log_loss
+    from pipeline.lib.metrics import accuracy, ndsb_log_loss
 
     if cfg["n"] < 0:
         raise PredictError(f"tta.n must be >= 0, got {cfg['n']}")
@@ -120,7 +117,7 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
     import nets
 
     # RReLU's inference output is fixed, (l+u)/2; the deterministic graph skips drawing the
-    # unused noise: identical outputs, 2.4-6.7x faster TTA measured (BENCHMARKS.md).
+    # unused noise: identical outputs, much faster TTA (BENCHMARKS.md).
     nets.set_deterministic(net)
     precision = inference_precision(cfg)
     nets.set_precision(net, precision)
@@ -167,14 +164,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", default=params_mod.PARAMS_FILE)
     args = parser.parse_args(argv)
     configure_threads()
-    cfg = params_mod.section("tta", DEFAULTS, args.params)
-    try:
+    with stage_errors("predict"):
+        cfg = params_mod.section("tta", DEFAULTS, args.params)
         metrics = predict(args.net, args.fold, Path(args.records), cfg, args.metrics)
-        if "valid_logloss" in metrics:
-            curve = ", ".join(f"n={n} {v:.4f}" for n, v in metrics["valid_logloss_by_n"].items())
-            print(f"valid log loss: no TTA {metrics['valid_logloss_no_tta']:.4f}, {curve}")
-    except PredictError as exc:
-        raise SystemExit(f"predict failed: {exc}") from None
+    if "valid_logloss" in metrics:
+        curve = ", ".join(f"n={n} {v:.4f}" for n, v in metrics["valid_logloss_by_n"].items())
+        print(f"valid log loss: no TTA {metrics['valid_logloss_no_tta']:.4f}, {curve}")
 
 
 if __name__ == "__main__":

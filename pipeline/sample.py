@@ -28,9 +28,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.lib import params as params_mod
+from pipeline.lib.errors import PipelineError, stage_errors
 from pipeline.lib.fsutil import sha256
 from pipeline.lib.submission import non_alphabetical, write_sample_submission
-from pipeline.lib.errors import PipelineError
 
 WHEEL = "planktonclas-0.2.4-py3-none-any.whl"
 WHEEL_SHA256 = "8117093b31700306b047adfb50cab8cb6fde773ebbb9688409621416e25c1530"
@@ -128,8 +128,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", default=params_mod.PARAMS_FILE)
     args = parser.parse_args(argv)
-    p = params_mod.section("sample", DEFAULTS, args.params)
-    with tempfile.TemporaryDirectory() as tmp:
+    with stage_errors("sample"), tempfile.TemporaryDirectory() as tmp:
+        p = params_mod.section("sample", DEFAULTS, args.params)
         wheel = Path(p["wheel"]) if p["wheel"] else fetch_wheel(Path(tmp))
         counts = build_sample(p["out"], wheel, p["train_fraction"], p["seed"])
     print(f"sample: {counts['classes']} classes, {counts['train']} train, {counts['test']} test "

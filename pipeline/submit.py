@@ -6,7 +6,7 @@ position, so a permuted class list cannot silently shift probabilities onto the 
 Without a sample submission the ``meta.json`` class order is used. Rows are renormalized to sum
 to 1 and written with 6 significant digits (Kaggle's 1e-15 clipping makes more digits useless),
 gzip-compressed with a fixed timestamp so identical predictions give identical bytes (stable
-DVC hashes). The written file is re-read and checked with :func:`pipeline.score.check_submission`.
+DVC hashes). The written file is re-read and checked with :func:`pipeline.lib.submission.check_submission`.
 
 Run as ``python -m pipeline.submit``; options default to the ``submit`` section of params.yaml.
 """
@@ -23,9 +23,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.lib import params
-from pipeline.lib.fsutil import atomic_path, read_json
-from pipeline.lib.predictions import (describe_mismatch, duplicates, load_prediction_file,
-                                  row_indices)
+from pipeline.lib.errors import stage_errors
+from pipeline.lib.fsutil import atomic_path
+from pipeline.lib.names import describe_mismatch, duplicates
+from pipeline.lib.predictions import load_prediction_file, row_indices
+from pipeline.lib.records import load_meta
 from pipeline.lib.submission import IMAGE_COLUMN, SubmissionError, check_submission, read_sample
 
 FLOAT_FORMAT = "%.6g"
@@ -33,14 +35,10 @@ FLOAT_FORMAT = "%.6g"
 DEFAULTS: dict[str, Any] = {
     "predictions": "predictions/test--ensemble.npy",
     "sample_submission": None,
-    "meta": "data/records/meta.json",
+    "records": "data/records",
     "out": "submissions/submission.csv.gz",
     "plain_csv": False,
 }
-
-
-class SubmitError(ValueError):
-    """The predictions cannot be turned into a valid submission; the message says why."""
 
 
 def build_submission(probs: np.ndarray, names: Sequence[str], classes: Sequence[str],
@@ -56,7 +54,7 @@ def build_submission(probs: np.ndarray, names: Sequence[str], classes: Sequence[
     """
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or probs.shape != (len(names), len(classes)):
-        raise SubmitError(f"predictions have shape {probs.shape}, expected "
+        raise SubmissionError(f"predictions have shape {probs.shape}, expected "
                           f"({len(names)} names, {len(classes)} classes)")
     columns = _column_order(classes, sample_classes)
     rows = list(sample_images if sample_images is not None
@@ -66,7 +64,7 @@ def build_submission(probs: np.ndarray, names: Sequence[str], classes: Sequence[
     try:
         order = row_indices(names, rows, "the predicted images", source)
     except ValueError as exc:
-        raise SubmitError(str(exc)) from None
+        raise SubmissionError(str(exc)) from None
     col_index = {c: k for k, c in enumerate(classes)}
     values = normalize_rows(probs[np.ix_(order, [col_index[c] for c in columns])])
     frame = pd.DataFrame(values, columns=columns)
@@ -88,21 +86,21 @@ def normalize_rows(probs: np.ndarray) -> np.ndarray:
     elif (probs.sum(axis=1) <= 0).any():
         problems.append(f"{int((probs.sum(axis=1) <= 0).sum())} all-zero row(s)")
     if problems:
-        raise SubmitError("predictions contain " + ", ".join(problems))
+        raise SubmissionError("predictions contain " + ", ".join(problems))
     return probs / probs.sum(axis=1, keepdims=True)
 
 
 def _column_order(classes: Sequence[str], sample_classes: Sequence[str] | None) -> list[str]:
     if duplicates(classes):
-        raise SubmitError(f"meta.json classes contain duplicates: {sorted(duplicates(classes))}")
+        raise SubmissionError(f"meta.json classes contain duplicates: {duplicates(classes)}")
     if sample_classes is None:
         return list(classes)
-    repeated = sorted(duplicates(sample_classes))
+    repeated = duplicates(sample_classes)
     in_sample, in_meta = set(sample_classes), set(classes)
     missing = [c for c in classes if c not in in_sample]
     extra = [c for c in sample_classes if c not in in_meta]
     if missing or extra or repeated:
-        raise SubmitError("sample submission classes differ from meta.json classes: "
+        raise SubmissionError("sample submission classes differ from meta.json classes: "
                           + describe_mismatch(missing, extra, repeated, limit=10)
                           + " (missing = in meta.json but not in the sample; extra = in the "
                           "sample but not in meta.json)")
@@ -117,7 +115,7 @@ def write_submission(frame: pd.DataFrame, out: str | os.PathLike, plain_csv: boo
     """
     out = Path(out)
     if plain_csv == out.name.endswith(".gz"):
-        raise SubmitError(f"out={out} but plain_csv={plain_csv}: use a .csv.gz name for gzip "
+        raise SubmissionError(f"out={out} but plain_csv={plain_csv}: use a .csv.gz name for gzip "
                           f"output and a .csv name with plain_csv: true")
     with atomic_path(out) as tmp, open(tmp, "wb") as raw:
         if plain_csv:
@@ -139,12 +137,13 @@ def _write_csv(frame: pd.DataFrame, binary) -> None:
     text.detach()  # leave closing the binary stream to its owner
 
 
-def make_submission(predictions: str | os.PathLike, meta: str | os.PathLike,
+def make_submission(predictions: str | os.PathLike, records: str | os.PathLike,
                     out: str | os.PathLike, sample_submission: str | os.PathLike | None = None,
                     plain_csv: bool = False) -> pd.DataFrame:
-    """Read predictions, meta and the optional sample; write and verify the submission."""
+    """Read predictions, the records' meta.json and the optional sample; write and verify the
+    submission."""
     probs, names = load_prediction_file(predictions)
-    info = read_json(meta)
+    info = load_meta(records)
     sample_classes = sample_images = None
     if sample_submission:
         sample_classes, sample_images = read_sample(sample_submission)
@@ -154,7 +153,7 @@ def make_submission(predictions: str | os.PathLike, meta: str | os.PathLike,
     write_submission(frame, out, plain_csv)
     problems = check_submission(out, list(frame.columns[1:]), list(frame[IMAGE_COLUMN]))
     if problems:
-        raise SubmitError(f"{out}: written file failed validation: " + "; ".join(problems))
+        raise SubmissionError(f"{out}: written file failed validation: " + "; ".join(problems))
     return frame
 
 
@@ -163,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--predictions", help="test prediction .npy (with .names.txt beside)")
     parser.add_argument("--sample-submission", help="Kaggle sample submission CSV(.gz)")
-    parser.add_argument("--meta", help="data/records/meta.json written by ingest")
+    parser.add_argument("--records", help="records folder written by ingest (its meta.json)")
     parser.add_argument("--out", help="submission file to write")
     parser.add_argument("--plain-csv", action="store_true", default=None,
                         help="write uncompressed CSV (out must then end in .csv)")
@@ -173,13 +172,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = vars(_parser().parse_args(argv))
-    cfg = params.section("submit", DEFAULTS, args.pop("params"))
-    cfg.update({k: v for k, v in args.items() if v is not None})  # CLI overrides params.yaml
-    try:
-        frame = make_submission(cfg["predictions"], cfg["meta"], cfg["out"],
+    with stage_errors("submit"):
+        cfg = params.section("submit", DEFAULTS, args.pop("params"))
+        cfg.update({k: v for k, v in args.items() if v is not None})  # CLI overrides params
+        frame = make_submission(cfg["predictions"], cfg["records"], cfg["out"],
                                 cfg["sample_submission"], cfg["plain_csv"])
-    except (OSError, ValueError) as exc:  # SubmitError is a ValueError
-        raise SystemExit(f"submit: {exc}") from None
     print(f"wrote {cfg['out']}: {len(frame)} images x {frame.shape[1] - 1} classes")
 
 

@@ -43,10 +43,10 @@ import numpy as np
 
 from pipeline.lib import checkpoint
 from pipeline.lib import params as params_mod
+from pipeline.lib.errors import PipelineError, stage_errors
 from pipeline.lib.fsutil import write_json, write_text
 from pipeline.lib.runs import artifact_name, run_name
 from pipeline.lib.runtime import configure_threads
-from pipeline.lib.errors import PipelineError
 
 DEFAULTS: dict[str, Any] = {
     "net_kwargs": {},          # {net name: {kwarg: value}} passed to nets.get_model
@@ -159,7 +159,10 @@ def build(run: Run, classes: int, ctxs: list):
     from pipeline.lib.runtime import resolve_precision
 
     kwargs = model_kwargs(run, classes)
-    net = nets.get_model(run.net, **kwargs)
+    try:
+        net = nets.get_model(run.net, **kwargs)
+    except ValueError as err:  # unknown net or keyword: the registry lists the valid ones
+        raise TrainingError(f"--net / train.net_kwargs: {err}") from None
     try:
         precision = resolve_precision(run.cfg["precision"], ctxs, training=True)
     except ValueError as err:
@@ -424,14 +427,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", default=params_mod.PARAMS_FILE)
     args = parser.parse_args(argv)
     configure_threads()
-    cfg = params_mod.section("train", DEFAULTS, args.params)
     try:
-        metrics = train(Run(args.net, args.fold, cfg, Path(args.records)))
+        with stage_errors("train"):
+            cfg = params_mod.section("train", DEFAULTS, args.params)
+            metrics = train(Run(args.net, args.fold, cfg, Path(args.records)))
     except BaseException as exc:
         if os.environ.get("DMLC_ROLE") == "worker":
             _abort_worker(exc)
-        if isinstance(exc, TrainingError):
-            raise SystemExit(f"train failed: {exc}") from None
         raise
     print(json.dumps(metrics))
 
@@ -443,8 +445,8 @@ def _abort_worker(exc: BaseException) -> NoReturn:
     this one's gradients: a normal exit would hang the whole job instead of failing it. With
     an immediate exit the launcher (or srun -K / mpirun) sees the code and stops the others.
     """
-    if isinstance(exc, TrainingError):
-        print(f"train failed: {exc}", file=sys.stderr)
+    if isinstance(exc, SystemExit):  # the one-line message of stage_errors
+        print(exc.code, file=sys.stderr)
     else:
         traceback.print_exception(type(exc), exc, exc.__traceback__)
     sys.stdout.flush()

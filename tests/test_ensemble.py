@@ -13,7 +13,7 @@ from pipeline.ensemble import (EnsembleError, MissingPredictionsError, fit_weigh
 from pipeline.lib.fsutil import write_json
 from pipeline.lib.predictions import (load_prediction_file, load_predictions, prediction_path,
                                   save_predictions)
-from pipeline.score import ndsb_log_loss
+from pipeline.lib.metrics import ndsb_log_loss
 
 CLASSES = ["copepod", "amphipod", "diatom", "radiolarian"]
 FOLDS = 3
@@ -77,7 +77,7 @@ def project(tmp_path: Path) -> tuple[Path, dict]:
 
 
 def run_in(root: Path, nets: list[str], folds=None) -> dict:
-    return run(nets, folds, root / "predictions", root / "meta.json", root / "metrics.json")
+    return run(nets, folds, root / "predictions", root, root / "metrics.json")
 
 
 # ------------------------------------------------------------------------------ weights
@@ -179,9 +179,9 @@ def test_main_takes_nets_from_cli_or_params(project, monkeypatch) -> None:
     root, meta = project
     monkeypatch.chdir(root)
     write_net(root / "predictions" / "models", meta, "only", good, 1)
-    Path("params.yaml").write_text("ensemble:\n  nets: []\n  meta: meta.json\n"
+    Path("params.yaml").write_text("ensemble:\n  nets: []\n  records: .\n"
                                    "  metrics: m/ensemble.json\n")
-    with pytest.raises(SystemExit, match="nets"):
+    with pytest.raises(SystemExit, match="^ensemble failed: need a list of distinct nets"):
         main([])
     main(["--nets", "only"])
     assert json.loads(Path("m/ensemble.json").read_text())["weights"] == {"only": 1.0}

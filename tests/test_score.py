@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss
 
-from pipeline.score import (SUM_TOLERANCE, check_submission, evaluate, main, ndsb_log_loss,
-                            per_class_log_loss, read_sample)
+from pipeline.lib.metrics import evaluate, ndsb_log_loss, per_class_log_loss
+from pipeline.lib.submission import SUM_TOLERANCE, check_submission, read_sample
+from pipeline.score import main
 
 CLASSES = ["copepod", "amphipod", "diatom"]  # deliberately not alphabetical
 IMAGES = ["1.jpg", "2.jpg", "3.jpg"]

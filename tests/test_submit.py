@@ -10,8 +10,8 @@ import pytest
 
 from pipeline.lib.fsutil import write_json
 from pipeline.lib.predictions import save_prediction_file
-from pipeline.score import check_submission
-from pipeline.submit import SubmitError, build_submission, main, make_submission
+from pipeline.lib.submission import SubmissionError, check_submission
+from pipeline.submit import build_submission, main, make_submission
 
 META_CLASSES = ["copepod", "amphipod", "diatom", "radiolarian"]  # meta (ingest) order
 SAMPLE_CLASSES = ["diatom", "copepod", "radiolarian", "amphipod"]  # not alphabetical, not meta
@@ -51,7 +51,7 @@ def test_written_file_matches_sample_and_validates(tmp_path: Path) -> None:
     write_json(tmp_path / "meta.json", {"classes": META_CLASSES,
                                         "test": [{"name": n} for n in TEST]})
     out = tmp_path / "sub" / "submission.csv.gz"
-    make_submission(pred, tmp_path / "meta.json", out, sample)
+    make_submission(pred, tmp_path, out, sample)
     with gzip.open(out, "rt") as fh:
         header = fh.readline().strip().split(",")
         first = fh.readline().strip().split(",")
@@ -62,7 +62,7 @@ def test_written_file_matches_sample_and_validates(tmp_path: Path) -> None:
     assert frame.loc[0, "diatom"] == pytest.approx(probs_for(TEST)[0, k], rel=1e-5)
     assert check_submission(out, SAMPLE_CLASSES, TEST) == []
     before = out.read_bytes()
-    make_submission(pred, tmp_path / "meta.json", out, sample)
+    make_submission(pred, tmp_path, out, sample)
     assert out.read_bytes() == before  # gzip header has no timestamp or temp name
 
 
@@ -79,13 +79,13 @@ def test_rows_are_normalized() -> None:
 
 def test_sample_with_different_classes_fails_naming_them() -> None:
     sample = ["diatom", "copepod", "radiolarian", "shrimp"]
-    with pytest.raises(SubmitError) as err:
+    with pytest.raises(SubmissionError) as err:
         build_submission(probs_for(TEST), TEST, META_CLASSES, TEST, sample, TEST)
     assert "'amphipod'" in str(err.value) and "'shrimp'" in str(err.value)
 
 
 def test_sample_with_different_images_fails_naming_them() -> None:
-    with pytest.raises(SubmitError) as err:
+    with pytest.raises(SubmissionError) as err:
         build_submission(probs_for(TEST), TEST, META_CLASSES, TEST, SAMPLE_CLASSES,
                          ["a.jpg", "b.jpg", "z.jpg"])
     message = str(err.value)
@@ -95,7 +95,7 @@ def test_sample_with_different_images_fails_naming_them() -> None:
 def test_nan_predictions_are_refused() -> None:
     probs = probs_for(TEST)
     probs[1, 2] = np.nan
-    with pytest.raises(SubmitError, match="NaN"):
+    with pytest.raises(SubmissionError, match="NaN"):
         build_submission(probs, TEST, META_CLASSES, TEST)
 
 
@@ -111,7 +111,7 @@ def test_failed_write_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(pd.DataFrame, "to_csv", broken)
     out = tmp_path / "sub" / "submission.csv.gz"
     with pytest.raises(OSError, match="disk full"):
-        make_submission(pred, tmp_path / "meta.json", out)
+        make_submission(pred, tmp_path, out)
     assert list(out.parent.iterdir()) == []  # neither the final name nor a temporary file
 
 
@@ -121,11 +121,11 @@ def test_main_reads_params_and_cli_overrides(tmp_path: Path, monkeypatch) -> Non
     save_prediction_file(pred, probs_for(TEST), TEST)
     write_json("meta.json", {"classes": META_CLASSES, "test": [{"name": n} for n in TEST]})
     write_sample(tmp_path / "sample.csv", SAMPLE_CLASSES, TEST)
-    Path("params.yaml").write_text("submit:\n  meta: meta.json\n  sample_submission: sample.csv\n")
+    Path("params.yaml").write_text("submit:\n  records: .\n  sample_submission: sample.csv\n")
     main(["--out", "out.csv", "--plain-csv"])
     assert Path("out.csv").read_text().startswith("image," + ",".join(SAMPLE_CLASSES))
     with pytest.raises(SystemExit, match="plain_csv"):
         main(["--out", "out.csv"])  # gzip content under a .csv name is refused
     Path("params.yaml").write_text("submit:\n  bogus: 1\n")
-    with pytest.raises(Exception, match="bogus"):
+    with pytest.raises(SystemExit, match=r"^submit failed: params.yaml \[submit\]: unknown key.*bogus"):
         main([])

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.lib.fsutil import atomic_path
+from pipeline.lib.names import describe_mismatch, duplicates, examples
 from pipeline.lib.runs import artifact_name
 
 SPLITS = ("valid", "test")
@@ -121,33 +122,11 @@ def row_indices(names: Sequence[str], order: Sequence[str], what: str = "predict
     index = {n: i for i, n in enumerate(names)}
     missing = [n for n in order if n not in index]
     extra = sorted(set(index) - set(order))
-    dup_names, dup_order = sorted(duplicates(names)), sorted(duplicates(order))
+    dup_names, dup_order = duplicates(names), duplicates(order)
     if not (missing or extra or dup_names or dup_order):
         return [index[n] for n in order]
     detail = describe_mismatch(missing, extra, dup_names)
     if dup_order:
-        detail += f"; {len(dup_order)} listed twice in {expected} {_examples(dup_order, 5)}"
+        detail += f"; {len(dup_order)} listed twice in {expected} [{examples(dup_order)}]"
     raise ValueError(f"{what} do not match {expected}: {detail} (missing = expected but "
                      f"absent, extra = present but not expected)")
-
-
-def duplicates(items: Sequence[str]) -> set[str]:
-    """The items that occur more than once."""
-    seen: set[str] = set()
-    return {x for x in items if x in seen or seen.add(x)}
-
-
-def describe_mismatch(missing: Sequence[str], extra: Sequence[str],
-                      duplicates: Sequence[str] = (), limit: int = 5) -> str:
-    """Human-readable ``missing/extra/duplicate`` summary with a few examples of each."""
-    parts = []
-    for label, items in (("missing", missing), ("extra", extra), ("duplicate", duplicates)):
-        if items:
-            parts.append(f"{len(items)} {label} {_examples(items, limit)}")
-    return "; ".join(parts)
-
-
-def _examples(items: Sequence[str], limit: int) -> str:
-    shown = list(items)[:limit]
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return f"{shown!r}{more}"

@@ -16,6 +16,7 @@ sizes vary as NDSB's do (tens to a few hundred pixels a side).
 from __future__ import annotations
 
 import argparse
+import csv
 from pathlib import Path
 from typing import Sequence
 

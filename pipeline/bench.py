@@ -1,0 +1,9 @@
+"""Command alias: ``python -m pipeline.bench`` runs the tool :mod:`pipeline.tools.bench`.
+
+Kept so that scripts and job files written for the earlier layout keep working; the tool
+itself lives with the other tools, apart from the stages.
+"""
+if __name__ == "__main__":
+    from pipeline.tools.bench import main
+
+    main()
