@@ -80,7 +80,7 @@ def inference_net(net, spec: dict[str, Any], records: Path, train_idx: np.ndarra
 
 def inference_precision(cfg: dict[str, Any]) -> str:
     """``tta.precision`` resolved for this machine; INT8 quantizes the float32 graph."""
-    from pipeline.lib.runtime import resolve_precision
+    from pipeline.lib.precision import resolve_precision
 
     try:
         precision = resolve_precision(cfg["precision"])

@@ -156,7 +156,7 @@ def build(run: Run, classes: int, ctxs: list):
 
     import nets
     from nets.precision import set_precision
-    from pipeline.lib.runtime import resolve_precision
+    from pipeline.lib.precision import resolve_precision
 
     kwargs = model_kwargs(run, classes)
     try:

@@ -9,7 +9,7 @@ from mxnet import autograd, gluon, nd
 
 import nets
 from nets.precision import Conv2D, set_precision, to_dtype
-from pipeline.lib.runtime import native_bfloat16, resolve_precision
+from pipeline.lib.precision import native_bfloat16, resolve_precision
 
 needs_bf16 = pytest.mark.skipif(not mx.runtime.Features().is_enabled("MKLDNN"),
                                 reason="bfloat16 needs MXNet with oneDNN")

@@ -168,7 +168,7 @@ def test_precision_settings_are_validated():
     assert P.inference_precision({"precision": "auto", "int8": True}) == "float32"
     with pytest.raises(P.PredictError, match="tta.precision"):
         P.inference_precision({"precision": "half", "int8": False})
-    from pipeline.lib.runtime import native_bfloat16
+    from pipeline.lib.precision import native_bfloat16
 
     if native_bfloat16():
         with pytest.raises(P.PredictError, match="int8"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.lib import runtime
+from pipeline.lib import precision, runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_AMX = "amx_bf16" in runtime.cpu_flags()
@@ -35,13 +35,13 @@ def test_no_amx_cpu_sets_nothing(monkeypatch):
     ({"avx2", "fma"}, False, False, False),
 ])
 def test_auto_precision_follows_the_usable_kernels(monkeypatch, flags, permitted, infer, train):
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
-    monkeypatch.setattr(runtime, "amx_permitted", lambda: permitted)
-    assert runtime.native_bfloat16() is infer
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(precision, "amx_permitted", lambda: permitted)
+    assert precision.native_bfloat16() is infer
     name = {True: "bfloat16", False: "float32"}
-    assert runtime.resolve_precision("auto") == name[infer]
-    assert runtime.resolve_precision("auto", training=True) == name[train]
-    assert runtime.resolve_precision("float32", training=True) == "float32"
+    assert precision.resolve_precision("auto") == name[infer]
+    assert precision.resolve_precision("auto", training=True) == name[train]
+    assert precision.resolve_precision("float32", training=True) == "float32"
 
 
 @pytest.mark.skipif(not HAS_AMX, reason="CPU without AMX")

@@ -127,7 +127,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(records, tmp_path):
 
 
 def test_precision_is_recorded_and_part_of_the_fingerprint(records, tmp_path, capsys):
-    from pipeline.lib.runtime import native_bfloat16
+    from pipeline.lib.precision import native_bfloat16
 
     T.train(T.Run(NET, 0, config(tmp_path, epochs=1, precision="float32"), records))
     run_dir = tmp_path / "ck" / f"{NET}--fold0"

@@ -1,7 +1,7 @@
-"""What this process runs on: CPUs, threads, CPU features, AMX, and the precision ``auto`` means.
+"""What this process runs on: CPUs, threads, CPU features and AMX.
 
-This is the one place that probes the machine (``/proc/cpuinfo``, ``arch_prctl``); stages and
-tools ask it, nets never do.
+This is the one place that probes the machine (``/proc/cpuinfo``, ``arch_prctl``); stages,
+tools and :mod:`pipeline.lib.precision` ask it, nets never do.
 
 Threads. MXNet leaves one of two cores idle by default; ``OMP_NUM_THREADS`` set to the CPUs we
 may use gives every core work (BENCHMARKS.md has the figures). The variables must be set
@@ -15,11 +15,6 @@ instructions without first asking for the tile state (``arch_prctl(ARCH_REQ_XCOM
 which oneDNN 2.4 does not do. :func:`enable_amx` does both. The variable is removed again once
 oneDNN has read it, so child processes that do not ask for the permission never inherit an AMX
 setting (they would die with SIGILL on the first AMX instruction).
-
-Precision. ``auto`` (``train.precision``, ``tta.precision``) is resolved here
-(:func:`resolve_precision`): bfloat16 where its kernels are fast on this CPU and, for training,
-where its accuracy was validated on this kind of CPU; float32 elsewhere. How a network runs in
-the resolved precision is :mod:`nets.precision`'s business.
 """
 from __future__ import annotations
 
@@ -27,10 +22,9 @@ import ctypes
 import os
 import platform
 import sys
-from typing import Any, Iterable
 
-# Nothing here imports mxnet (or nets, which does) at module level: the thread variables
-# must be set before MXNet is first imported.
+# Nothing here imports mxnet at module level: the thread variables must be set before MXNet
+# is first imported.
 ISA_VARIABLES = ("DNNL_MAX_CPU_ISA", "MKLDNN_MAX_CPU_ISA")
 AMX_ISA = "AVX512_CORE_AMX"
 # Linux x86-64 (asm/unistd_64.h, asm/prctl.h): arch_prctl, its AMX permission options, and
@@ -139,63 +133,3 @@ def enable_amx() -> bool:
     finally:
         del os.environ[ISA_VARIABLES[0]]
     return True
-
-
-# ---------------------------------------------------------------------------------- precision
-
-
-def native_bfloat16() -> bool:
-    """Whether bfloat16 runs fast here: MXNet with oneDNN on a CPU with usable bf16 kernels.
-
-    On AMX CPUs that means AMX enabled for this process (:func:`enable_amx`): without it
-    oneDNN 2.4 falls back to its AVX512-BF16 kernels, which on such a CPU trained slower than
-    float32. On CPUs with AVX512-BF16 and no AMX (AMD Zen 4) those kernels are the fast path.
-    BENCHMARKS.md has the measurements per CPU kind.
-    """
-    import mxnet as mx
-
-    if not mx.runtime.Features().is_enabled("MKLDNN"):
-        return False
-    flags = cpu_flags()
-    if "amx_bf16" in flags:
-        return amx_permitted()
-    return "avx512_bf16" in flags
-
-
-def bfloat16_training_validated() -> bool:
-    """Whether bfloat16 *training* matched float32 accuracy on this kind of CPU.
-
-    Validated with AMX kernels only; with AVX512-BF16 kernels and no AMX it lost accuracy, so
-    ``auto`` trains in float32 there (BENCHMARKS.md, "bf16 training accuracy"). bf16
-    inference stayed within the noise on both kinds and remains ``auto``.
-    """
-    return "amx_bf16" in cpu_flags()
-
-
-def resolve_precision(requested: str, ctxs: Iterable[Any] = (), training: bool = False
-                      ) -> str:
-    """``auto`` -> ``bfloat16`` where it runs fast (all contexts CPU), else ``float32``.
-
-    For ``training``, ``auto`` also needs bf16 training validated on this kind of CPU
-    (:func:`bfloat16_training_validated`).
-
-    An explicit ``bfloat16`` on a GPU context or without oneDNN raises ``ValueError``: MXNet
-    1.9.1 has no bfloat16 kernels there.
-    """
-    import mxnet as mx
-
-    from nets.precision import PRECISIONS
-
-    requests = PRECISIONS + ("auto",)
-    if requested not in requests:
-        raise ValueError(f"precision must be one of {requests}, got {requested!r}")
-    on_cpu = all(getattr(c, "device_type", "cpu") == "cpu" for c in ctxs)
-    if requested == "auto":
-        fast = native_bfloat16() and (not training or bfloat16_training_validated())
-        return "bfloat16" if on_cpu and fast else "float32"
-    if requested == "bfloat16":
-        if not on_cpu:
-            raise ValueError("precision bfloat16 runs on CPU contexts only (MXNet 1.9.1)")
-        if not mx.runtime.Features().is_enabled("MKLDNN"):
-            raise ValueError("precision bfloat16 needs MXNet built with oneDNN (MKLDNN)")
-    return requested

@@ -401,7 +401,7 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
         int8_rate = infer_rate(quantized, args.batch, args.size, args.seconds)
         variants.update(fused=fused, int8=quantized)
         bf16 = None
-        from pipeline.lib.runtime import native_bfloat16
+        from pipeline.lib.precision import native_bfloat16
 
         if native_bfloat16():  # tta.precision: auto on this CPU
             bf16 = hybridize(inference_copy(plain, args, "bfloat16", workdir), "static")
@@ -519,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pipeline.lib.runtime import enable_amx
 
     args.amx = enable_amx()
-    from pipeline.lib.runtime import resolve_precision
+    from pipeline.lib.precision import resolve_precision
 
     args.precision = resolve_precision(args.precision, training=True)
     args.infer_precision = resolve_precision(args.infer_precision)

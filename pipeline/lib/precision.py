@@ -1,0 +1,69 @@
+"""What ``auto`` precision means on this machine (``train.precision``, ``tta.precision``).
+
+bfloat16 where its kernels are fast on this CPU and, for training, where its accuracy was
+validated on this kind of CPU; float32 elsewhere. The CPU facts come from
+:mod:`pipeline.lib.runtime`; how a network runs in the resolved precision is
+:mod:`nets.precision`'s business.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from pipeline.lib.runtime import amx_permitted, cpu_flags
+
+
+def native_bfloat16() -> bool:
+    """Whether bfloat16 runs fast here: MXNet with oneDNN on a CPU with usable bf16 kernels.
+
+    On AMX CPUs that means AMX enabled for this process
+    (:func:`pipeline.lib.runtime.enable_amx`): without it oneDNN 2.4 falls back to its
+    AVX512-BF16 kernels, which on such a CPU trained slower than float32. On CPUs with AVX512-BF16 and no AMX (AMD Zen 4) those kernels are the fast path.
+    BENCHMARKS.md has the measurements per CPU kind.
+    """
+    import mxnet as mx
+
+    if not mx.runtime.Features().is_enabled("MKLDNN"):
+        return False
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return amx_permitted()
+    return "avx512_bf16" in flags
+
+
+def bfloat16_training_validated() -> bool:
+    """Whether bfloat16 *training* matched float32 accuracy on this kind of CPU.
+
+    Validated with AMX kernels only; with AVX512-BF16 kernels and no AMX it lost accuracy, so
+    ``auto`` trains in float32 there (BENCHMARKS.md, "bf16 training accuracy"). bf16
+    inference stayed within the noise on both kinds and remains ``auto``.
+    """
+    return "amx_bf16" in cpu_flags()
+
+
+def resolve_precision(requested: str, ctxs: Iterable[Any] = (), training: bool = False
+                      ) -> str:
+    """``auto`` -> ``bfloat16`` where it runs fast (all contexts CPU), else ``float32``.
+
+    For ``training``, ``auto`` also needs bf16 training validated on this kind of CPU
+    (:func:`bfloat16_training_validated`).
+
+    An explicit ``bfloat16`` on a GPU context or without oneDNN raises ``ValueError``: MXNet
+    1.9.1 has no bfloat16 kernels there.
+    """
+    import mxnet as mx
+
+    from nets.precision import PRECISIONS
+
+    requests = PRECISIONS + ("auto",)
+    if requested not in requests:
+        raise ValueError(f"precision must be one of {requests}, got {requested!r}")
+    on_cpu = all(getattr(c, "device_type", "cpu") == "cpu" for c in ctxs)
+    if requested == "auto":
+        fast = native_bfloat16() and (not training or bfloat16_training_validated())
+        return "bfloat16" if on_cpu and fast else "float32"
+    if requested == "bfloat16":
+        if not on_cpu:
+            raise ValueError("precision bfloat16 runs on CPU contexts only (MXNet 1.9.1)")
+        if not mx.runtime.Features().is_enabled("MKLDNN"):
+            raise ValueError("precision bfloat16 needs MXNet built with oneDNN (MKLDNN)")
+    return requested
