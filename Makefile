@@ -28,7 +28,7 @@ test: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m "not gpu"
 
 bench: $(STAMP)
-	$(PY) -m pipeline.bench
+	$(PY) -m pipeline.tools.bench
 
 clean:
 	rm -rf data/records data/sample checkpoints predictions metrics plots reports submissions/*.csv*

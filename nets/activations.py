@@ -30,18 +30,18 @@ lives in the graph, so it survives ``hybridize()``, ``export`` and
 ``gluon.SymbolBlock.imports`` (tests/test_activations.py checks all three).
 
 Cost. Composed of MXNet operators, the random graph draws one number per activation element
-with MXNet's mt19937 sampler (~4 ns per element here) and makes five extra passes forward and
+with MXNet's mt19937 sampler and makes five extra passes forward and
 three backward; any non-oneDNN operator also makes MXNet reorder the convolutions' blocked
 outputs to the plain layout and back. The default random graph is therefore the fused native
 operator of :mod:`nets.native` (``nets/native/rrelu_op.cc``): one pass each way, a
 counter-based generator (the slope of element ``i`` is a function of a per-step seed and
 ``i``), nothing but the seed kept for the backward pass; its kernels vectorize and run
-forward + backward as fast as oneDNN's LeakyReLU. ndsb_net1 training at 128 px, batch 32,
-float32: 18.0-18.3 img/s against 15.2 for the operator graph and 21.4-22.5 for leaky ReLU
-(the reorders around a non-oneDNN operator remain; BENCHMARKS.md). ``impl='ops'`` (or
+forward + backward about as fast as oneDNN's LeakyReLU (the reorders around a non-oneDNN
+operator remain; BENCHMARKS.md has the figures). ``impl='ops'`` (or
 ``NDSB_NATIVE=0``) selects the operator graph, which is also the fallback when no C++
-compiler is available; both sample U(l, u) per element (tested). With bfloat16 networks (:mod:`nets.precision`) RReLU runs in float32 between two
-casts, because MXNet 1.9.1's custom-operator interface cannot pass bfloat16 tensors.
+compiler is available; both sample U(l, u) per element (tested). In bfloat16 networks
+(:mod:`nets.precision`) the native operator takes bfloat16 directly; the operator graph runs in
+float32 between two casts.
 
 Inference needs no noise at all: ``contrib.cond`` would skip the draw but breaks shape
 inference of the layers after it in MXNet 1.9 (deferred initialisation fails), so instead
@@ -165,7 +165,7 @@ class RReLU(LowPrecision, nn.HybridBlock):
 class SigmoidStar(Float32Island, nn.HybridBlock):
     """Sigmoid*, Eq. 5.36: ``4 * sigmoid(x) - 2``."""
 
-    def forward32(self, F, x):  # MXNet's generic bfloat16 arithmetic is ~10x slower
+    def forward32(self, F, x):  # MXNet's generic bfloat16 arithmetic is much slower
         return 4.0 * F.sigmoid(x) - 2.0
 
 

@@ -114,7 +114,7 @@ def build(force: bool = False) -> Path:
     if not lib_api.exists():
         raise RuntimeError(f"{lib_api} not found: this MXNet wheel ships no lib_api.cc")
     print(f"nets.native: compiling {SOURCE.name} into {target.parent} (first use with this "
-          "source, MXNet and CPU; ~10 s)", file=sys.stderr, flush=True)
+          "source, MXNet and CPU; takes seconds)", file=sys.stderr, flush=True)
     api_source = patched_lib_api(lib_api.read_text())
     fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
     os.close(fd)

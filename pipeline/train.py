@@ -11,14 +11,13 @@ and every fold in ``models.folds``; ``--fold -1`` trains on all labelled images)
   ran 0.01 x 400 -> 0.001 x 80 -> 0.0001 x 80 epochs).
 * Devices: ``ctx`` = ``cpu`` | ``cpu:0,1`` | ``gpu:0,1,..``: data parallel via
   ``split_and_load`` and a kvstore (``device``; ``nccl`` where the build has it). Several
-  machines: ``kvstore: dist_sync`` under :mod:`pipeline.launch`; each worker trains on its own
+  machines: ``kvstore: dist_sync`` under :mod:`pipeline.tools.launch`; each worker trains on its own
   shard of the records and the gradients are summed by MXNet's parameter server.
 * Precision (``precision``, default ``auto``): ``bfloat16`` runs the convolutions in bfloat16
-  with float32 master weights (:mod:`nets.precision`): 2.7x float32 on CPUs with AMX (which
-  :mod:`pipeline.lib.runtime` enables), where it matched float32's validation log loss; ``auto``
-  picks it there and float32 elsewhere (on AVX512-BF16 without AMX it is 2x faster but cost
-  ndsb_net1 +0.09 on the sample; BENCHMARKS.md). The requested precision is part of the
-  checkpoint's fingerprint; the one used is recorded in it.
+  with float32 master weights (:mod:`nets.precision`); ``auto`` picks it where it is fast and
+  its accuracy was validated on this kind of CPU, float32 elsewhere
+  (:mod:`pipeline.lib.precision`; the measurements are in BENCHMARKS.md). The requested
+  precision is part of the checkpoint's fingerprint; the one used is recorded in it.
 * Every epoch: train loss, validation log loss and accuracy go to ``plots/train--{run}.tsv``
   (``dvc plots``) and a crash-safe checkpoint (:mod:`pipeline.lib.checkpoint`); a rerun resumes from
   the newest intact one. A NaN/inf loss stops the run with a clear error; the last good
@@ -196,7 +195,7 @@ def finish_initial_broadcast(trainer) -> None:
     and pushes the first gradients of a key in the same ``step`` with no order between the
     two. On a busy machine both workers' first gradients can be summed before one worker's
     pull arrives; that worker then starts from the gradient sum instead of the weights and the
-    run diverges (seen on 2 loaded cores). Initializing the store here (after the first
+    run diverges (seen on busy machines). Initializing the store here (after the first
     backward, so deferred parameters have shapes) and waiting removes the race.
     """
     import mxnet as mx

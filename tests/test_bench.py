@@ -1,4 +1,4 @@
-"""Smoke test of ``python -m pipeline.bench``: a tiny net, tiny inputs, a fraction of a second.
+"""Smoke test of ``python -m pipeline.tools.bench``: a tiny net, tiny inputs, a fraction of a second.
 
 Only the output contract is checked (one JSON line per mode with the fields the PyTorch
 reference prints, all positive numbers); the figures themselves live in BENCHMARKS.md.
@@ -19,7 +19,7 @@ def _positive(value) -> bool:
 
 
 def test_bench_prints_reference_fields_and_data_line():
-    cmd = [sys.executable, "-m", "pipeline.bench", "--net", "tinynet_cifar", "--size", "16",
+    cmd = [sys.executable, "-m", "pipeline.tools.bench", "--net", "tinynet_cifar", "--size", "16",
            "--batch", "4", "--seconds", "0.05", "--threads", "1", "--what", "train,infer,data",
            "--ingest-images", "20"]
     done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -42,7 +42,7 @@ def test_bench_prints_reference_fields_and_data_line():
 
 
 def test_bench_precision_and_rrelu_impl_flags():
-    cmd = [sys.executable, "-m", "pipeline.bench", "--net", "tinynet_cifar", "--size", "16",
+    cmd = [sys.executable, "-m", "pipeline.tools.bench", "--net", "tinynet_cifar", "--size", "16",
            "--batch", "4", "--seconds", "0.05", "--threads", "1", "--what", "train",
            "--precision", "float32", "--rrelu-impl", "ops"]
     done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -1,6 +1,6 @@
 """Multi-process training: the launcher's environment and teardown, and a real dist_sync run.
 
-The fast tests drive :func:`pipeline.launch.launch` with stand-in server and worker commands
+The fast tests drive :func:`pipeline.tools.launch.launch` with stand-in server and worker commands
 (Python one-liners that record their pids), so they check the process handling without
 MXNet. The slow tests start a real scheduler, one server and two workers on loopback and
 train LeNet for three epochs: both workers must end with identical weights and the training
@@ -186,7 +186,7 @@ def test_cli_interrupt_tears_everything_down(tmp_path, sig):
     pids = tmp_path / "pids"
     pids.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DMLC_")}
-    proc = subprocess.Popen([PY, "-m", "pipeline.launch", "--workers", "2", "--servers", "1",
+    proc = subprocess.Popen([PY, "-m", "pipeline.tools.launch", "--workers", "2", "--servers", "1",
                              "--", PY, "-c", _script(pids, "time.sleep(120)")],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
@@ -201,7 +201,7 @@ def test_cli_interrupt_tears_everything_down(tmp_path, sig):
 
 
 def test_cli_requires_a_worker_command():
-    result = subprocess.run([PY, "-m", "pipeline.launch", "--workers", "1"], cwd=ROOT,
+    result = subprocess.run([PY, "-m", "pipeline.tools.launch", "--workers", "1"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "after --" in result.stderr
 
@@ -252,9 +252,9 @@ train.main(sys.argv[1:])
 
 def _launch_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float
                 ) -> tuple[int, str]:
-    """(exit code, output) of ``python -m pipeline.launch ARGS``; on timeout the launcher is
+    """(exit code, output) of ``python -m pipeline.tools.launch ARGS``; on timeout the launcher is
     sent SIGTERM (it tears its processes down) and the test fails showing the output."""
-    proc = subprocess.Popen([PY, "-m", "pipeline.launch", *args], cwd=cwd, env=env,
+    proc = subprocess.Popen([PY, "-m", "pipeline.tools.launch", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=timeout)

@@ -435,8 +435,8 @@ def tta_batch(images_nchw: mx.nd.NDArray, matrices_t: np.ndarray,
     Row ``b * T + t`` is image ``b`` warped by ``matrices_t[t]``, so class probabilities average
     as ``probs.reshape(B, T, K).mean(axis=1)``. The T grids are built once and shared by all
     images: the batch is folded into the channel axis (``BilinearSampler`` samples every channel
-    at the same grid), which keeps the grid at (T, 2, H, W) instead of (B*T, 2, H, W); measured
-    1.35x faster than per-image grids at 64x64. The output holds B*T*C*H*W floats (210 MB for
+    at the same grid), which keeps the grid at (T, 2, H, W) instead of (B*T, 2, H, W), faster than
+    per-image grids (BENCHMARKS.md). The output holds B*T*C*H*W floats (210 MB for
     B=32, T=100, 128x128), so callers choose B to fit memory.
     """
     b, c, h, w = images_nchw.shape

@@ -17,8 +17,9 @@ def native_bfloat16() -> bool:
 
     On AMX CPUs that means AMX enabled for this process
     (:func:`pipeline.lib.runtime.enable_amx`): without it oneDNN 2.4 falls back to its
-    AVX512-BF16 kernels, which on such a CPU trained slower than float32. On CPUs with AVX512-BF16 and no AMX (AMD Zen 4) those kernels are the fast path.
-    BENCHMARKS.md has the measurements per CPU kind.
+    AVX512-BF16 kernels, which on such a CPU trained slower than float32. On CPUs with
+    AVX512-BF16 and no AMX those kernels are the fast path. BENCHMARKS.md has the measurements
+    per CPU kind.
     """
     import mxnet as mx
 

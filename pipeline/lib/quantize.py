@@ -1,7 +1,7 @@
 """INT8 inference for TTA: quantize a trained fp32 net for CPU/oneDNN, calibrated on TTA views.
 
 INT8 (``mxnet.contrib.quantization.quantize_net_v2``) is the largest inference speed-up
-measured here (3-4x fused fp32, BENCHMARKS.md), at some cost in log loss, so predict uses it
+of this pipeline (BENCHMARKS.md), at some cost in log loss, so predict uses it
 only behind ``tta.int8``. Calibration (``naive``: per-tensor min/max; ``entropy``: KL-optimal
 thresholds; ``percentile``: min/max clipped at the 0.01 % tails, :class:`PercentileCollector`)
 records the range of every quantized layer's output on sample inputs, and those

@@ -74,7 +74,7 @@ def predict_batches(net, batches: Iterator[np.ndarray], matrices: np.ndarray, me
         data = mx.nd.array(x, ctx=ctx)
         views = data if identity else tta_batch(data, matrices)
         # The warped views are cheap to hold; the activations of a forward over all of them
-        # are not (~8 MiB per view at 128 px), so the net sees at most max_views at a time.
+        # are not (megabytes per view at 128 px), so the net sees at most max_views at a time.
         logits = np.concatenate([net(views[i:i + max_views]).asnumpy()
                                  for i in range(0, views.shape[0], max_views)])
         logits = logits.astype(np.float64).reshape(len(x), t, -1)

@@ -1,6 +1,6 @@
-"""Throughput and memory of the pipeline on this machine, as JSON lines (project issue 7).
+"""Throughput and memory of the pipeline on this machine, as JSON lines.
 
-``python -m pipeline.bench`` takes the flags of the PyTorch reference
+``python -m pipeline.tools.bench`` takes the flags of the PyTorch reference
 (``/work/shared/bench/torch_reference.py``: ``--net --act --batch --size --threads --seconds
 --bn``) and prints, first, one line with the same fields (``train_img_s``, ``infer_img_s``,
 ``net``, ``act``, ``batch``, ``size``, ``threads``), so that the two engines compare line by
@@ -31,7 +31,7 @@ line when run back to back. ``--what`` adds further lines (``--what all`` = ever
 Why a module and not a notebook: the figures in BENCHMARKS.md must be reproducible with one
 command, and ratios between engines are only meaningful when measured in the same minute on a
 shared machine. Every line carries the MXNet/OpenMP environment variables that were set, so
-engine and thread experiments (``MXNET_ENGINE_TYPE=NaiveEngine python -m pipeline.bench``)
+engine and thread experiments (``MXNET_ENGINE_TYPE=NaiveEngine python -m pipeline.tools.bench``)
 describe themselves.
 """
 from __future__ import annotations
@@ -324,7 +324,7 @@ def probe_tta(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_probe(argv: list[str]) -> dict[str, Any]:
-    """Run ``python -m pipeline.bench --probe ...`` in a subprocess; return its JSON line."""
+    """Run ``python -m pipeline.tools.bench --probe ...`` in a subprocess; return its JSON line."""
     done = subprocess.run([sys.executable, "-m", "pipeline.tools.bench", *argv], check=True,
                           stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
     lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
@@ -490,7 +490,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="training graph: static (as pipeline.train), alloc, plain, none")
     p.add_argument("--tta-views", type=int, default=100)
     p.add_argument("--tta-batch", type=int, default=2,
-                   help="images per TTA forward (x views); predict's default 8 needs ~8 GB at 128 px")
+                   help="images per TTA forward (x views); predict's is tta.batch_size")
     p.add_argument("--tta-images", type=_csv(int), default=[4, 16],
                    help="memory mode: numbers of test images for the TTA peaks")
     p.add_argument("--memory-batch", type=int, default=64)

@@ -11,7 +11,7 @@ workers are done. MXNet's own ``tools/launch.py`` (dmlc tracker) breaks on Pytho
 
 Local mode, everything on this machine (loopback by default)::
 
-    python -m pipeline.launch --workers 2 --servers 1 -- python -m pipeline.train --net X --fold 0
+    python -m pipeline.tools.launch --workers 2 --servers 1 -- python -m pipeline.train --net X --fold 0
 
 starts the scheduler, the servers and the workers as subprocesses, prefixes their output
 (``[worker 1] ...``), splits the CPUs between the workers (``OMP_NUM_THREADS``, unless set),
@@ -21,7 +21,7 @@ server fails (the others would wait for it forever), on Ctrl-C and on SIGTERM.
 
 Cluster mode, one process per call (SLURM ``srun``, ssh, ``mpirun``)::
 
-    python -m pipeline.launch --role worker|server|scheduler|auto [--host H --port P
+    python -m pipeline.tools.launch --role worker|server|scheduler|auto [--host H --port P
         --workers N --servers S] [-- CMD ...]
 
 sets ``DMLC_*`` (flags override the environment) and replaces itself with the role's process.
@@ -359,7 +359,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         cut = argv.index("--")
         argv, cmd = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.launch", description=__doc__.split("\n")[0],
+        prog="python -m pipeline.tools.launch", description=__doc__.split("\n")[0],
         epilog="The worker command follows `--`.")
     parser.add_argument("--workers", "-n", type=int, help="number of workers (local: 1)")
     parser.add_argument("--servers", "-s", type=int, help="number of servers (local: 1)")

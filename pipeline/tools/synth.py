@@ -1,6 +1,6 @@
 """Synthetic NDSB-shaped data: dark shapes on white, for scale tests and benchmarks.
 
-``python -m pipeline.synth OUT --classes N --per-class M --test T`` writes::
+``python -m pipeline.tools.synth OUT --classes N --per-class M --test T`` writes::
 
     OUT/train/<class>/*.jpg   M images per class
     OUT/test/*.jpg            T images
