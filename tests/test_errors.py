@@ -1,0 +1,68 @@
+"""One convention for every stage: an error the user caused ends in ONE line
+``<stage> failed: ...`` on stderr and exit code 1, never a traceback."""
+from __future__ import annotations
+
+import errno
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.lib.errors import PipelineError, describe_os_error, one_line, stage_errors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_one_line_joins_a_listed_message():
+    assert one_line("3 files missing:\n  a\n  b\n  c") == "3 files missing: a; b; c"
+    assert one_line("first problem\nsecond problem") == "first problem; second problem"
+    assert one_line("plain") == "plain"
+
+
+def test_stage_errors_turns_project_and_os_errors_into_one_line():
+    with pytest.raises(SystemExit, match=r"^train failed: bad: x; y$"):
+        with stage_errors("train"):
+            raise PipelineError("bad:\n  x\n  y")
+    with pytest.raises(SystemExit, match=r"^ingest failed: No such file or directory: /nope$"):
+        with stage_errors("ingest"):
+            open("/nope")
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/x.rec")
+    assert describe_os_error(full) == "no space left on the device of /data/x.rec"
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        with stage_errors("train"):
+            raise KeyError("bug")
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> Path:
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+@pytest.mark.parametrize("stage,args,expected", [
+    ("ingest", [], "data.root data/sample/ndsb is not a folder"),
+    ("train", ["--net", "tinynet", "--fold", "0"], "run the ingest stage first"),
+    ("predict", ["--net", "tinynet", "--fold", "0"], "run the ingest stage first"),
+    ("ensemble", ["--nets", "tinynet", "--folds", "0"], "run the ingest stage first"),
+    ("submit", [], "predictions/test--ensemble.npy"),
+    ("score", [], "submissions/submission.csv.gz"),
+])
+def test_each_stage_reports_missing_inputs_in_one_line(project, stage, args, expected):
+    done = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *args], cwd=project,
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert lines[-1].startswith(f"{stage} failed: ") and expected in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unknown_net_and_bad_params_are_one_line_errors(project):
+    text = (project / "params.yaml").read_text().replace("  bn: true\n", "  bn: true\n  bogus: 1\n")
+    (project / "params.yaml").write_text(text)
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", "--net", "tinynet", "--fold",
+                           "0"], cwd=project, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "train failed: params.yaml [train]: unknown key(s) ['bogus']")
