@@ -6,6 +6,11 @@ Input (``data.root``)::
     test/*              unlabelled images (names must be unique)
     sampleSubmission.csv (optional) its header fixes the class order of the submission
 
+Hidden files (``.*``) and the files operating systems leave behind (``Thumbs.db``,
+``desktop.ini``, ``.DS_Store``, macOS zip resource forks under ``__MACOSX/``) are not images:
+they are left out wherever they are, so copying or unzipping the data on another system gives
+the same records. The ones left out of ``train/`` and ``test/`` are counted in the summary line.
+
 Output (``data/records/``, see :mod:`pipeline.lib.records`): single-channel images whose longer
 side is resized to ``data.size`` keeping the aspect ratio, centred on a square of the
 background value (white for NDSB: dark plankton on white), plus ``meta.json`` with the class
@@ -19,11 +24,8 @@ and listed in ``bad_files.json`` instead. The same input always gives byte-ident
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -32,11 +34,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from pipeline.lib import params as params_mod
+from pipeline.lib.errors import PipelineError, stage_errors
 from pipeline.lib.fsutil import write_json
-from pipeline.lib.records import BAD_FILES, META, META_VERSION, rec_paths
 from pipeline.lib.images import decode, fit_square, whiten
+from pipeline.lib.names import duplicates
+from pipeline.lib.records import BAD_FILES, META, META_VERSION, rec_paths
 from pipeline.lib.runtime import available_cpus
-from pipeline.lib.errors import PipelineError
+from pipeline.lib.submission import IMAGE_COLUMN, SAMPLE_SUBMISSION, read_header
 
 DEFAULTS: dict[str, Any] = {
     "root": "data/sample/ndsb",
@@ -52,9 +56,12 @@ DEFAULTS: dict[str, Any] = {
     "workers": 0,  # 0 = every available CPU
 }
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm",
-                  ".webp"}
-SAMPLE_SUBMISSION = "sampleSubmission.csv"
+# Files that operating systems write next to the images (lower-cased name -> how the summary
+# calls it); they are skipped like dotfiles. Everything under a __MACOSX folder is a macOS zip
+# resource fork ("._name"), never an image, and such a folder is never a class.
+OS_FILES = {"thumbs.db": "Thumbs.db", "desktop.ini": "desktop.ini", ".ds_store": ".DS_Store"}
+MACOS_FORKS = "__MACOSX"
+OS_KINDS = (*OS_FILES.values(), f"{MACOS_FORKS}/")  # summary order
 
 
 class IngestError(PipelineError, ValueError):
@@ -92,19 +99,25 @@ class Settings:
 
 # ---------------------------------------------------------------- discovery and class order
 
-def read_sample_header(path: Path) -> tuple[list[str], list[str]]:
-    """(class columns, image names) of a sample submission; the header's first column is image."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = csv.reader(fh)
-        header = next(rows, None)
-        if not header or header[0].strip().lower() != "image":
-            raise IngestError(f"{path}: first column must be 'image', got {header[:1]}")
-        images = [row[0] for row in rows if row]
+def read_sample_header(path: Path) -> list[str]:
+    """Class columns of a sample submission, in order; its first column must be ``image``.
+
+    Only the header is read: ingest needs the class order, not the rows. The file may be
+    gzipped, carry a UTF-8 byte-order mark or have CRLF line ends (as spreadsheet programs
+    save it), see :func:`pipeline.lib.submission.open_text`.
+    """
+    try:
+        header = read_header(path)
+    except UnicodeDecodeError as exc:
+        raise IngestError(f"{path}: not a UTF-8 CSV file ({exc.reason} at byte {exc.start})"
+                          ) from None
+    if not header or header[0].strip().lower() != IMAGE_COLUMN:
+        raise IngestError(f"{path}: first column must be '{IMAGE_COLUMN}', got {header[:1]}")
     classes = [c.strip() for c in header[1:]]
-    dupes = sorted(c for c, n in Counter(classes).items() if n > 1)
+    dupes = duplicates(classes)
     if dupes:
         raise IngestError(f"{path}: duplicate class columns {dupes}")
-    return classes, images
+    return classes
 
 
 def class_order(root: Path, folders: Sequence[str]) -> list[str]:
@@ -112,7 +125,7 @@ def class_order(root: Path, folders: Sequence[str]) -> list[str]:
     sample = root / SAMPLE_SUBMISSION
     if not sample.exists():
         return sorted(folders)
-    classes, _ = read_sample_header(sample)
+    classes = read_sample_header(sample)
     missing = sorted(set(classes) - set(folders))
     extra = sorted(set(folders) - set(classes))
     if missing or extra:
@@ -125,14 +138,35 @@ def class_order(root: Path, folders: Sequence[str]) -> list[str]:
     return classes
 
 
-def _listing(folder: Path) -> list[Path]:
-    """Every non-folder entry (broken links included: they are reported, not dropped)."""
-    return sorted(p for p in folder.rglob("*")
-                  if not p.is_dir() and not p.name.startswith("."))
+def os_file_kind(relative: Path) -> str | None:
+    """The kind of operating-system file ``relative`` (a path below train/ or test/) is, or
+    ``None`` for a candidate image: ``Thumbs.db``, ``desktop.ini``, ``.DS_Store`` (any case)
+    or ``__MACOSX/`` (anything inside such a folder, at any depth)."""
+    if any(part.upper() == MACOS_FORKS for part in relative.parts[:-1]):
+        return f"{MACOS_FORKS}/"
+    return OS_FILES.get(relative.name.lower())
 
 
-def discover(root: str | os.PathLike) -> tuple[list[str], list[Item], list[Item], list[str]]:
-    """Classes, train items, test items and structural problems (missing folders, ...)."""
+def _listing(folder: Path, base: Path, ignored: dict[str, int]) -> list[Path]:
+    """Every non-folder entry below ``folder`` except dotfiles and operating-system files
+    (broken links included: they are reported, not dropped). Operating-system files are
+    counted by kind into ``ignored``; their paths are taken relative to ``base``."""
+    files = []
+    for p in folder.rglob("*"):
+        if p.is_dir():
+            continue
+        kind = os_file_kind(p.relative_to(base))
+        if kind is not None:
+            ignored[kind] = ignored.get(kind, 0) + 1
+        elif not p.name.startswith("."):
+            files.append(p)
+    return sorted(files)
+
+
+def discover(root: str | os.PathLike
+             ) -> tuple[list[str], list[Item], list[Item], list[str], dict[str, int]]:
+    """Classes, train items, test items, structural problems (missing folders, ...) and the
+    number of operating-system files left out, by kind (see :func:`os_file_kind`)."""
     root = Path(root)
     problems: list[str] = []
     train_dir, test_dir = root / "train", root / "test"
@@ -145,8 +179,19 @@ def discover(root: str | os.PathLike) -> tuple[list[str], list[Item], list[Item]
     if problems:
         raise IngestError("\n".join(problems))
 
-    folders = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    strays = sorted(p.name for p in train_dir.iterdir() if p.is_file())
+    ignored: dict[str, int] = {}
+    entries = []
+    for p in sorted(train_dir.iterdir()):
+        if p.name.upper() == MACOS_FORKS and p.is_dir():
+            _listing(p, train_dir, ignored)  # counted, never a class
+            continue
+        kind = None if p.is_dir() else os_file_kind(p.relative_to(train_dir))
+        if kind is not None:
+            ignored[kind] = ignored.get(kind, 0) + 1
+        elif not p.name.startswith("."):
+            entries.append(p)
+    folders = sorted(p.name for p in entries if p.is_dir())
+    strays = sorted(p.name for p in entries if p.is_file())
     if strays:
         problems.append(f"{train_dir}: files outside class folders: {strays[:10]}"
                         + (" ..." if len(strays) > 10 else ""))
@@ -157,19 +202,26 @@ def discover(root: str | os.PathLike) -> tuple[list[str], list[Item], list[Item]
 
     train: list[Item] = []
     for cls in classes:
-        files = _listing(train_dir / cls)
+        files = _listing(train_dir / cls, train_dir, ignored)
         if not files:
             problems.append(f"{train_dir / cls}: empty class folder")
         train += [Item(str(f), f.relative_to(train_dir).as_posix(), index[cls]) for f in files]
 
-    test = [Item(str(f), f.name, -1) for f in _listing(test_dir)]
+    test = [Item(str(f), f.name, -1) for f in _listing(test_dir, test_dir, ignored)]
     if not test:
         problems.append(f"{test_dir}: no images")
-    for name, n in sorted(Counter(i.name for i in test).items()):
-        if n > 1:
-            where = [i.path for i in test if i.name == name]
-            problems.append(f"duplicate test name {name!r} ({n}x): {where}")
-    return classes, train, test, problems
+    for name in duplicates(i.name for i in test):
+        where = [i.path for i in test if i.name == name]
+        problems.append(f"duplicate test name {name!r} ({len(where)}x): {where}")
+    return classes, train, test, problems, {k: ignored[k] for k in OS_KINDS if k in ignored}
+
+
+def describe_ignored(ignored: dict[str, int]) -> str:
+    """``ignored 3 operating-system files (Thumbs.db, __MACOSX/)``, or ``""`` for none."""
+    n = sum(ignored.values())
+    if not n:
+        return ""
+    return f"ignored {n} operating-system file{'s' if n != 1 else ''} ({', '.join(ignored)})"
 
 
 # ---------------------------------------------------------------- decoding and conversion
@@ -306,7 +358,7 @@ def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Se
            ) -> dict[str, Any]:
     """Convert ``root`` (NDSB layout) into ``records_dir``; return the meta dict written."""
     root, records_dir = Path(root), Path(records_dir)
-    classes, train, test, problems = discover(root)
+    classes, train, test, problems, ignored = discover(root)
     if problems and not (skip_bad and _only_skippable(problems)):
         raise IngestError(f"cannot ingest {root}:\n  " + "\n  ".join(problems))
     records_dir.mkdir(parents=True, exist_ok=True)
@@ -353,7 +405,7 @@ def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Se
     write_json(records_dir / META, meta)  # last: its presence means the pair above is whole
     print(f"ingest: {len(train_entries)} train + {len(test_entries)} test images, "
           f"{len(classes)} classes, {len(bad)} skipped, {n / seconds:.0f} img/s "
-          f"on {workers} worker(s)")
+          f"on {workers} worker(s)" + (f"; {describe_ignored(ignored)}" if ignored else ""))
     return meta
 
 
@@ -374,15 +426,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", default=params_mod.PARAMS_FILE)
     args = parser.parse_args(argv)
-    p = params_mod.section("data", DEFAULTS, args.params)
-    settings = Settings(size=p["size"], background=p["background"], format=p["format"],
-                        jpeg_quality=p["jpeg_quality"],
-                        whiten_background=p["whiten_background"])
-    try:
+    with stage_errors("ingest"):
+        p = params_mod.section("data", DEFAULTS, args.params)
+        settings = Settings(size=p["size"], background=p["background"], format=p["format"],
+                            jpeg_quality=p["jpeg_quality"],
+                            whiten_background=p["whiten_background"])
         ingest(p["root"], p["records"], settings, folds=p["folds"], seed=p["seed"],
                skip_bad=p["skip_bad"], workers=p["workers"])
-    except IngestError as exc:
-        raise SystemExit(f"ingest failed: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Ingest: round trips, class order, every bad-input case, determinism, folds, conversions."""
+"""Ingest: round trips, class order, every bad-input case, determinism, folds, conversions,
+sample submissions saved by spreadsheets, operating-system files, the CLI's one-line errors."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from pathlib import Path
@@ -9,9 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.ingest import IngestError, Settings, fit_square, ingest, stratified_folds
+from pipeline.ingest import (IngestError, Settings, ingest, main, read_sample_header,
+                             stratified_folds)
+from pipeline.lib.images import fit_square, whiten
 from pipeline.lib.records import RecordReader, fold_indices, load_meta
-from pipeline.tools.synth import write_sample_submission
+from pipeline.lib.submission import write_sample_submission
 from tests.conftest import organism, write_png
 
 SIZE = 32
@@ -76,6 +80,125 @@ def test_sample_header_disagreeing_with_folders_names_differences(ndsb_folder, t
     with pytest.raises(IngestError) as err:
         run(ndsb_folder, tmp_path / "rec")
     assert "shrimp" in str(err.value) and "amphipod" in str(err.value)
+
+
+SAMPLE_ORDER = ["diatom", "copepod", "amphipod"]  # neither sorted nor the folders' order
+
+
+def _sample_text(classes: list[str]) -> str:
+    """A sample submission as LF-terminated text (uniform probabilities)."""
+    rows = [",".join(["image", *classes])]
+    rows += [",".join([f"{j}.png"] + ["0.333333"] * len(classes)) for j in (1, 2, 3)]
+    return "\n".join(rows) + "\n"
+
+
+@pytest.mark.parametrize("variant", ["bom", "crlf", "bom+crlf", "gzip+bom+crlf"])
+def test_sample_submission_saved_by_a_spreadsheet_gives_the_same_class_order(
+        ndsb_folder, tmp_path, variant):
+    clean_root = tmp_path / "clean"
+    clean_root.mkdir()
+    (clean_root / "sampleSubmission.csv").write_text(_sample_text(SAMPLE_ORDER))
+    assert read_sample_header(clean_root / "sampleSubmission.csv") == SAMPLE_ORDER
+
+    text = _sample_text(SAMPLE_ORDER)
+    if "crlf" in variant:
+        text = text.replace("\n", "\r\n")
+    data = (("\ufeff" if "bom" in variant else "") + text).encode("utf-8")
+    if "gzip" in variant:
+        data = gzip.compress(data)
+    assert data.startswith(b"\xef\xbb\xbf") == (variant in ("bom", "bom+crlf"))
+    sample = ndsb_folder / "sampleSubmission.csv"
+    sample.write_bytes(data)
+    assert read_sample_header(sample) == SAMPLE_ORDER  # no "\ufeffimage", no "amphipod\r"
+    meta = run(ndsb_folder, tmp_path / "rec")
+    assert meta["classes"] == SAMPLE_ORDER
+    reader = RecordReader(tmp_path / "rec", "train")
+    for i, entry in enumerate(meta["train"]):
+        assert SAMPLE_ORDER[int(reader.read(i)[0])] == entry["name"].split("/")[0]
+
+
+def test_sample_submission_problems_are_ingest_errors(ndsb_folder, tmp_path):
+    sample = ndsb_folder / "sampleSubmission.csv"
+    sample.write_text(_sample_text(["diatom", "copepod", "diatom", "amphipod"]))
+    with pytest.raises(IngestError, match=r"duplicate class columns \['diatom'\]"):
+        run(ndsb_folder, tmp_path / "rec")
+    sample.write_text("")
+    with pytest.raises(IngestError, match="first column must be 'image'"):
+        run(ndsb_folder, tmp_path / "rec")
+    sample.write_bytes("image,diatom,cop\xe9pod,amphipod\n".encode("latin-1"))
+    with pytest.raises(IngestError, match="not a UTF-8 CSV file"):
+        run(ndsb_folder, tmp_path / "rec")
+
+
+APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(50)
+
+
+def _add_os_files(root: Path) -> int:
+    """Leave the files Windows and macOS leave behind all over ``root``; return how many of
+    them are inside train/ and test/ (those outside are never read, so never counted)."""
+    train, test = root / "train", root / "test"
+    good_png = (train / "copepod" / "copepod_0.png").read_bytes()
+    files = {
+        train / "copepod" / "Thumbs.db": os.urandom(300),
+        test / "Thumbs.db": os.urandom(300),
+        train / "desktop.ini": b"[.ShellClassInfo]\r\n",  # beside the class folders
+        train / "diatom" / "Desktop.INI": b"[.ShellClassInfo]\r\n",
+        train / ".DS_Store": os.urandom(64),
+        train / "amphipod" / ".DS_Store": os.urandom(64),
+        # A zip made on macOS: resource forks mirroring the tree, including a fork of the
+        # class folder itself and an (odd) real image that must not become a test duplicate.
+        train / "__MACOSX" / "copepod" / "._copepod_0.png": APPLE_DOUBLE,
+        train / "__MACOSX" / "._copepod": APPLE_DOUBLE,
+        train / "amphipod" / "__MACOSX" / "._amphipod_1.png": APPLE_DOUBLE,
+        test / "__MACOSX" / "._1.png": APPLE_DOUBLE,
+        test / "__MACOSX" / "1.png": good_png,
+        root / "__MACOSX" / "train" / "diatom" / "._diatom_0.png": APPLE_DOUBLE,
+    }
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return sum(1 for path in files if root / "__MACOSX" not in path.parents)
+
+
+def test_operating_system_files_are_ignored_and_counted(ndsb_folder, tmp_path, capsys):
+    run(ndsb_folder, tmp_path / "clean")
+    assert "operating-system" not in capsys.readouterr().out
+    n = _add_os_files(ndsb_folder)
+    assert n == 11
+    meta = run(ndsb_folder, tmp_path / "junk")
+    summary = capsys.readouterr().out
+    assert (f"ignored {n} operating-system files (Thumbs.db, desktop.ini, .DS_Store, __MACOSX/)"
+            in summary), summary
+    assert meta["classes"] == ["amphipod", "copepod", "diatom"]  # no "__MACOSX" class
+    assert len(meta["train"]) == 12 and len(meta["test"]) == 3
+    # Records, meta.json and bad_files.json are byte for byte those of the run without them, so
+    # the stages after ingest do not re-run when Windows or macOS touch the data folder.
+    clean = {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()}
+    junk = {p.name: p.read_bytes() for p in (tmp_path / "junk").iterdir()}
+    assert sorted(junk) == sorted(clean) and junk == clean
+    assert json.loads(clean["bad_files.json"]) == {"skipped": [], "problems": []}
+
+
+def test_main_reports_every_error_on_one_line(ndsb_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as err:  # the params file itself is read inside
+        main(["--params", "missing.yaml"])
+    assert str(err.value.code).startswith("ingest failed: missing.yaml not found")
+    out = tmp_path / "rec"
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  root: {ndsb_folder}\n  records: {out}\n  size: 4\n")
+    with pytest.raises(SystemExit) as err:
+        main(["--params", str(params)])
+    assert err.value.code == "ingest failed: data.size must be >= 8, got 4"
+    params.write_text(f"data:\n  root: {ndsb_folder}\n  records: {out}\n  size: 16\n"
+                      f"  workers: 1\n  folds: 2\n")
+    _corrupt_cases(ndsb_folder)
+    with pytest.raises(SystemExit) as err:
+        main(["--params", str(params)])
+    message = str(err.value.code)
+    assert message.startswith("ingest failed: 6 bad file(s)") and "\n" not in message
+    assert "zero.png: zero-byte file" in message and "dangling.png: unreadable" in message
+    assert not (out / "meta.json").exists()
 
 
 def _corrupt_cases(root: Path) -> dict[str, str]:
@@ -244,8 +367,6 @@ def test_whiten_background_makes_grey_borders_white(ndsb_folder, tmp_path):
 
 
 def test_whiten_leaves_white_and_border_filling_images_alone():
-    from pipeline.ingest import whiten
-
     white = organism(30, 30, 1)
     np.testing.assert_array_equal(whiten(white, 255), white)  # NDSB-like: no-op
     filled = np.full((30, 30), 60, np.uint8)  # the organism fills the crop
