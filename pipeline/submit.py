@@ -137,7 +137,7 @@ def _write_csv(frame: pd.DataFrame, binary) -> None:
     text.detach()  # leave closing the binary stream to its owner
 
 
-def make_submission(predictions: str | os.PathLike, records: str | os.PathLike,
+def submit(predictions: str | os.PathLike, records: str | os.PathLike,
                     out: str | os.PathLike, sample_submission: str | os.PathLike | None = None,
                     plain_csv: bool = False) -> pd.DataFrame:
     """Read predictions, the records' meta.json and the optional sample; write and verify the
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with stage_errors("submit"):
         cfg = params.section("submit", DEFAULTS, args.pop("params"))
         cfg.update({k: v for k, v in args.items() if v is not None})  # CLI overrides params
-        frame = make_submission(cfg["predictions"], cfg["records"], cfg["out"],
+        frame = submit(cfg["predictions"], cfg["records"], cfg["out"],
                                 cfg["sample_submission"], cfg["plain_csv"])
     print(f"wrote {cfg['out']}: {len(frame)} images x {frame.shape[1] - 1} classes")
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline.lib import predictions as preds_mod
-from pipeline.ensemble import (EnsembleError, MissingPredictionsError, fit_weights, main, run)
+from pipeline.ensemble import (EnsembleError, MissingPredictionsError, ensemble, fit_weights,
+                               main)
 from pipeline.lib.fsutil import write_json
 from pipeline.lib.predictions import (load_prediction_file, load_predictions, prediction_path,
                                   save_predictions)
@@ -77,7 +78,7 @@ def project(tmp_path: Path) -> tuple[Path, dict]:
 
 
 def run_in(root: Path, nets: list[str], folds=None) -> dict:
-    return run(nets, folds, root / "predictions", root, root / "metrics.json")
+    return ensemble(nets, folds, root / "predictions", root, root / "metrics.json")
 
 
 # ------------------------------------------------------------------------------ weights

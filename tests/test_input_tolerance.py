@@ -131,7 +131,7 @@ def test_submit_follows_a_bom_and_crlf_sample_submission(tmp_path: Path, variant
     for v in ("lf", variant):
         sample = write(tmp_path / f"sample-{v}.csv", sample_rows(), v)
         out = tmp_path / f"sub-{v}.csv{'' if plain_csv else '.gz'}"
-        frame = submit.make_submission(pred, records, out, sample_submission=sample,
+        frame = submit.submit(pred, records, out, sample_submission=sample,
                                        plain_csv=plain_csv)
         assert list(frame.columns) == ["image", *CLASSES]
         assert list(frame["image"]) == IMAGES

@@ -25,7 +25,7 @@ def sample_root(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample") / "sample"
     with tempfile.TemporaryDirectory() as tmp:
         wheel = S.fetch_wheel(Path(tmp))
-        counts = S.build_sample(out, wheel, train_fraction=0.7, seed=0)
+        counts = S.sample(out, wheel, train_fraction=0.7, seed=0)
     assert counts == {"classes": 6, "train": 73, "test": 32}
     return out / "ndsb"
 

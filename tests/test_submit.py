@@ -11,7 +11,7 @@ import pytest
 from pipeline.lib.fsutil import write_json
 from pipeline.lib.predictions import save_prediction_file
 from pipeline.lib.submission import SubmissionError, check_submission
-from pipeline.submit import build_submission, main, make_submission
+from pipeline.submit import build_submission, main, submit
 
 META_CLASSES = ["copepod", "amphipod", "diatom", "radiolarian"]  # meta (ingest) order
 SAMPLE_CLASSES = ["diatom", "copepod", "radiolarian", "amphipod"]  # not alphabetical, not meta
@@ -51,7 +51,7 @@ def test_written_file_matches_sample_and_validates(tmp_path: Path) -> None:
     write_json(tmp_path / "meta.json", {"classes": META_CLASSES,
                                         "test": [{"name": n} for n in TEST]})
     out = tmp_path / "sub" / "submission.csv.gz"
-    make_submission(pred, tmp_path, out, sample)
+    submit(pred, tmp_path, out, sample)
     with gzip.open(out, "rt") as fh:
         header = fh.readline().strip().split(",")
         first = fh.readline().strip().split(",")
@@ -62,7 +62,7 @@ def test_written_file_matches_sample_and_validates(tmp_path: Path) -> None:
     assert frame.loc[0, "diatom"] == pytest.approx(probs_for(TEST)[0, k], rel=1e-5)
     assert check_submission(out, SAMPLE_CLASSES, TEST) == []
     before = out.read_bytes()
-    make_submission(pred, tmp_path, out, sample)
+    submit(pred, tmp_path, out, sample)
     assert out.read_bytes() == before  # gzip header has no timestamp or temp name
 
 
@@ -111,7 +111,7 @@ def test_failed_write_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(pd.DataFrame, "to_csv", broken)
     out = tmp_path / "sub" / "submission.csv.gz"
     with pytest.raises(OSError, match="disk full"):
-        make_submission(pred, tmp_path, out)
+        submit(pred, tmp_path, out)
     assert list(out.parent.iterdir()) == []  # neither the final name nor a temporary file
 
 
