@@ -1,4 +1,5 @@
-"""The notebooks run top to bottom on a real (tiny) run, and are committed without outputs.
+"""The notebooks run top to bottom on a real (tiny) run, share one setup cell, import only the
+library, and are committed without outputs.
 
 Each notebook is executed by nbclient in a kernel of *this* interpreter (a kernelspec written to
 a temporary ``JUPYTER_PATH``, so neither a user-level ``python3`` kernel nor ``python`` on PATH
@@ -7,6 +8,7 @@ can substitute another environment), with ``NDSB_ROOT`` pointing at the session'
 """
 from __future__ import annotations
 
+import ast
 import json
 import sys
 import time
@@ -37,6 +39,47 @@ def test_notebook_is_committed_without_outputs(path: Path):
     assert code, f"{path.name} has no code cells"
     dirty = [i for i, c in enumerate(code) if c.get("outputs") or c.get("execution_count")]
     assert not dirty, f"{path.name}: code cells {dirty} hold outputs; clear them before committing"
+
+
+def _code(path: Path) -> list[str]:
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_starts_with_the_shared_setup_and_imports_the_library_only(path: Path):
+    code = _code(path)
+    assert "cfg, meta = setup()" in code[0].splitlines()
+    assert "from pipeline.lib.notebook import setup" in code[0]
+    assert len(code[0].splitlines()) <= 12, "the setup belongs in pipeline.lib.notebook"
+    imported = set()
+    for cell in code:
+        tree = ast.parse("\n".join(line for line in cell.splitlines()
+                                    if not line.lstrip().startswith(("%", "!"))))
+        imported |= {node.module for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                     for alias in node.names}
+    project = {m for m in imported if m.split(".")[0] in ("pipeline", "nets")}
+    assert project and all(m.startswith("pipeline.lib") for m in project), project
+
+
+@pytest.mark.slow
+def test_setup_finds_the_project_from_the_notebook_folder(tiny_run: Path,  # noqa: F811
+                                                          monkeypatch, capsys):
+    from pipeline.lib import notebook
+
+    monkeypatch.delenv(notebook.ROOT_VARIABLE, raising=False)
+    assert notebook.enclosing_project(ROOT / "notebooks") == ROOT
+    assert notebook.project_root(ROOT / "notebooks") == ROOT
+    assert notebook.enclosing_project(tiny_run) is None  # a run folder holds no code
+    monkeypatch.setenv(notebook.ROOT_VARIABLE, str(tiny_run))
+    assert notebook.project_root(ROOT / "notebooks") == tiny_run.resolve()
+    monkeypatch.chdir(ROOT / "notebooks")
+    cfg, meta = notebook.setup()
+    assert cfg.root == tiny_run.resolve() and cfg.records == tiny_run.resolve() / "data/records"
+    assert len(meta["classes"]) == 4
+    assert str(tiny_run.resolve()) in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
-"""The report module: its tables on constructed inputs, and the static report of a tiny run.
+"""The report stage and the library it draws on (:mod:`pipeline.lib.results` for the tables,
+:mod:`pipeline.lib.figures` for the figures): tables on constructed inputs, one-line errors, and
+the static report of a tiny run.
 
 The slow tests build a real (tiny) run with the stages' core functions — synthetic NDSB
 folder, ingest, two nets with different activations on two folds, TTA predictions, ensemble —
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,8 @@ import pandas as pd
 import pytest
 
 from pipeline import report as R
+from pipeline.lib import figures as F
+from pipeline.lib import results
 from pipeline.lib.fsutil import write_json
 from tests.conftest import ROOT
 
@@ -59,8 +65,8 @@ def build_run(base: Path) -> Path:
         for fold in FOLDS:
             train.train(train.Run(net, fold, train_cfg, records))
             predict.predict(net, fold, records, tta_cfg, base / "metrics")
-    ensemble.run(list(NETS), None, base / "predictions" / "models", records / "meta.json",
-                 base / "metrics" / "ensemble.json", base / "predictions")
+    ensemble.ensemble(list(NETS), None, base / "predictions" / "models", records,
+                      base / "metrics" / "ensemble.json", base / "predictions")
     (base / BUILT).write_text("ok\n")
     return base
 
@@ -74,33 +80,33 @@ def tiny_run(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------- tables, no training
 
 
-def _oof() -> R.Oof:
+def _oof() -> results.Oof:
     probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.9, 0.05, 0.05], [0.3, 0.3, 0.4]])
-    return R.Oof(names=["a", "b", "c", "d"], y=np.array([0, 1, 1, 2]), probs=probs,
+    return results.Oof(names=["a", "b", "c", "d"], y=np.array([0, 1, 1, 2]), probs=probs,
                  classes=["x", "y", "z"], index=np.arange(4))
 
 
 def test_confusion_tables_follow_class_order():
     oof = _oof()
-    pairs = R.confusion_pairs(oof)
+    pairs = results.confusion_pairs(oof)
     assert pairs.to_dict("records") == [{"actual": "x", "predicted": "x"},
                                         {"actual": "y", "predicted": "y"},
                                         {"actual": "y", "predicted": "x"},
                                         {"actual": "z", "predicted": "z"}]
-    matrix = R.confusion_matrix(oof)
+    matrix = results.confusion_matrix(oof)
     assert list(matrix.index) == list(matrix.columns) == ["x", "y", "z"]
     assert matrix.loc["y", "x"] == 1 and matrix.to_numpy().sum() == 4
 
 
 def test_confident_mistakes_and_per_class_use_the_metric():
-    from pipeline.score import ndsb_log_loss
+    from pipeline.lib.metrics import ndsb_log_loss
 
     oof = _oof()
-    mistakes = R.confident_mistakes(oof, 5)
+    mistakes = results.confident_mistakes(oof, 5)
     assert mistakes[["name", "actual", "predicted"]].values.tolist() == [["c", "y", "x"]]
     assert mistakes.loc[0, "confidence"] == pytest.approx(0.9)
     assert mistakes.loc[0, "logloss"] == pytest.approx(-np.log(0.05))
-    per_class = R.per_class_logloss(oof).set_index("class")
+    per_class = results.per_class_logloss(oof).set_index("class")
     assert per_class.loc["y", "n"] == 2
     assert per_class.loc["y", "logloss"] == pytest.approx(
         ndsb_log_loss(np.array([1, 1]), oof.probs[[1, 2]]))
@@ -119,26 +125,89 @@ def test_learning_curves_tta_and_activations_from_files(tmp_path):
         write_json(metrics / f"predict--{net}--fold{fold}.json",
                    {"valid_logloss_no_tta": 1.0, "valid_logloss_by_n": {"1": 1.2, "4": 0.9}})
     (plots / "confusion.csv").write_text("actual,predicted\nx,x\n")  # not a learning curve
-    curves = R.learning_curves(plots)
+    curves = results.learning_curves(plots)
     assert len(curves) == 9 and set(curves["net"]) == {"a", "b"}
-    specs = R.run_specs(ck)
+    specs = results.run_specs(ck)
     assert dict(zip(specs["net"] + specs["fold"].astype(str), specs["act"])) == {
         "a0": "relu", "a1": "relu", "b0": "rrelu"}
-    summary = R.activation_summary(curves, specs).set_index("act")
+    summary = results.activation_summary(curves, specs).set_index("act")
     assert summary.loc["relu", "folds"] == 2
     assert summary.loc["relu", "final_valid_logloss"] == pytest.approx(1.0)
-    assert R.plot_activations(curves, specs) is not None
-    assert R.plot_activations(curves[curves["net"] == "a"], specs) is None
-    tta = R.tta_curves(metrics)
+    assert F.plot_activations(curves, specs) is not None
+    assert F.plot_activations(curves[curves["net"] == "a"], specs) is None
+    tta = results.tta_curves(metrics)
     assert sorted(tta.loc[tta["net"] == "b", "n"]) == [0, 1, 4]
 
 
 def test_settings_resolve_against_the_root(tmp_path):
     (tmp_path / "params.yaml").write_text("report:\n  out: elsewhere/html\n  mistakes: 3\n")
-    cfg = R.settings(tmp_path)
+    cfg = results.settings(tmp_path)
     assert cfg.out == tmp_path.resolve() / "elsewhere" / "html" and cfg.mistakes == 3
     assert cfg.records == tmp_path.resolve() / "data" / "records"
-    assert R.settings(tmp_path / "no-params").confusion.name == "confusion.csv"
+    assert results.settings(tmp_path / "no-params").confusion.name == "confusion.csv"
+
+
+def test_results_find_runs_by_their_names(tmp_path):
+    """Runs are found through :mod:`pipeline.lib.runs`: what is not a run name is ignored,
+    ``--fold-1`` is fold -1 (trained on every image)."""
+    plots, metrics, ck = tmp_path / "plots", tmp_path / "metrics", tmp_path / "ck"
+    header = "epoch\tlr\ttrain_loss\tvalid_logloss\tvalid_accuracy\timg_s\n"
+    for name in ("train--net--fold-1.tsv", "train--a--b.tsv", "train--a--b--fold0.tsv",
+                 "train--net.tsv", "predict--net--fold0.tsv"):
+        (plots / name).parent.mkdir(parents=True, exist_ok=True)
+        (plots / name).write_text(header + "1\t0.01\t2.0\t\t\t10\n")
+    curves = results.learning_curves(plots)
+    assert curves[["net", "fold"]].drop_duplicates().values.tolist() == [["net", -1]]
+    for name in ("net--fold-1", "foo", "a--b", "net--fold1x"):
+        write_json(ck / name / "model.json", {"kwargs": {"act": "relu"}, "epoch": 1})
+    (ck / "other--fold2").mkdir()  # a run folder without a spec yet
+    (ck / "file--fold3").write_text("not a folder")
+    specs = results.run_specs(ck)
+    assert specs[["net", "fold"]].values.tolist() == [["net", -1]]
+    write_json(metrics / "train--net--fold-1.json", {"epochs": 1, "train_loss": 2.0})
+    write_json(metrics / "train--a--b.json", {"epochs": 9})
+    write_json(metrics / "predict--net--fold0.json", {"valid_logloss_no_tta": 1.0})
+    write_json(metrics / "predict--net--fold-1.json", {"test_images": 3})  # no validation
+    write_json(metrics / "predict--a--b.json", {"valid_logloss_no_tta": 5.0})
+    final = results.train_metrics(metrics)
+    assert final[["net", "fold", "epochs"]].values.tolist() == [["net", -1, 1]]
+    tta = results.tta_curves(metrics)
+    assert tta[["net", "fold", "n"]].values.tolist() == [["net", 0, 0]]
+
+
+def test_missing_ensemble_outputs_are_results_errors(tmp_path):
+    cfg = results.settings(tmp_path)
+    with pytest.raises(results.ResultsError, match="run the pipeline up to the ensemble"):
+        results.ensemble_summary(cfg.ensemble_metrics)
+    meta = {"classes": ["x"], "train": [{"name": "a", "label": 0}]}
+    with pytest.raises(results.ResultsError, match="valid--ensemble.npy"):
+        results.load_oof(cfg, meta)
+
+
+def _report_cli(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.report", "--root", str(root)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("section, expected", [
+    ("report:\n  bogus: 1\n", "report failed: params.yaml [report]: unknown key(s) ['bogus']"),
+    ("report:\n  mistakes: many\n", "report failed: params.yaml [report].mistakes: expected int"),
+])
+def test_broken_params_section_is_one_line_error(tmp_path, section, expected):
+    (tmp_path / "params.yaml").write_text(section)
+    done = _report_cli(tmp_path)
+    assert done.returncode == 1, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected), done.stderr
+    assert not done.stdout
+
+
+def test_report_without_a_run_is_one_line_error(tmp_path):
+    done = _report_cli(tmp_path)  # no params.yaml: defaults; no records: ingest first
+    assert done.returncode == 1, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("report failed: ")
+    assert "run the ingest stage first" in lines[0]
 
 
 # ------------------------------------------------------------------------- on a tiny run
@@ -161,8 +230,8 @@ def test_report_writes_every_file(tiny_run):
 
 @pytest.mark.slow
 def test_confusion_csv_rows_are_the_oof_predictions(tiny_run):
-    cfg = R.settings(tiny_run)
-    R.write_report(cfg)
+    cfg = results.settings(tiny_run)
+    R.report(cfg)
     meta = json.loads((cfg.records / "meta.json").read_text())
     probs = np.load(tiny_run / "predictions" / "valid--ensemble.npy")
     names = (tiny_run / "predictions" / "valid--ensemble.names.txt").read_text().split()
