@@ -28,7 +28,7 @@ from pipeline.lib.figures import (plot_activations, plot_confusion, plot_image_g
                                   plot_learning_curves, plot_mistakes, plot_per_class, plot_tta,
                                   plot_weights)
 from pipeline.lib.fsutil import atomic_path, write_text
-from pipeline.lib.results import (Oof, Settings, activation_summary, class_counts,
+from pipeline.lib.results import (Oof, ReportSettings, activation_summary, class_counts,
                                   confident_mistakes, confusion_matrix, confusion_pairs,
                                   ensemble_summary, learning_curves, load_meta, load_oof,
                                   per_class_logloss, read_records, run_specs, sample_indices,
@@ -55,7 +55,7 @@ def save_figure(fig: "Figure", path: str | os.PathLike, dpi: int = 90) -> Path:
     return Path(path)
 
 
-def build_sections(cfg: Settings, meta: dict[str, Any], oof: Oof
+def build_sections(cfg: ReportSettings, meta: dict[str, Any], oof: Oof
                    ) -> tuple[list[Section], dict[str, "Figure"]]:
     """Every section of the report and the figures it refers to (by file name)."""
     figures: dict[str, Figure] = {}
@@ -67,7 +67,7 @@ def build_sections(cfg: Settings, meta: dict[str, Any], oof: Oof
     return sections, figures
 
 
-def _ensemble_section(cfg: Settings, meta: dict[str, Any], sections: list[Section],
+def _ensemble_section(cfg: ReportSettings, meta: dict[str, Any], sections: list[Section],
                       figures: dict[str, "Figure"]) -> None:
     summary = ensemble_summary(cfg.ensemble_metrics)
     figures["ensemble_weights.png"] = plot_weights(summary)
@@ -76,7 +76,7 @@ def _ensemble_section(cfg: Settings, meta: dict[str, Any], sections: list[Sectio
                             "ensemble_weights.png", summary))
 
 
-def _training_sections(cfg: Settings, meta: dict[str, Any], sections: list[Section],
+def _training_sections(cfg: ReportSettings, meta: dict[str, Any], sections: list[Section],
                        figures: dict[str, "Figure"]) -> None:
     curves, specs = learning_curves(cfg.plots), run_specs(cfg.checkpoints)
     figures["learning_curves.png"] = plot_learning_curves(curves, math.log(len(meta["classes"])))
@@ -91,7 +91,7 @@ def _training_sections(cfg: Settings, meta: dict[str, Any], sections: list[Secti
                                 activation_summary(curves, specs)))
 
 
-def _tta_section(cfg: Settings, meta: dict[str, Any], sections: list[Section],
+def _tta_section(cfg: ReportSettings, meta: dict[str, Any], sections: list[Section],
                  figures: dict[str, "Figure"]) -> None:
     tta = tta_curves(cfg.metrics)
     figures["tta_curve.png"] = plot_tta(tta)
@@ -102,7 +102,7 @@ def _tta_section(cfg: Settings, meta: dict[str, Any], sections: list[Section],
                             table.reset_index()))
 
 
-def _prediction_sections(cfg: Settings, oof: Oof, sections: list[Section],
+def _prediction_sections(cfg: ReportSettings, oof: Oof, sections: list[Section],
                          figures: dict[str, "Figure"]) -> None:
     matrix = confusion_matrix(oof)
     figures["confusion.png"] = plot_confusion(matrix)
@@ -122,7 +122,7 @@ def _prediction_sections(cfg: Settings, oof: Oof, sections: list[Section],
                             mistakes.drop(columns="index")))
 
 
-def _sample_section(cfg: Settings, meta: dict[str, Any], sections: list[Section],
+def _sample_section(cfg: ReportSettings, meta: dict[str, Any], sections: list[Section],
                     figures: dict[str, "Figure"]) -> None:
     chosen = sample_indices(meta, cfg.samples_per_class, cfg.seed)
     grid = {cls: read_records(cfg.records, idx) for cls, idx in chosen.items()}
@@ -154,7 +154,7 @@ def render_html(sections: Sequence[Section], title: str) -> str:
     return "\n".join(parts)
 
 
-def report(cfg: Settings) -> list[Path]:
+def report(cfg: ReportSettings) -> list[Path]:
     """Write ``index.html`` + PNGs to ``cfg.out`` and the OOF ``actual,predicted`` pairs to
     ``cfg.confusion``; return the paths written. PNGs of an earlier report that this one did
     not write (e.g. ``activations.png`` when only one activation is left) are removed."""

@@ -64,10 +64,10 @@ def inline_figures() -> None:
 
 
 def setup(root: str | os.PathLike | None = None, *, quiet: bool = False
-          ) -> tuple[results.Settings, dict[str, Any]]:
+          ) -> tuple[results.ReportSettings, dict[str, Any]]:
     """``(cfg, meta)`` of the run at ``root`` (default: :func:`project_root`), figures inline.
 
-    ``cfg`` holds the run's output paths (:class:`pipeline.lib.results.Settings`), ``meta``
+    ``cfg`` holds the run's output paths (:class:`pipeline.lib.results.ReportSettings`), ``meta``
     its ``meta.json``; prints one line naming the project and its data unless ``quiet``.
     A missing or stale ``meta.json`` raises :class:`pipeline.lib.records.RecordsError` saying
     which stage to run.

@@ -60,7 +60,7 @@ class ResultsError(PipelineError, ValueError):
 
 
 @dataclass(frozen=True)
-class Settings:
+class ReportSettings:
     """Where a run's outputs are (absolute paths) and how much of them the report shows."""
 
     root: Path
@@ -78,7 +78,7 @@ class Settings:
 
 
 def settings(root: str | os.PathLike = ".", params_file: str | os.PathLike | None = None
-             ) -> Settings:
+             ) -> ReportSettings:
     """The ``report`` section of ``root/params.yaml`` (defaults if that file is absent), its
     paths resolved against ``root``.
 
@@ -93,14 +93,14 @@ def settings(root: str | os.PathLike = ".", params_file: str | os.PathLike | Non
         path = Path(params_file) if params_file is not None else root / params_mod.PARAMS_FILE
         cfg = params_mod.section(SECTION, DEFAULTS, path)
     paths = {key: root / cfg[key] for key in _PATHS}
-    return Settings(root=root, samples_per_class=int(cfg["samples_per_class"]),
+    return ReportSettings(root=root, samples_per_class=int(cfg["samples_per_class"]),
                     mistakes=int(cfg["mistakes"]), seed=int(cfg["seed"]), **paths)
 
 
 # ------------------------------------------------------------------- records and images
 
 
-def load_meta(cfg: Settings) -> dict[str, Any]:
+def load_meta(cfg: ReportSettings) -> dict[str, Any]:
     """``meta.json`` of the run's records, checked against the record files beside it."""
     return records.load_meta(cfg.records)
 
@@ -168,7 +168,7 @@ def read_records(records_dir: str | os.PathLike, indices: Sequence[int],
         reader.close()
 
 
-def original_path(cfg: Settings, meta: dict[str, Any], name: str, split: str = "train"
+def original_path(cfg: ReportSettings, meta: dict[str, Any], name: str, split: str = "train"
                   ) -> Path:
     """Where ingest read image ``name``: ``meta['root']`` (``data.root``) + ``train/``|``test/``."""
     folder = Path(meta["root"])
@@ -176,7 +176,7 @@ def original_path(cfg: Settings, meta: dict[str, Any], name: str, split: str = "
     return folder / split / name
 
 
-def read_original(cfg: Settings, meta: dict[str, Any], name: str, split: str = "train"
+def read_original(cfg: ReportSettings, meta: dict[str, Any], name: str, split: str = "train"
                   ) -> np.ndarray | None:
     """The original image decoded exactly as ingest decodes it, or ``None`` if it is gone."""
     path = original_path(cfg, meta, name, split)
@@ -336,7 +336,7 @@ class Oof:
     index: np.ndarray      # record index (position in meta["train"]) per row
 
 
-def load_oof(cfg: Settings, meta: dict[str, Any]) -> Oof:
+def load_oof(cfg: ReportSettings, meta: dict[str, Any]) -> Oof:
     """``predictions/valid--ensemble.npy`` (+ names), labelled from ``meta.json`` by name."""
     npy, names_file = prediction_files(cfg.predictions, "valid", ENSEMBLE)
     missing = [str(p) for p in (npy, names_file) if not p.is_file()]
