@@ -29,7 +29,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "rrelu_op.cc"

@@ -27,8 +27,8 @@ import numpy as np
 from scipy.optimize import minimize
 
 from pipeline.lib import params
-from pipeline.lib.fsutil import write_json
 from pipeline.lib.errors import PipelineError, stage_errors
+from pipeline.lib.fsutil import write_json
 from pipeline.lib.metrics import clip_normalize, summary
 from pipeline.lib.names import duplicates
 from pipeline.lib.predictions import (SPLITS, align_rows, load_predictions, prediction_files,

@@ -151,16 +151,18 @@ def _listing(folder: Path, base: Path, ignored: dict[str, int]) -> list[Path]:
     """Every non-folder entry below ``folder`` except dotfiles and operating-system files
     (broken links included: they are reported, not dropped). Operating-system files are
     counted by kind into ``ignored``; their paths are taken relative to ``base``."""
-    files = []
-    for p in folder.rglob("*"):
-        if p.is_dir():
-            continue
-        kind = os_file_kind(p.relative_to(base))
-        if kind is not None:
-            ignored[kind] = ignored.get(kind, 0) + 1
-        elif not p.name.startswith("."):
-            files.append(p)
-    return sorted(files)
+    return sorted(p for p in folder.rglob("*")
+                  if not p.is_dir() and not _skipped(p, base, ignored))
+
+
+def _skipped(path: Path, base: Path, ignored: dict[str, int]) -> bool:
+    """Whether file ``path`` is a dotfile or an operating-system file (counted into
+    ``ignored`` by kind, its path taken relative to ``base``)."""
+    kind = os_file_kind(path.relative_to(base))
+    if kind is not None:
+        ignored[kind] = ignored.get(kind, 0) + 1
+        return True
+    return path.name.startswith(".")
 
 
 def discover(root: str | os.PathLike
@@ -182,13 +184,9 @@ def discover(root: str | os.PathLike
     ignored: dict[str, int] = {}
     entries = []
     for p in sorted(train_dir.iterdir()):
-        if p.name.upper() == MACOS_FORKS and p.is_dir():
+        if p.is_dir() and p.name.upper() == MACOS_FORKS:
             _listing(p, train_dir, ignored)  # counted, never a class
-            continue
-        kind = None if p.is_dir() else os_file_kind(p.relative_to(train_dir))
-        if kind is not None:
-            ignored[kind] = ignored.get(kind, 0) + 1
-        elif not p.name.startswith("."):
+        elif not (p.name.startswith(".") if p.is_dir() else _skipped(p, train_dir, ignored)):
             entries.append(p)
     folders = sorted(p.name for p in entries if p.is_dir())
     strays = sorted(p.name for p in entries if p.is_file())

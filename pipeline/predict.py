@@ -7,8 +7,9 @@
 * ``test``: every test image, streamed batch by batch (memory does not grow with the set),
 
 and writes ``predictions/models/{split}--NET--foldK.npy`` + ``.names.txt``
-(:mod:`pipeline.lib.predictions`) and ``metrics/predict--NET--foldK.json``: the validation log loss without TTA and with the
-first n views (n = 1, 2, 5, 10, ..., T), so every run reports what TTA bought.
+(:mod:`pipeline.lib.predictions`) and ``metrics/predict--NET--foldK.json``: the validation
+log loss without TTA and with the first n views (n = 1, 2, 5, 10, ..., T), so every run
+reports what TTA bought.
 
 The thesis averages 100 random augmentations per image (§6.2). The T transforms are drawn once
 per model from the training ranges stored in the checkpoint, or from narrower ``tta.ranges``;
@@ -103,9 +104,9 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
     """
     from pipeline.lib.checkpoint import load_model, run_dir
     from pipeline.lib.fsutil import write_json
+    from pipeline.lib.metrics import accuracy, ndsb_log_loss
     from pipeline.lib.predictions import save_predictions
     from pipeline.lib.records import RecordReader, fold_indices, labels, load_meta
-    from pipeline.lib.metrics import accuracy, ndsb_log_loss
 
     if cfg["n"] < 0:
         raise PredictError(f"tta.n must be >= 0, got {cfg['n']}")

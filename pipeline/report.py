@@ -32,7 +32,7 @@ from pipeline.lib.results import (Oof, ReportSettings, activation_summary, class
                                   confident_mistakes, confusion_matrix, confusion_pairs,
                                   ensemble_summary, learning_curves, load_meta, load_oof,
                                   per_class_logloss, read_records, run_specs, sample_indices,
-                                  settings, tta_curves, train_metrics)
+                                  settings, train_metrics, tta_curves)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -6,7 +6,8 @@ position, so a permuted class list cannot silently shift probabilities onto the 
 Without a sample submission the ``meta.json`` class order is used. Rows are renormalized to sum
 to 1 and written with 6 significant digits (Kaggle's 1e-15 clipping makes more digits useless),
 gzip-compressed with a fixed timestamp so identical predictions give identical bytes (stable
-DVC hashes). The written file is re-read and checked with :func:`pipeline.lib.submission.check_submission`.
+DVC hashes). The written file is re-read and checked with
+:func:`pipeline.lib.submission.check_submission`.
 
 Run as ``python -m pipeline.submit``; options default to the ``submit`` section of params.yaml.
 """

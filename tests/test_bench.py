@@ -1,4 +1,5 @@
-"""Smoke test of ``python -m pipeline.tools.bench``: a tiny net, tiny inputs, a fraction of a second.
+"""Smoke test of ``python -m pipeline.tools.bench``: a tiny net, tiny inputs, a fraction of a
+second.
 
 Only the output contract is checked (one JSON line per mode with the fields the PyTorch
 reference prints, all positive numbers); the figures themselves live in BENCHMARKS.md.

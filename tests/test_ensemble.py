@@ -8,13 +8,12 @@ from typing import Callable
 import numpy as np
 import pytest
 
+from pipeline.ensemble import EnsembleError, MissingPredictionsError, ensemble, fit_weights, main
 from pipeline.lib import predictions as preds_mod
-from pipeline.ensemble import (EnsembleError, MissingPredictionsError, ensemble, fit_weights,
-                               main)
 from pipeline.lib.fsutil import write_json
-from pipeline.lib.predictions import (load_prediction_file, load_predictions, prediction_path,
-                                  save_predictions)
 from pipeline.lib.metrics import ndsb_log_loss
+from pipeline.lib.predictions import (load_prediction_file, load_predictions, prediction_path,
+                                      save_predictions)
 
 CLASSES = ["copepod", "amphipod", "diatom", "radiolarian"]
 FOLDS = 3

@@ -60,6 +60,14 @@ def test_fit_square_keeps_aspect_and_pads_with_background():
     assert len(dark_rows) == 10 and out[:15].min() == 255 and out[25:].min() == 255
 
 
+def assert_labels_follow(meta: dict, records: Path, order: list) -> None:
+    """meta's classes are ``order`` and every record's label names its class folder."""
+    assert meta["classes"] == order
+    reader = RecordReader(records, "train")
+    for i, entry in enumerate(meta["train"]):
+        assert order[int(reader.read(i)[0])] == entry["name"].split("/")[0]
+
+
 def test_class_order_sorted_without_sample(ndsb_folder, tmp_path):
     assert run(ndsb_folder, tmp_path / "rec")["classes"] == ["amphipod", "copepod", "diatom"]
 
@@ -67,11 +75,7 @@ def test_class_order_sorted_without_sample(ndsb_folder, tmp_path):
 def test_class_order_follows_non_alphabetical_sample_header(ndsb_folder, tmp_path):
     order = ["diatom", "copepod", "amphipod"]
     write_sample_submission(ndsb_folder / "sampleSubmission.csv", ["1.png"], order)
-    meta = run(ndsb_folder, tmp_path / "rec")
-    assert meta["classes"] == order
-    reader = RecordReader(tmp_path / "rec", "train")
-    for i, entry in enumerate(meta["train"]):
-        assert order[int(reader.read(i)[0])] == entry["name"].split("/")[0]
+    assert_labels_follow(run(ndsb_folder, tmp_path / "rec"), tmp_path / "rec", order)
 
 
 def test_sample_header_disagreeing_with_folders_names_differences(ndsb_folder, tmp_path):
@@ -110,11 +114,7 @@ def test_sample_submission_saved_by_a_spreadsheet_gives_the_same_class_order(
     sample = ndsb_folder / "sampleSubmission.csv"
     sample.write_bytes(data)
     assert read_sample_header(sample) == SAMPLE_ORDER  # no "\ufeffimage", no "amphipod\r"
-    meta = run(ndsb_folder, tmp_path / "rec")
-    assert meta["classes"] == SAMPLE_ORDER
-    reader = RecordReader(tmp_path / "rec", "train")
-    for i, entry in enumerate(meta["train"]):
-        assert SAMPLE_ORDER[int(reader.read(i)[0])] == entry["name"].split("/")[0]
+    assert_labels_follow(run(ndsb_folder, tmp_path / "rec"), tmp_path / "rec", SAMPLE_ORDER)
 
 
 def test_sample_submission_problems_are_ingest_errors(ndsb_folder, tmp_path):

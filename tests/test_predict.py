@@ -8,11 +8,10 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from pipeline.lib import params
 from pipeline import predict as P
-from pipeline.lib import tta
 from pipeline import train as T
 from pipeline.ingest import Settings, ingest
+from pipeline.lib import params, tta
 from pipeline.lib.predictions import load_predictions
 from pipeline.tools.synth import generate
 

@@ -44,8 +44,8 @@ def build_run(base: Path) -> Path:
     if (base / BUILT).exists():
         return base
     from pipeline import ensemble, predict, train
-    from pipeline.lib import params
     from pipeline.ingest import Settings, ingest
+    from pipeline.lib import params
     from pipeline.tools.synth import generate
 
     shutil.rmtree(base, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Process set-up: threads and AMX (pipeline.lib.runtime), and what ``auto`` precision makes of it."""
+"""Process set-up: threads and AMX (pipeline.lib.runtime), and what ``auto`` precision
+(pipeline.lib.precision) makes of it."""
 from __future__ import annotations
 
 import os

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.lib import params
 from pipeline import sample as S
 from pipeline import train as T
 from pipeline.ingest import Settings, ingest
+from pipeline.lib import params
 
 pytestmark = pytest.mark.slow
 

@@ -127,5 +127,6 @@ def test_main_reads_params_and_cli_overrides(tmp_path: Path, monkeypatch) -> Non
     with pytest.raises(SystemExit, match="plain_csv"):
         main(["--out", "out.csv"])  # gzip content under a .csv name is refused
     Path("params.yaml").write_text("submit:\n  bogus: 1\n")
-    with pytest.raises(SystemExit, match=r"^submit failed: params.yaml \[submit\]: unknown key.*bogus"):
+    with pytest.raises(SystemExit,
+                       match=r"^submit failed: params.yaml \[submit\]: unknown key.*bogus"):
         main([])

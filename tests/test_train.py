@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.lib import checkpoint, params
 from pipeline import train as T
 from pipeline.ingest import Settings, ingest
+from pipeline.lib import checkpoint, params
 from pipeline.tools.synth import generate
 from tests.conftest import ROOT
 

@@ -55,6 +55,7 @@ import albumentations as A
 import cv2
 import mxnet as mx
 import numpy as np
+
 from pipeline.lib.errors import PipelineError
 
 Params = Dict[str, np.ndarray]

@@ -25,8 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pipeline.lib.fsutil import atomic_path, read_json, sha256, write_json
 from pipeline.lib.errors import PipelineError
+from pipeline.lib.fsutil import atomic_path, read_json, sha256, write_json
 from pipeline.lib.runs import run_name
 
 KEEP = 2

@@ -30,8 +30,7 @@ def describe_os_error(exc: OSError) -> str:
     """What went wrong with which file, in words (no errno numbers)."""
     where = exc.filename if exc.filename is not None else ""
     if exc.errno == errno.ENOSPC:
-        return f"no space left on the device of {where}".rstrip() if where else \
-            "no space left on device"
+        return f"no space left on the device of {where}" if where else "no space left on device"
     what = exc.strerror or str(exc)
     return f"{what}: {where}" if where else what
 

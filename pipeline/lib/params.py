@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
 from pipeline.lib.errors import PipelineError
 
 PARAMS_FILE = "params.yaml"

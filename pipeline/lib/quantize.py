@@ -26,6 +26,7 @@ import warnings
 from typing import Any, Sequence
 
 import numpy as np
+
 from pipeline.lib.errors import PipelineError
 
 CALIB_MODES = ("naive", "entropy", "percentile")

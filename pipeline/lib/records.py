@@ -20,8 +20,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.lib.fsutil import read_json
 from pipeline.lib.errors import PipelineError
+from pipeline.lib.fsutil import read_json
 
 SPLITS = ("train", "test")
 META = "meta.json"

@@ -94,7 +94,7 @@ def settings(root: str | os.PathLike = ".", params_file: str | os.PathLike | Non
         cfg = params_mod.section(SECTION, DEFAULTS, path)
     paths = {key: root / cfg[key] for key in _PATHS}
     return ReportSettings(root=root, samples_per_class=int(cfg["samples_per_class"]),
-                    mistakes=int(cfg["mistakes"]), seed=int(cfg["seed"]), **paths)
+                          mistakes=int(cfg["mistakes"]), seed=int(cfg["seed"]), **paths)
 
 
 # ------------------------------------------------------------------- records and images

@@ -62,6 +62,9 @@ HYBRIDIZE = {
     "plain": {},
     "none": None,
 }
+# A training step counted as three forward passes: the forward, and a backward that computes
+# gradients for both the inputs and the weights (the usual FLOP accounting convention).
+TRAIN_FLOP_FACTOR = 3
 ENV_PREFIXES = ("MXNET_", "OMP_", "KMP_", "DNNL_", "MKLDNN_")
 MiB = 2 ** 20
 
@@ -302,9 +305,9 @@ def probe_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def probe_tta(args: argparse.Namespace) -> dict[str, Any]:
     """Peak RSS of 100-fold TTA over the first ``args.images`` test records, as predict runs."""
+    from pipeline.lib.records import RecordReader
     from pipeline.lib.tta import predict_split
     from pipeline.predict import DEFAULTS
-    from pipeline.lib.records import RecordReader
 
     net = hybridize(build_net(args.net, args.act, args.bn, deterministic=True,
                               precision=args.precision), "alloc")
@@ -442,8 +445,9 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
                             in_channels=1)
         line = {"what": "cost", **common, "macs": summary["macs"], "params": summary["params"],
                 "gflop_per_img": round(2 * summary["macs"] / 1e9, 3)}
-        if "train" in results:  # backward ~ 2x forward
-            line["train_gflop_s"] = round(3 * 2 * summary["macs"] * results["train"] / 1e9, 1)
+        if "train" in results:
+            line["train_gflop_s"] = round(TRAIN_FLOP_FACTOR * 2 * summary["macs"]
+                                          * results["train"] / 1e9, 1)
         if "infer" in results:  # in the infer line's precision
             line["infer_gflop_s"] = round(2 * summary["macs"] * results["infer"] / 1e9, 1)
         yield line

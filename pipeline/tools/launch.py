@@ -11,7 +11,8 @@ workers are done. MXNet's own ``tools/launch.py`` (dmlc tracker) breaks on Pytho
 
 Local mode, everything on this machine (loopback by default)::
 
-    python -m pipeline.tools.launch --workers 2 --servers 1 -- python -m pipeline.train --net X --fold 0
+    python -m pipeline.tools.launch --workers 2 --servers 1 -- \
+        python -m pipeline.train --net X --fold 0
 
 starts the scheduler, the servers and the workers as subprocesses, prefixes their output
 (``[worker 1] ...``), splits the CPUs between the workers (``OMP_NUM_THREADS``, unless set),
@@ -46,8 +47,8 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Mapping, Sequence
 
-from pipeline.lib.runtime import available_cpus
 from pipeline.lib.errors import PipelineError
+from pipeline.lib.runtime import available_cpus
 
 ROLES = ("scheduler", "server", "worker")
 SERVER_CMD: tuple[str, ...] = (sys.executable, "-c", "import mxnet")
