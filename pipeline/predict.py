@@ -13,20 +13,32 @@ reports what TTA bought.
 
 The thesis averages 100 random augmentations per image (§6.2). The T transforms are drawn once
 per model from the training ranges stored in the checkpoint, or from narrower ``tta.ranges``;
-``tta.method: halton`` draws them quasi-randomly (more even coverage for small T); ``tta.mean``
-says how views are averaged and ``tta.n: 0`` predicts the plain images. The views, their
-batched forward passes and the averaging are :mod:`pipeline.lib.tta`.
+``tta.method`` chooses how (:mod:`pipeline.lib.augment`), ``tta.mean`` how views are averaged
+and ``tta.n: 0`` predicts the plain images. The views, their batched forward passes and the
+averaging are :mod:`pipeline.lib.tta`.
 
-INT8 (``tta.int8``, default off): the fp32 net is quantized for CPU/oneDNN
-(:mod:`pipeline.lib.quantize`), calibrated on ``tta.calib_images`` TTA-warped views of the
-fold's *training* records (never its validation images), and every prediction runs through the
-INT8 net. The metrics record whether INT8 was used and the views/s of each pass, so the speed
-and the log-loss cost can be read off the same file.
+**Long runs** (:mod:`pipeline.lib.chunks`): the images are predicted in chunks of
+``tta.chunk_images``, each written atomically under ``tta.work`` as soon as it is done, with a
+fingerprint of the checkpoint, the records and the settings. A rerun after ``kill -9``
+continues from the intact chunks (changed settings start afresh); the predictions equal an
+uninterrupted run's. ``--shard s/K`` computes only a 1/K share of the chunks (a cluster array
+job, or K processes on one machine); the plain run (or ``--merge``, which refuses to compute)
+then assembles all chunks, naming any shard whose chunks are missing. The work directory is
+removed once the predictions are written.
+
+**INT8** (``tta.int8``; :mod:`pipeline.lib.quantize`): the fp32 net is quantized for
+CPU/oneDNN, calibrated on ``tta.calib_images`` TTA-warped views of the fold's *training*
+records (never its validation images). ``true`` always uses it; ``auto`` (the default) first
+compares INT8 with fp32 on the fold's validation images under the first
+``tta.int8_guard_views`` views and falls back to the float net (``tta.precision``) when INT8's
+log loss is more than ``tta.int8_tolerance`` higher; the metrics record the comparison and the
+decision, so the speed and the log-loss cost can be read off the same file.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,138 +48,364 @@ from pipeline.lib import params as params_mod
 from pipeline.lib.errors import PipelineError, stage_errors
 from pipeline.lib.runs import artifact_name, run_name
 from pipeline.lib.runtime import configure_threads
-from pipeline.lib.tta import predict_split, tta_curve_points, tta_matrices
 
 DEFAULTS: dict[str, Any] = {
     "n": 100,
-    "method": "random",      # random | halton
+    "method": "random",      # random | halton (pipeline.lib.augment.METHODS)
     "mean": "probs",         # probs | logits | geometric
     "seed": 0,
     "ranges": {},            # narrower augment ranges for TTA; {} = the training ranges
     "batch_size": 4,         # images warped together (batch_size * n views)
     "max_views": 128,        # views per forward pass: bounds the activation memory
-    "precision": "auto",     # float32 | bfloat16 | auto (pipeline.lib.runtime.resolve_precision)
-    "int8": False,           # predict with an INT8-quantized net (pipeline.lib.quantize)
+    "precision": "auto",     # float32 | bfloat16 | auto (pipeline.lib.precision)
+    # INT8 (pipeline.lib.quantize): True, False, or auto = used where the validation guard
+    # finds it within int8_tolerance of fp32.
+    "int8": params_mod.Choice("auto", (True, False, "auto")),
+    "int8_tolerance": 0.01,  # auto: largest validation log-loss increase INT8 may cost
+    "int8_guard_views": 10,  # auto: views of the validation images the guard compares on
     "calib_images": 256,     # INT8 calibration views, from the fold's training records
     "calib_mode": "naive",   # naive | entropy | percentile (pipeline.lib.quantize.CALIB_MODES)
     "int8_keep_fp32": [],    # layers left in fp32 (pipeline.lib.quantize.KEEP_FP32)
+    "chunk_images": 256,     # images per resumable chunk (rounded up to whole batches)
+    "work": "predictions/work",  # chunk store of runs in progress (pipeline.lib.chunks)
     "checkpoints": "checkpoints",
     "predictions": "predictions/models",
 }
+# Keys that say where files go, not what is computed: outside the chunks' fingerprint.
+PATH_KEYS = ("work", "checkpoints", "predictions")
+INFERENCE = "inference.json"   # the INT8 decision, kept beside the chunks it applies to
 
 
 class PredictError(PipelineError, ValueError):
     """Invalid TTA settings or inputs."""
 
 
-def inference_net(net, spec: dict[str, Any], records: Path, train_idx: np.ndarray,
-                  cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """The net predict runs (the fp32 ``net``, or its INT8 version if ``tta.int8``) and the
-    metrics that describe it. INT8 calibrates on TTA views of ``train_idx`` only."""
-    if not cfg["int8"]:
-        return net, {"int8": False}
-    from pipeline.lib.quantize import int8_net
-    from pipeline.lib.records import RecordReader
+def check_settings(cfg: dict[str, Any]) -> None:
+    """Refuse bad ``tta`` settings before any work, naming every problem at once."""
+    from pipeline.lib.augment import METHODS
+    from pipeline.lib.tta import MEANS
 
-    if len(train_idx) == 0:
-        raise PredictError("tta.int8 needs training records to calibrate on")
-    ranges = cfg["ranges"] or spec["augment"]
-    matrices = tta_matrices(ranges, cfg["n"], spec["size"], cfg["method"], cfg["seed"])
-    t0 = time.perf_counter()
-    qnet, calib = int8_net(net, RecordReader(records, "train"), train_idx, matrices, cfg)
-    return qnet, {"int8": True, "int8_calibration": calib,
-                  "quantize_seconds": round(time.perf_counter() - t0, 2)}
+    problems = []
+    for key in ("n", "int8_guard_views"):
+        if cfg[key] < 0:
+            problems.append(f"tta.{key} must be >= 0, got {cfg[key]}")
+    for key in ("batch_size", "max_views", "chunk_images", "calib_images"):
+        if cfg[key] < 1:
+            problems.append(f"tta.{key} must be >= 1, got {cfg[key]}")
+    if cfg["method"] not in METHODS:
+        problems.append(f"tta.method must be one of {list(METHODS)}, got {cfg['method']!r}")
+    if cfg["mean"] not in MEANS:
+        problems.append(f"tta.mean must be one of {list(MEANS)}, got {cfg['mean']!r}")
+    if not 0 <= cfg["int8_tolerance"]:
+        problems.append(f"tta.int8_tolerance must be >= 0, got {cfg['int8_tolerance']}")
+    if problems:
+        raise PredictError("; ".join(problems))
 
 
 def inference_precision(cfg: dict[str, Any]) -> str:
-    """``tta.precision`` resolved for this machine; INT8 quantizes the float32 graph."""
+    """``tta.precision`` resolved for this machine: the float path, used unless INT8 is."""
     from pipeline.lib.precision import resolve_precision
 
     try:
-        precision = resolve_precision(cfg["precision"])
+        return resolve_precision(cfg["precision"])
     except ValueError as err:
         raise PredictError(f"tta.precision: {err}") from err
-    if cfg["int8"] and precision != "float32":
-        if cfg["precision"] == "auto":
-            return "float32"
-        raise PredictError("tta.int8 quantizes the float32 network: set tta.precision to "
-                           "float32 (or auto) together with tta.int8")
-    return precision
 
 
-def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
-            metrics_dir: str | Path = "metrics") -> dict[str, Any]:
-    """Write the valid and test predictions of one trained model; return validation metrics.
+@dataclass
+class Split:
+    """One split to predict: its records, the rows (record indices) and their names."""
 
-    The validation images have labels, so their log loss is measured without TTA and with the
-    first n of the T views (n = 1, 2, 5, 10, ..., T): the effect of TTA, per model, every run.
-    """
-    from pipeline.lib.checkpoint import load_model, run_dir
-    from pipeline.lib.fsutil import write_json
-    from pipeline.lib.metrics import accuracy, ndsb_log_loss
-    from pipeline.lib.predictions import save_predictions
-    from pipeline.lib.records import RecordReader, fold_indices, labels, load_meta
+    name: str
+    reader: Any
+    indices: np.ndarray
+    names: list[str]
+    prefixes: list[int]           # TTA curve points stored per chunk (0 = no TTA)
+    bounds: list[tuple[int, int]]
 
-    if cfg["n"] < 0:
-        raise PredictError(f"tta.n must be >= 0, got {cfg['n']}")
-    meta = load_meta(records)
-    net, spec = load_model(run_dir(cfg["checkpoints"], net_name, fold))
-    if spec["classes"] != meta["classes"] or spec["size"] != meta["size"]:
-        raise PredictError(f"{run_name(net_name, fold)} was trained on other records "
-                           "(classes or size differ from meta.json); retrain it")
+
+def splits(meta: dict[str, Any], records: Path, fold: int, cfg: dict[str, Any]) -> list[Split]:
+    from pipeline.lib.chunks import chunk_bounds
+    from pipeline.lib.records import RecordReader, fold_indices
+    from pipeline.lib.tta import tta_curve_points
+
+    _, valid_idx = fold_indices(meta, fold)
+    out = []
+    if len(valid_idx):
+        out.append(Split("valid", RecordReader(records, "train"), valid_idx,
+                         [meta["train"][i]["name"] for i in valid_idx],
+                         [0] + tta_curve_points(cfg["n"]), []))
+    test = RecordReader(records, "test")
+    out.append(Split("test", test, np.arange(len(test)), [r["name"] for r in meta["test"]],
+                     [], []))
+    for s in out:
+        s.bounds = chunk_bounds(len(s.indices), cfg["chunk_images"], cfg["batch_size"])
+    return out
+
+
+def work_settings(net_name: str, fold: int, cfg: dict[str, Any], precision: str,
+                  model_dir: Path, records: Path) -> dict[str, Any]:
+    """What the chunks' numbers depend on (their fingerprint): the checkpoint and the records
+    by content, the TTA settings, and the float precision as resolved on this machine."""
+    from pipeline.lib.fsutil import sha256
+    from pipeline.lib.records import META
+
+    settings = {k: v for k, v in cfg.items() if k not in PATH_KEYS}
+    settings.update(net=net_name, fold=fold, precision=precision,
+                    model=sha256(model_dir / "model.json"), records=sha256(records / META))
+    return settings
+
+
+def prepare_net(net, precision: str):
+    """The float inference net: deterministic RReLU, ``precision`` casts, hybridized."""
     import nets
 
     # RReLU's inference output is fixed, (l+u)/2; the deterministic graph skips drawing the
     # unused noise: identical outputs, much faster TTA (BENCHMARKS.md).
     nets.set_deterministic(net)
-    precision = inference_precision(cfg)
     nets.set_precision(net, precision)
     net.hybridize(static_alloc=True)
-    name = run_name(net_name, fold)
-    metrics: dict[str, Any] = {"net": net_name, "fold": fold, "tta_n": cfg["n"],
-                               "tta_mean": cfg["mean"], "tta_method": cfg["method"],
-                               "precision": precision}
+    return net
+
+
+def inference_net(net_name: str, fold: int, model_dir: Path, spec: dict[str, Any],
+                  records: Path, meta: dict[str, Any], cfg: dict[str, Any], precision: str,
+                  store) -> tuple[Any, dict[str, Any]]:
+    """The net predict runs and the metrics that describe it.
+
+    ``int8: false``: the float net. ``true``: the INT8 net, calibrated on TTA views of the
+    fold's training records only. ``auto``: the INT8 net if, on the fold's validation images
+    under the first ``int8_guard_views`` views, its log loss is at most ``int8_tolerance``
+    above fp32's; the float net otherwise. The decision is stored beside the chunks, so a
+    resumed run or another shard reuses it instead of measuring again.
+    """
+    from pipeline.lib.checkpoint import load_model
+    from pipeline.lib.fsutil import read_json, write_json
+    from pipeline.lib.quantize import int8_net
+    from pipeline.lib.records import RecordReader, fold_indices, labels
+    from pipeline.lib.tta import tta_matrices
+
+    mode = cfg["int8"]
+    if mode is False:
+        return prepare_net(load_model(model_dir)[0], precision), {"int8": False,
+                                                                  "int8_used": False}
+    decided = store.dir / INFERENCE
+    about = read_json(decided) if decided.exists() else None
+    if about is not None and not about["int8_used"]:
+        return prepare_net(load_model(model_dir)[0], precision), about
     train_idx, valid_idx = fold_indices(meta, fold)
-    net, about = inference_net(net, spec, records, train_idx, cfg)
-    metrics.update(about)
-    if len(valid_idx):
-        reader = RecordReader(records, "train")
-        names = [meta["train"][i]["name"] for i in valid_idx]
-        y = labels(meta)[valid_idx]
-        plain, _ = predict_split(net, spec, reader, valid_idx, dict(cfg, n=0),
-                                 f"valid {name} (no TTA)")
-        speed: dict[str, float] = {}
-        probs, curve = predict_split(net, spec, reader, valid_idx, cfg, f"valid {name}",
-                                     tta_curve_points(cfg["n"]), speed)
-        metrics["valid_views_per_s"] = speed["views_per_s"]
-        save_predictions(cfg["predictions"], "valid", net_name, fold, probs, names)
-        metrics.update(valid_images=len(y), valid_logloss=ndsb_log_loss(y, probs),
-                       valid_accuracy=accuracy(y, probs),
-                       valid_logloss_no_tta=ndsb_log_loss(y, plain),
-                       valid_logloss_by_n={str(n): ndsb_log_loss(y, p) for n, p in curve.items()})
-    test_reader = RecordReader(records, "test")
-    test_speed: dict[str, float] = {}
-    probs, _ = predict_split(net, spec, test_reader, np.arange(len(test_reader)), cfg,
-                             f"test {name}", stats=test_speed)
-    save_predictions(cfg["predictions"], "test", net_name, fold, probs,
-                     [r["name"] for r in meta["test"]])
-    metrics.update(test_images=len(probs), test_views_per_s=test_speed["views_per_s"])
-    write_json(Path(metrics_dir) / f"{artifact_name('predict', net_name, fold)}.json", metrics)
+    if len(train_idx) == 0:
+        raise PredictError(f"tta.int8 needs training records to calibrate on; "
+                           f"{run_name(net_name, fold)} has none (set tta.int8: false)")
+    fp32 = prepare_net(load_model(model_dir)[0], "float32")
+    ranges = cfg["ranges"] or spec["augment"]
+    matrices = tta_matrices(ranges, cfg["n"], spec["size"], cfg["method"], cfg["seed"])
+    t0 = time.perf_counter()
+    qnet, calib = int8_net(fp32, RecordReader(records, "train"), train_idx, matrices, cfg)
+    quantize_seconds = round(time.perf_counter() - t0, 2)
+    if about is not None:
+        return qnet, about
+    about = {"int8": mode, "int8_used": True, "int8_calibration": calib,
+             "quantize_seconds": quantize_seconds}
+    if mode == "auto":
+        guard = int8_guard(fp32, qnet, spec, RecordReader(records, "train"), valid_idx,
+                           labels(meta)[valid_idx], cfg)
+        about["int8_guard"] = guard
+        if guard["decision"] != "int8":
+            print(f"{run_name(net_name, fold)}: {guard['reason']}")
+            about["int8_used"] = False
+    write_json(decided, about)
+    if about["int8_used"]:
+        return qnet, about
+    return prepare_net(load_model(model_dir)[0], precision), about
+
+
+def int8_guard(fp32, qnet, spec: dict[str, Any], reader, valid_idx: np.ndarray, y: np.ndarray,
+               cfg: dict[str, Any]) -> dict[str, Any]:
+    """Compare INT8 with fp32 on the validation images (first ``int8_guard_views`` views;
+    0 = the plain images): log loss of each and the decision with its reason."""
+    from pipeline.lib.metrics import ndsb_log_loss
+    from pipeline.lib.tta import predict_split
+
+    views = min(cfg["int8_guard_views"], cfg["n"])
+    tol = cfg["int8_tolerance"]
+    if len(valid_idx) == 0:
+        return {"views": views, "images": 0, "decision": "float",
+                "reason": "no validation images to check INT8 on: predicting without it"}
+    guard_cfg = dict(cfg, n=views)
+    loss = {}
+    for name, net in (("fp32", fp32), ("int8", qnet)):
+        probs, _ = predict_split(net, spec, reader, valid_idx, guard_cfg, f"int8 guard ({name})")
+        loss[name] = ndsb_log_loss(y, probs)
+    delta = loss["int8"] - loss["fp32"]
+    ok = delta <= tol
+    reason = (f"INT8 validation log loss {loss['int8']:.4f} is {delta:+.4f} from fp32's "
+              f"{loss['fp32']:.4f} (tolerance {tol}, {views} views, {len(y)} images): "
+              + ("predicting in INT8" if ok else "INT8 off, predicting in the float net"))
+    return {"views": views, "images": int(len(y)), "fp32_logloss": loss["fp32"],
+            "int8_logloss": loss["int8"], "delta": round(delta, 6), "tolerance": tol,
+            "decision": "int8" if ok else "float", "reason": reason}
+
+
+def compute_chunks(net, spec: dict[str, Any], split: Split, todo: list[int], store,
+                   cfg: dict[str, Any], desc: str) -> None:
+    """Predict the chunks ``todo`` of ``split`` and write each as soon as it is done."""
+    from tqdm import tqdm
+
+    from pipeline.lib.tta import predict_chunks
+
+    bounds = [split.bounds[i] for i in todo]
+    total = sum(b - a for a, b in bounds)
+    bar = tqdm(total=total, unit="img", desc=desc, mininterval=2)
+    views = max(cfg["n"], 1)
+    chunks = predict_chunks(net, spec, split.reader, split.indices, bounds, cfg,
+                            split.prefixes, bar.update)
+    for i, (start, stop), (probs, curve, seconds) in zip(todo, bounds, chunks):
+        arrays = {"probs": probs, **{f"curve{n}": c for n, c in curve.items()}}
+        store.save(split.name, i, start, stop, arrays,
+                   {"seconds": round(seconds, 4), "views": (stop - start) * views})
+    bar.close()
+
+
+def assemble(split: Split, store) -> tuple[np.ndarray, dict[int, np.ndarray], dict[str, float]]:
+    """The split's probabilities, curve and speed, from its chunks (all must be intact)."""
+    from pipeline.lib.chunks import ChunkError
+
+    probs, curve, seconds, views = [], {n: [] for n in split.prefixes}, 0.0, 0
+    for i, (start, stop) in enumerate(split.bounds):
+        chunk = store.load(split.name, i, start, stop)
+        if chunk is None:
+            raise ChunkError(f"{split.name} chunk {i} vanished or was corrupt while merging; "
+                             "run predict again to recompute it")
+        arrays, info = chunk
+        probs.append(arrays["probs"])
+        for n in split.prefixes:
+            curve[n].append(arrays[f"curve{n}"])
+        seconds += info["seconds"]
+        views += info["views"]
+    speed = {"seconds": round(seconds, 2), "views_per_s": round(views / max(seconds, 1e-9), 1)}
+    return (np.concatenate(probs), {n: np.concatenate(c) for n, c in curve.items()}, speed)
+
+
+def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
+            metrics_dir: str | Path = "metrics", shard: tuple[int, int] = (0, 1),
+            merge_only: bool = False) -> dict[str, Any]:
+    """Write the valid and test predictions of one trained model; return validation metrics.
+
+    The validation images have labels, so their log loss is measured without TTA and with the
+    first n of the T views (n = 1, 2, 5, 10, ..., T): the effect of TTA, per model, every run.
+    With ``shard=(s, K)``, K > 1, only that shard's chunks are computed and nothing else is
+    written; ``merge_only`` computes nothing and fails if any chunk is missing.
+    """
+    from pipeline.lib.checkpoint import load_model, run_dir
+    from pipeline.lib.chunks import (
+        ChunkError, ChunkStore, describe_difference, missing_report, shard_chunks)
+    from pipeline.lib.fsutil import read_json, write_json
+    from pipeline.lib.metrics import accuracy, ndsb_log_loss
+    from pipeline.lib.predictions import save_predictions
+    from pipeline.lib.records import labels, load_meta
+
+    check_settings(cfg)
+    meta = load_meta(records)
+    model_dir = run_dir(cfg["checkpoints"], net_name, fold)
+    _, spec = load_model(model_dir)
+    name = run_name(net_name, fold)
+    if spec["classes"] != meta["classes"] or spec["size"] != meta["size"]:
+        raise PredictError(f"{name} was trained on other records "
+                           "(classes or size differ from meta.json); retrain it")
+    precision = inference_precision(cfg)
+    store = ChunkStore(cfg["work"], net_name, fold,
+                       work_settings(net_name, fold, cfg, precision, model_dir, records))
+    s, k = shard
+    parts = splits(meta, records, fold, cfg)
+    with store.lock(s, k):
+        if k == 1 and not merge_only:
+            removed = store.remove_others()
+            if removed:
+                print(f"{name}: settings changed: removed {removed} chunks of earlier settings")
+        mine = {p.name: list(range(len(p.bounds))) if k == 1 else
+                list(shard_chunks(len(p.bounds), s, k)) for p in parts}
+        todo = {p.name: [i for i in mine[p.name]
+                         if store.load(p.name, i, *p.bounds[i]) is None] for p in parts}
+        done = sum(len(v) for v in mine.values()) - sum(len(v) for v in todo.values())
+        if merge_only and any(todo.values()):
+            others = store.others()
+            hint = "".join(f"; chunks of other settings exist ({fp}: "
+                           f"{describe_difference(store.settings, theirs)})"
+                           for fp, theirs in others)
+            missing = missing_report(todo, {p.name: len(p.bounds) for p in parts},
+                                     store.shards())
+            raise ChunkError(f"{name}: {missing}{hint}; run the missing shards, or predict "
+                             "without --merge")
+        if done:
+            print(f"{name}: resuming: {done} of {sum(len(v) for v in mine.values())} chunks "
+                  "already done")
+        about = None
+        if any(todo.values()):
+            net, about = inference_net(net_name, fold, model_dir, spec, records, meta, cfg,
+                                       precision, store)
+            for p in parts:
+                if todo[p.name]:
+                    compute_chunks(net, spec, p, todo[p.name], store, cfg, f"{p.name} {name}")
+        elif cfg["int8"] is not False and (store.dir / INFERENCE).exists():
+            about = read_json(store.dir / INFERENCE)
+        if k > 1:
+            print(f"{name}: shard {s}/{k} done ({sum(len(v) for v in mine.values())} chunks); "
+                  "merge with `python -m pipeline.predict --net ... --fold ... --merge` "
+                  "(or dvc repro) once every shard is done")
+            return {"shard": f"{s}/{k}", "chunks": sum(len(v) for v in mine.values()),
+                    "computed": sum(len(v) for v in todo.values())}
+        if about is None:
+            about = {"int8": cfg["int8"], "int8_used": False}
+        metrics: dict[str, Any] = {"net": net_name, "fold": fold, "tta_n": cfg["n"],
+                                   "tta_mean": cfg["mean"], "tta_method": cfg["method"],
+                                   "precision": "int8" if about["int8_used"] else precision}
+        metrics.update(about)
+        metrics["chunks"] = {"total": sum(len(p.bounds) for p in parts), "resumed": done}
+        for p in parts:
+            probs, curve, speed = assemble(p, store)
+            save_predictions(cfg["predictions"], p.name, net_name, fold, probs, p.names)
+            if p.name == "valid":
+                y = labels(meta)[p.indices]
+                metrics.update(valid_images=len(y), valid_logloss=ndsb_log_loss(y, probs),
+                               valid_accuracy=accuracy(y, probs),
+                               valid_logloss_no_tta=ndsb_log_loss(y, curve[0]),
+                               valid_logloss_by_n={str(n): ndsb_log_loss(y, c)
+                                                   for n, c in curve.items() if n > 0},
+                               valid_views_per_s=speed["views_per_s"])
+            else:
+                metrics.update(test_images=len(probs), test_views_per_s=speed["views_per_s"])
+        write_json(Path(metrics_dir) / f"{artifact_name('predict', net_name, fold)}.json",
+                   metrics)
+    store.remove()
     return metrics
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="TTA predictions of one trained model.")
+    parser = argparse.ArgumentParser(
+        description="TTA predictions of one trained model (resumable; optionally sharded).")
     parser.add_argument("--net", required=True)
     parser.add_argument("--fold", type=int, required=True)
     parser.add_argument("--records", default="data/records")
     parser.add_argument("--metrics", default="metrics", help="folder for predict--*.json")
     parser.add_argument("--params", default=params_mod.PARAMS_FILE)
+    parser.add_argument("--shard", metavar="S/K",
+                        help="compute only shard S of K (0 <= S < K) and stop; e.g. "
+                             "$SLURM_ARRAY_TASK_ID/8")
+    parser.add_argument("--merge", action="store_true",
+                        help="compute nothing: assemble the shards' chunks, fail if any is "
+                             "missing")
     args = parser.parse_args(argv)
     configure_threads()
     with stage_errors("predict"):
+        from pipeline.lib.chunks import parse_shard
+
+        shard = parse_shard(args.shard) if args.shard else (0, 1)
+        if args.merge and shard[1] > 1:
+            raise PredictError("--merge assembles all shards: use it without --shard")
         cfg = params_mod.section("tta", DEFAULTS, args.params)
-        metrics = predict(args.net, args.fold, Path(args.records), cfg, args.metrics)
+        metrics = predict(args.net, args.fold, Path(args.records), cfg, args.metrics, shard,
+                          args.merge)
     if "valid_logloss" in metrics:
         curve = ", ".join(f"n={n} {v:.4f}" for n, v in metrics["valid_logloss_by_n"].items())
         print(f"valid log loss: no TTA {metrics['valid_logloss_no_tta']:.4f}, {curve}")

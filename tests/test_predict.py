@@ -35,7 +35,7 @@ def cfg(tmp: Path, ck: Path, **over) -> dict:
     # float32 unless a test says otherwise: in bfloat16, oneDNN's results depend on the batch
     # shape at the 1e-4 level, which would blur the exact-equality checks of the TTA logic.
     base = {"n": 5, "batch_size": 3, "checkpoints": str(ck), "predictions": str(tmp / "pred"),
-            "precision": "float32"}
+            "work": str(tmp / "work"), "precision": "float32", "int8": False}
     return params.merge("tta", P.DEFAULTS, dict(base, **over))
 
 
@@ -123,7 +123,8 @@ def test_int8_predictions_are_close_to_fp32_and_calibrate_on_training_records_on
     assert saved["int8"] is True and saved["int8_calibration"]["calib_views"] == 40
     assert saved["test_views_per_s"] > 0 and saved["valid_views_per_s"] > 0
     fp32_saved = json.loads((tmp_path / "m32" / f"predict--{NET}--fold0.json").read_text())
-    assert fp32_saved["int8"] is False
+    assert fp32_saved["int8"] is False and fp32_saved["int8_used"] is False
+    assert saved["int8_used"] is True and saved["precision"] == "int8"
     for split in ("valid", "test"):
         fp32, _ = load_predictions(tmp_path / "a" / "pred", split, NET, 0)
         int8, _ = load_predictions(tmp_path / "b" / "pred", split, NET, 0)
@@ -164,14 +165,21 @@ def test_int8_settings_are_validated(trained):
 
 def test_precision_settings_are_validated():
     assert P.inference_precision({"precision": "float32", "int8": False}) == "float32"
-    assert P.inference_precision({"precision": "auto", "int8": True}) == "float32"
     with pytest.raises(P.PredictError, match="tta.precision"):
         P.inference_precision({"precision": "half", "int8": False})
-    from pipeline.lib.precision import native_bfloat16
 
-    if native_bfloat16():
-        with pytest.raises(P.PredictError, match="int8"):
-            P.inference_precision({"precision": "bfloat16", "int8": True})
+
+def test_tta_settings_are_validated_all_at_once():
+    bad = params.merge("tta", P.DEFAULTS, {"n": -1, "chunk_images": 0, "method": "sobol",
+                                           "mean": "median"})
+    with pytest.raises(P.PredictError) as err:
+        P.check_settings(bad)
+    for word in ("tta.n", "tta.chunk_images", "tta.method", "tta.mean"):
+        assert word in str(err.value)
+    with pytest.raises(params.ParamsError, match=r"one of \[True, False, 'auto'\]"):
+        params.merge("tta", P.DEFAULTS, {"int8": "yes"})
+    assert params.merge("tta", P.DEFAULTS, {})["int8"] == "auto"
+    assert params.merge("tta", P.DEFAULTS, {"int8": False})["int8"] is False
 
 
 @pytest.mark.skipif(not mx.runtime.Features().is_enabled("MKLDNN"), reason="needs oneDNN")

@@ -6,6 +6,7 @@ unknown key is an error (a typo in ``params.yaml`` must not be silently ignored)
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,14 +39,30 @@ def section(name: str, defaults: Mapping[str, Any], path: str | os.PathLike = PA
     return merge(name, defaults, given)
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A default whose valid values are a fixed list of any types, e.g. ``True``, ``False``
+    and ``'auto'`` (YAML's ``on``/``off`` also read as booleans)."""
+
+    default: Any
+    values: tuple
+
+
 def merge(name: str, defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise ParamsError(
             f"params.yaml [{name}]: unknown key(s) {unknown}; valid keys: {sorted(defaults)}")
-    out = dict(defaults)
+    out = {k: v.default if isinstance(v, Choice) else v for k, v in defaults.items()}
     for key, value in given.items():
         default = defaults[key]
+        if isinstance(default, Choice):
+            if not any(value is v or (type(value) is type(v) and value == v)
+                       for v in default.values):
+                raise ParamsError(f"params.yaml [{name}].{key}: expected one of "
+                                  f"{list(default.values)}, got {value!r}")
+            out[key] = value
+            continue
         if default is not None and value is not None and not _compatible(default, value):
             raise ParamsError(f"params.yaml [{name}].{key}: expected {type(default).__name__}, "
                               f"got {value!r}")

@@ -62,7 +62,8 @@ def predict_batches(net, batches: Iterator[np.ndarray], matrices: np.ndarray, me
                     prefixes: Sequence[int] = (), ctx=None, max_views: int = 128
                     ) -> Iterator[tuple[np.ndarray, dict[int, np.ndarray]]]:
     """For each (B, 1, H, W) model-input batch, yield (B, K) TTA-averaged probabilities and,
-    for every n in ``prefixes``, the average over the first n views only (the TTA curve)."""
+    for every n in ``prefixes``, the average over the first n views only (the TTA curve);
+    n = 0 there is the plain image without TTA (one extra forward of the B images)."""
     import mxnet as mx
 
     from pipeline.lib.augment import tta_batch
@@ -73,44 +74,83 @@ def predict_batches(net, batches: Iterator[np.ndarray], matrices: np.ndarray, me
     for x in batches:
         data = mx.nd.array(x, ctx=ctx)
         views = data if identity else tta_batch(data, matrices)
-        # The warped views are cheap to hold; the activations of a forward over all of them
-        # are not (megabytes per view at 128 px), so the net sees at most max_views at a time.
-        logits = np.concatenate([net(views[i:i + max_views]).asnumpy()
-                                 for i in range(0, views.shape[0], max_views)])
-        logits = logits.astype(np.float64).reshape(len(x), t, -1)
-        yield average(logits, mean), {n: average(logits[:, :n], mean) for n in prefixes}
+        logits = _forward(net, views, max_views).reshape(len(x), t, -1)
+        partial = {n: average(logits[:, :n], mean) for n in prefixes if n > 0}
+        if 0 in prefixes:
+            plain = logits[:, :1] if identity else _forward(net, data, max_views)[:, None]
+            partial[0] = average(plain, mean)
+        yield average(logits, mean), partial
+
+
+def _forward(net, views, max_views: int) -> np.ndarray:
+    """Float64 logits of ``views``: the warped views are cheap to hold; the activations of a
+    forward over all of them are not (megabytes per view at 128 px), so the net sees at most
+    ``max_views`` at a time."""
+    return np.concatenate([net(views[i:i + max_views]).asnumpy()
+                           for i in range(0, views.shape[0], max_views)]).astype(np.float64)
+
+
+def predict_chunks(net, spec: dict[str, Any], reader, indices: Sequence[int],
+                   bounds: Sequence[tuple[int, int]], cfg: dict[str, Any],
+                   prefixes: Sequence[int] = (), progress=None
+                   ) -> Iterator[tuple[np.ndarray, dict[int, np.ndarray], float]]:
+    """TTA over the chunks ``bounds`` (ascending ``[start, stop)`` positions in ``indices``,
+    batch-aligned as :func:`pipeline.lib.chunks.chunk_bounds` makes them): for each chunk
+    yield its (m, K) probabilities, its curve ``{n: (m, K)}`` for n in ``prefixes`` and the
+    wall time it took. One loader streams all the chunks' records, so the batches are those of
+    a single pass. ``progress``, if given, is called with the number of images done."""
+    from pipeline.lib.data import BatchLoader
+
+    ranges = cfg["ranges"] or spec["augment"]
+    matrices = tta_matrices(ranges, cfg["n"], spec["size"], cfg["method"], cfg["seed"])
+    indices = np.asarray(indices, dtype=np.int64)
+    if not bounds:
+        return
+    positions = np.concatenate([np.arange(a, b) for a, b in bounds])
+    with BatchLoader(reader, indices[positions], cfg["batch_size"], workers=1) as loader:
+        batches = predict_batches(net, (x for x, _ in loader.epoch(0)), matrices, cfg["mean"],
+                                  prefixes, max_views=cfg["max_views"])
+        for start, stop in bounds:
+            t0, rows = time.perf_counter(), 0
+            probs: list[np.ndarray] = []
+            curve: dict[int, list[np.ndarray]] = {n: [] for n in prefixes}
+            while rows < stop - start:
+                p, partial = next(batches)
+                probs.append(p)
+                for n, q in partial.items():
+                    curve[n].append(q)
+                rows += len(p)
+                if progress is not None:
+                    progress(len(p))
+            if rows != stop - start:
+                raise TTAError(f"chunk [{start}, {stop}) is not aligned to tta.batch_size "
+                               f"{cfg['batch_size']}")
+            yield (np.concatenate(probs).astype(np.float32),
+                   {n: np.concatenate(q).astype(np.float32) for n, q in curve.items()},
+                   time.perf_counter() - t0)
 
 
 def predict_split(net, spec: dict[str, Any], reader, indices: Sequence[int], cfg: dict[str, Any],
                   desc: str, prefixes: Sequence[int] = (), stats: dict[str, float] | None = None
                   ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """TTA probabilities (N, K) of the records ``indices``, streamed in batches, and the
-    probabilities with only the first n views for each n in ``prefixes``. ``stats``, if given,
-    receives the wall time and the views/s of the pass."""
+    """TTA probabilities (N, K) of the records ``indices`` in one pass, and the probabilities
+    with only the first n views for each n in ``prefixes``. ``stats``, if given, receives the
+    wall time and the views/s of the pass."""
     from tqdm import tqdm
 
-    from pipeline.lib.data import BatchLoader
-
-    ranges = cfg["ranges"] or spec["augment"]
-    matrices = tta_matrices(ranges, cfg["n"], spec["size"], cfg["method"], cfg["seed"])
+    n_views = max(cfg["n"], 1)
+    bar = tqdm(total=len(indices), unit="img", desc=desc, mininterval=2)
+    t0 = time.perf_counter()
     k = len(spec["classes"])
-    out = np.zeros((len(indices), k), dtype=np.float32)
-    curve = {n: np.zeros((len(indices), k), dtype=np.float32) for n in prefixes}
-    with BatchLoader(reader, indices, cfg["batch_size"], workers=1) as loader:
-        batches = (x for x, _ in loader.epoch(0))
-        bar = tqdm(total=len(indices), unit="img", desc=desc, mininterval=2)
-        t0, row = time.perf_counter(), 0
-        for probs, partial in predict_batches(net, batches, matrices, cfg["mean"], prefixes,
-                                              max_views=cfg["max_views"]):
-            out[row:row + len(probs)] = probs
-            for n, p in partial.items():
-                curve[n][row:row + len(p)] = p
-            row += len(probs)
-            bar.update(len(probs))
-        bar.close()
+    out, curve = np.zeros((0, k), np.float32), {n: np.zeros((0, k), np.float32)
+                                                  for n in prefixes}
+    for out, curve, _ in predict_chunks(net, spec, reader, indices, [(0, len(indices))]
+                                        if len(indices) else [], cfg, prefixes, bar.update):
+        pass
+    bar.close()
     seconds = time.perf_counter() - t0
-    views_s = len(indices) * len(matrices) / max(seconds, 1e-9)
-    print(f"{desc}: {len(indices)} images x {len(matrices)} views in {seconds:.1f} s "
+    views_s = len(indices) * n_views / max(seconds, 1e-9)
+    print(f"{desc}: {len(indices)} images x {n_views} views in {seconds:.1f} s "
           f"({len(indices) / max(seconds, 1e-9):.1f} img/s, {views_s:.0f} views/s)")
     if stats is not None:
         stats.update(seconds=round(seconds, 3), views_per_s=round(views_s, 1))
