@@ -37,6 +37,7 @@ decision, so the speed and the log-loss cost can be read off the same file.
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +46,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.lib import params as params_mod
-from pipeline.lib.errors import PipelineError, stage_errors
+from pipeline.lib.errors import PipelineError, Stopped, stage_errors
 from pipeline.lib.runs import artifact_name, run_name
 from pipeline.lib.runtime import configure_threads
+from pipeline.lib.signals import graceful_stop
 
 DEFAULTS: dict[str, Any] = {
     "n": 100,
@@ -248,23 +250,40 @@ def int8_guard(fp32, qnet, spec: dict[str, Any], reader, valid_idx: np.ndarray, 
 
 
 def compute_chunks(net, spec: dict[str, Any], split: Split, todo: list[int], store,
-                   cfg: dict[str, Any], desc: str) -> None:
-    """Predict the chunks ``todo`` of ``split`` and write each as soon as it is done."""
+                   cfg: dict[str, Any], desc: str, stop=None) -> tuple[int, int] | None:
+    """Predict the chunks ``todo`` of ``split`` and write each as soon as it is done.
+
+    A chunk stopped part-way (``stop()`` became true) is saved as a partial chunk, completed
+    by the next run from where it ended; returns (chunk, rows done) of it, or None."""
     from tqdm import tqdm
 
     from pipeline.lib.tta import predict_chunks
 
-    bounds = [split.bounds[i] for i in todo]
-    total = sum(b - a for a, b in bounds)
-    bar = tqdm(total=total, unit="img", desc=desc, mininterval=2)
+    parts = {i: store.load(split.name, i, split.bounds[i][0], None, part=True) for i in todo}
+    bounds = [(split.bounds[i][0] + (len(parts[i][0]["probs"]) if parts[i] else 0),
+               split.bounds[i][1]) for i in todo]
+    bar = tqdm(total=sum(b - a for a, b in bounds), unit="img", desc=desc, mininterval=2)
     views = max(cfg["n"], 1)
     chunks = predict_chunks(net, spec, split.reader, split.indices, bounds, cfg,
-                            split.prefixes, bar.update)
-    for i, (start, stop), (probs, curve, seconds) in zip(todo, bounds, chunks):
+                            split.prefixes, bar.update, stop)
+    stopped = None
+    for i, (probs, curve, seconds) in zip(todo, chunks):
+        start, end = split.bounds[i]
         arrays = {"probs": probs, **{f"curve{n}": c for n, c in curve.items()}}
-        store.save(split.name, i, start, stop, arrays,
-                   {"seconds": round(seconds, 4), "views": (stop - start) * views})
+        info = {"seconds": round(seconds, 4), "views": len(probs) * views}
+        if parts[i]:  # the rows an earlier, stopped run saved come first
+            before, was = parts[i]
+            arrays = {k: np.concatenate([before[k], a]) for k, a in arrays.items()}
+            info = {k: info[k] + was[k] for k in info}
+        rows = len(arrays["probs"])
+        if rows < end - start:
+            store.save(split.name, i, start, start + rows, arrays, info, part=True)
+            stopped = (i, rows)
+            break
+        store.save(split.name, i, start, end, arrays, info)
+        store.path(split.name, i, part=True).unlink(missing_ok=True)
     bar.close()
+    return stopped
 
 
 def assemble(split: Split, store) -> tuple[np.ndarray, dict[int, np.ndarray], dict[str, float]]:
@@ -344,9 +363,16 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
         if any(todo.values()):
             net, about = inference_net(net_name, fold, model_dir, spec, records, meta, cfg,
                                        precision, store)
-            for p in parts:
-                if todo[p.name]:
-                    compute_chunks(net, spec, p, todo[p.name], store, cfg, f"{p.name} {name}")
+            with graceful_stop(f"predict {name}") as stop:
+                for p in parts:
+                    stopped = todo[p.name] and compute_chunks(
+                        net, spec, p, todo[p.name], store, cfg, f"{p.name} {name}", stop)
+                    if stop():
+                        where = (f"chunk {stopped[0]} of {p.name} saved after {stopped[1]} "
+                                 "images" if stopped else f"{p.name} chunks complete")
+                        raise Stopped(f"{name}: {signal.Signals(stop()).name}: {where}; "
+                                      f"the work so far is in {store.dir}; rerun the same "
+                                      "command to resume", stop())
         elif cfg["int8"] is not False and (store.dir / INFERENCE).exists():
             about = read_json(store.dir / INFERENCE)
         if k > 1:

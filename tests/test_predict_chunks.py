@@ -209,3 +209,63 @@ def test_kill_9_mid_tta_then_rerun_resumes_and_equals_uninterrupted(trained, tmp
               tmp_path / "mref")
     assert_same(resumed, outputs(tmp_path / "ref"))
     assert not work.exists()
+
+
+def test_a_requested_stop_saves_the_partial_chunk_and_the_rerun_completes_it(
+        trained, tmp_path, monkeypatch, capsys):
+    import contextlib
+    import signal as sig
+
+    from pipeline.lib.errors import Stopped
+
+    records, ck = trained
+    small = dict(chunk_images=6, batch_size=2, n=3)
+    P.predict(NET, 0, records, cfg(tmp_path / "ref", ck, **small), tmp_path / "m")
+    polls = []
+
+    @contextlib.contextmanager
+    def stop_after(what):  # SIGTERM "arrives" after the 4th batch: mid-way through chunk 1
+        yield lambda: sig.SIGTERM if len(polls) >= 4 or polls.append(1) else None
+
+    monkeypatch.setattr(P, "graceful_stop", stop_after)
+    with pytest.raises(Stopped, match=r"SIGTERM: chunk 1 of valid saved after 2 images") as err:
+        P.predict(NET, 0, records, cfg(tmp_path / "run", ck, **small), tmp_path / "m")
+    assert err.value.signum == sig.SIGTERM
+    store_dir = next((tmp_path / "run" / "work" / f"{NET}--fold0").iterdir())
+    assert sorted(f.name for f in store_dir.glob("*.npz")) == ["valid-00000.npz",
+                                                               "valid-00001.part.npz"]
+    monkeypatch.undo()
+    out = P.predict(NET, 0, records, cfg(tmp_path / "run", ck, **small), tmp_path / "m")
+    assert out["chunks"]["resumed"] == 1
+    assert_same(outputs(tmp_path / "run"), outputs(tmp_path / "ref"))
+
+
+@pytest.mark.slow
+def test_sigterm_mid_tta_stops_gracefully_and_the_rerun_equals_uninterrupted(trained, tmp_path):
+    records, ck = trained
+    tta = cfg(tmp_path, ck, n=60, chunk_images=4, batch_size=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tta": tta}))
+    cmd = [sys.executable, "-m", "pipeline.predict", "--net", NET, "--fold", "0",
+           "--records", str(records), "--params", str(tmp_path / "params.yaml"),
+           "--metrics", str(tmp_path / "m")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    work = tmp_path / "work" / f"{NET}--fold0"
+    deadline = time.time() + 300
+    while not list(work.glob("*/valid-*.npz")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)  # what SLURM / Kubernetes send before SIGKILL
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert time.time() - t0 < 30  # within a cluster's usual grace period
+    assert "predict stopped: lenet--fold0: SIGTERM:" in err and "Traceback" not in err
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "resuming:" in out.stdout
+    P.predict(NET, 0, records, cfg(tmp_path / "ref", ck, n=60, chunk_images=4, batch_size=2),
+              tmp_path / "mref")
+    assert_same(outputs(tmp_path), outputs(tmp_path / "ref"))

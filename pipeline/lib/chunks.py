@@ -159,25 +159,27 @@ class ChunkStore:
         ks = [k for k in ks if k > 1]
         return ks[-1] if ks else None
 
-    def path(self, split: str, i: int) -> Path:
-        return self.dir / f"{split}-{i:05d}.npz"
+    def path(self, split: str, i: int, part: bool = False) -> Path:
+        return self.dir / f"{split}-{i:05d}{'.part' if part else ''}.npz"
 
     def save(self, split: str, i: int, start: int, stop: int, arrays: dict[str, np.ndarray],
-             info: dict[str, Any]) -> None:
-        """Atomically write chunk ``i`` of ``split`` (rows ``[start, stop)``)."""
+             info: dict[str, Any], part: bool = False) -> None:
+        """Atomically write chunk ``i`` of ``split`` (rows ``[start, stop)``); ``part``: the
+        first rows of a chunk whose run was stopped, saved to be completed later."""
         arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
         digest = _digest(self.fingerprint, split, start, stop, arrays, info)
         header = json.dumps({"fingerprint": self.fingerprint, "split": split, "start": start,
                              "stop": stop, "info": info, "sha256": digest}, sort_keys=True)
-        with atomic_path(self.path(split, i), suffix=".npz") as tmp:
+        with atomic_path(self.path(split, i, part), suffix=".npz") as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, header=np.array(header), **arrays)
 
-    def load(self, split: str, i: int, start: int, stop: int
+    def load(self, split: str, i: int, start: int, stop: int | None, part: bool = False
              ) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         """(arrays, info) of an intact chunk ``i``; None if it is absent. A chunk that does
-        not verify is reported, deleted and reported absent, so it is computed again."""
-        path = self.path(split, i)
+        not verify is reported, deleted and reported absent, so it is computed again.
+        ``part``: the partial chunk starting at ``start`` (``stop`` = None: any length)."""
+        path = self.path(split, i, part)
         if not path.exists():
             return None
         problem = None
@@ -185,6 +187,7 @@ class ChunkStore:
             with np.load(path, allow_pickle=False) as z:
                 head = json.loads(str(z["header"]))
                 arrays = {k: z[k] for k in z.files if k != "header"}
+            stop = head.get("stop") if part and stop is None else stop
             expected = {"fingerprint": self.fingerprint, "split": split, "start": start,
                         "stop": stop}
             if any(head.get(k) != v for k, v in expected.items()):

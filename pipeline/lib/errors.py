@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import sys
 from typing import Iterator
 
 
 class PipelineError(Exception):
     """Base of the errors a user can cause; the message names every problem and the fix."""
+
+
+class Stopped(PipelineError):
+    """The run stopped on request (SIGTERM, SIGINT) after saving its work; rerun to resume."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def one_line(message: str) -> str:
@@ -40,6 +49,9 @@ def stage_errors(stage: str) -> Iterator[None]:
     """Turn the project's errors raised inside into ``SystemExit('<stage> failed: ...')``."""
     try:
         yield
+    except Stopped as exc:  # a requested stop, not a failure: the signal's usual exit code
+        print(f"{stage} stopped: {one_line(str(exc))}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + exc.signum) from None
     except PipelineError as exc:
         raise SystemExit(f"{stage} failed: {one_line(str(exc))}") from None
     except OSError as exc:

@@ -92,13 +92,17 @@ def _forward(net, views, max_views: int) -> np.ndarray:
 
 def predict_chunks(net, spec: dict[str, Any], reader, indices: Sequence[int],
                    bounds: Sequence[tuple[int, int]], cfg: dict[str, Any],
-                   prefixes: Sequence[int] = (), progress=None
+                   prefixes: Sequence[int] = (), progress=None, stop=None
                    ) -> Iterator[tuple[np.ndarray, dict[int, np.ndarray], float]]:
     """TTA over the chunks ``bounds`` (ascending ``[start, stop)`` positions in ``indices``,
     batch-aligned as :func:`pipeline.lib.chunks.chunk_bounds` makes them): for each chunk
     yield its (m, K) probabilities, its curve ``{n: (m, K)}`` for n in ``prefixes`` and the
     wall time it took. One loader streams all the chunks' records, so the batches are those of
-    a single pass. ``progress``, if given, is called with the number of images done."""
+    a single pass. ``progress``, if given, is called with the number of images done.
+
+    ``stop``, if given, is polled after every batch; once it returns true, the chunk in
+    progress is yielded with the rows done so far (fewer than its length, a whole number of
+    batches) and the iteration ends."""
     from pipeline.lib.data import BatchLoader
 
     ranges = cfg["ranges"] or spec["augment"]
@@ -107,14 +111,18 @@ def predict_chunks(net, spec: dict[str, Any], reader, indices: Sequence[int],
     if not bounds:
         return
     positions = np.concatenate([np.arange(a, b) for a, b in bounds])
-    with BatchLoader(reader, indices[positions], cfg["batch_size"], workers=1) as loader:
+    # Records are decoded in this process: next to the views' forward passes decoding costs
+    # little, and without a worker process a signal can never strand a pending batch.
+    with BatchLoader(reader, indices[positions], cfg["batch_size"], workers=0) as loader:
         batches = predict_batches(net, (x for x, _ in loader.epoch(0)), matrices, cfg["mean"],
                                   prefixes, max_views=cfg["max_views"])
-        for start, stop in bounds:
+        for start, end in bounds:
+            if stop is not None and stop():
+                return
             t0, rows = time.perf_counter(), 0
             probs: list[np.ndarray] = []
             curve: dict[int, list[np.ndarray]] = {n: [] for n in prefixes}
-            while rows < stop - start:
+            while rows < end - start:
                 p, partial = next(batches)
                 probs.append(p)
                 for n, q in partial.items():
@@ -122,12 +130,22 @@ def predict_chunks(net, spec: dict[str, Any], reader, indices: Sequence[int],
                 rows += len(p)
                 if progress is not None:
                     progress(len(p))
-            if rows != stop - start:
-                raise TTAError(f"chunk [{start}, {stop}) is not aligned to tta.batch_size "
+                if stop is not None and rows < end - start and stop():
+                    break
+            if stop is not None and rows < end - start and stop():
+                yield _chunk(probs, curve, t0)
+                return
+            if rows != end - start:
+                raise TTAError(f"chunk [{start}, {end}) is not aligned to tta.batch_size "
                                f"{cfg['batch_size']}")
-            yield (np.concatenate(probs).astype(np.float32),
-                   {n: np.concatenate(q).astype(np.float32) for n, q in curve.items()},
-                   time.perf_counter() - t0)
+            yield _chunk(probs, curve, t0)
+
+
+def _chunk(probs: list[np.ndarray], curve: dict[int, list[np.ndarray]], t0: float
+           ) -> tuple[np.ndarray, dict[int, np.ndarray], float]:
+    return (np.concatenate(probs).astype(np.float32),
+            {n: np.concatenate(q).astype(np.float32) for n, q in curve.items()},
+            time.perf_counter() - t0)
 
 
 def predict_split(net, spec: dict[str, Any], reader, indices: Sequence[int], cfg: dict[str, Any],
