@@ -13,9 +13,12 @@ reports what TTA bought.
 
 The thesis averages 100 random augmentations per image (§6.2). The T transforms are drawn once
 per model from the training ranges stored in the checkpoint, or from narrower ``tta.ranges``;
-``tta.method: halton`` draws them quasi-randomly (more even coverage for small T); ``tta.mean``
-says how views are averaged and ``tta.n: 0`` predicts the plain images. The views, their
-batched forward passes and the averaging are :mod:`pipeline.lib.tta`.
+``tta.method: halton`` draws them quasi-randomly (more even coverage for small T);
+``tta.method: stratified`` is a designed view list (the identity first, evenly spaced
+rotations, balanced flips, the distortions from a scrambled Halton sequence:
+:func:`pipeline.lib.augment.stratified_unit`), so every prefix of the views is balanced;
+``tta.mean`` says how views are averaged and ``tta.n: 0`` predicts the plain images. The
+views, their batched forward passes and the averaging are :mod:`pipeline.lib.tta`.
 
 INT8 (``tta.int8``, default off): the fp32 net is quantized for CPU/oneDNN
 (:mod:`pipeline.lib.quantize`), calibrated on ``tta.calib_images`` TTA-warped views of the
@@ -40,7 +43,7 @@ from pipeline.lib.tta import predict_split, tta_curve_points, tta_matrices
 
 DEFAULTS: dict[str, Any] = {
     "n": 100,
-    "method": "random",      # random | halton
+    "method": "random",      # random | halton | stratified (augment.METHODS)
     "mean": "probs",         # probs | logits | geometric
     "seed": 0,
     "ranges": {},            # narrower augment ranges for TTA; {} = the training ranges
@@ -108,8 +111,12 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
     from pipeline.lib.predictions import save_predictions
     from pipeline.lib.records import RecordReader, fold_indices, labels, load_meta
 
+    from pipeline.lib.augment import METHODS
+
     if cfg["n"] < 0:
         raise PredictError(f"tta.n must be >= 0, got {cfg['n']}")
+    if cfg["method"] not in METHODS:  # fail before loading the model, naming the setting
+        raise PredictError(f"tta.method must be one of {METHODS}, got {cfg['method']!r}")
     meta = load_meta(records)
     net, spec = load_model(run_dir(cfg["checkpoints"], net_name, fold))
     if spec["classes"] != meta["classes"] or spec["size"] != meta["size"]:
