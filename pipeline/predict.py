@@ -13,9 +13,12 @@ reports what TTA bought.
 
 The thesis averages 100 random augmentations per image (§6.2). The T transforms are drawn once
 per model from the training ranges stored in the checkpoint, or from narrower ``tta.ranges``;
-``tta.method`` chooses how (:mod:`pipeline.lib.augment`), ``tta.mean`` how views are averaged
-and ``tta.n: 0`` predicts the plain images. The views, their batched forward passes and the
-averaging are :mod:`pipeline.lib.tta`.
+``tta.method: halton`` draws them quasi-randomly (more even coverage for small T);
+``tta.method: stratified`` is a designed view list (the identity first, evenly spaced
+rotations, balanced flips, the distortions from a scrambled Halton sequence:
+:func:`pipeline.lib.augment.stratified_unit`), so every prefix of the views is balanced;
+``tta.mean`` says how views are averaged and ``tta.n: 0`` predicts the plain images. The
+views, their batched forward passes and the averaging are :mod:`pipeline.lib.tta`.
 
 **Long runs** (:mod:`pipeline.lib.chunks`): the images are predicted in chunks of
 ``tta.chunk_images``, each written atomically under ``tta.work`` as soon as it is done, with a
@@ -53,7 +56,7 @@ from pipeline.lib.signals import graceful_stop
 
 DEFAULTS: dict[str, Any] = {
     "n": 100,
-    "method": "random",      # random | halton (pipeline.lib.augment.METHODS)
+    "method": "random",      # random | halton | stratified (pipeline.lib.augment.METHODS)
     "mean": "probs",         # probs | logits | geometric
     "seed": 0,
     "ranges": {},            # narrower augment ranges for TTA; {} = the training ranges

@@ -1,6 +1,7 @@
 """Tests for pipeline.lib.augment: sampled ranges, matrix convention, and train (cv2) == TTA (MXNet)."""
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import time
 
@@ -120,6 +121,105 @@ def test_halton_is_more_uniform_than_random():
 def test_unknown_method_rejected():
     with pytest.raises(ValueError, match="method"):
         au.sample_params(au.AffineRanges(), 3, np.random.default_rng(0), "sobol")
+
+
+# ---------------------------------------------------------------- the stratified TTA design
+
+TTA_RANGES = au.AffineRanges(translate=0.05, zoom=(0.79, 1.265), shear=10.0,
+                             stretch=(0.877, 1.14))
+
+
+def _stratified(n: int, ranges: au.AffineRanges = TTA_RANGES, seed: int = 0) -> dict:
+    return au.sample_params(ranges, n, np.random.default_rng(seed), "stratified")
+
+
+@pytest.mark.parametrize("ranges", [TTA_RANGES, au.AffineRanges(rotation=(-180.0, 180.0)),
+                                    au.AffineRanges(rotation=(-30.0, 30.0), zoom=(1.1, 1.6))])
+def test_stratified_starts_with_the_identity_clamped_into_the_ranges(ranges):
+    p = _stratified(20, ranges)
+    first = {k: v[0] for k, v in p.items()}
+    assert first["rotation"] == pytest.approx(0.0, abs=1e-9)
+    assert first["zoom"] == pytest.approx(float(np.clip(1.0, *ranges.zoom)))
+    for name in ("tx", "ty", "shear"):
+        assert first[name] == pytest.approx(0.0, abs=1e-12)
+    assert first["stretch"] == pytest.approx(1.0)
+    assert not first["flip_h"] and not first["flip_v"]
+
+
+def test_stratified_identity_rotation_is_the_centre_when_zero_is_outside():
+    p = _stratified(5, au.AffineRanges(rotation=(10.0, 50.0), flip_h=1.0))
+    assert p["rotation"][0] == pytest.approx(30.0)
+    assert p["flip_h"].all()                      # probability 1: the identity is clamped too
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 10, 100])
+def test_stratified_rotations_are_evenly_spaced_over_the_circle(n):
+    rot = np.sort(_stratified(n)["rotation"])
+    np.testing.assert_allclose(rot, np.arange(n) * 360.0 / n, atol=1e-9)
+
+
+def test_stratified_rotations_are_evenly_spaced_over_a_partial_range():
+    rot = np.sort(_stratified(7, au.AffineRanges(rotation=(-30.0, 30.0)))["rotation"])
+    np.testing.assert_allclose(np.diff(rot), 60.0 / 7)
+    np.testing.assert_allclose(rot, -rot[::-1], atol=1e-9)   # symmetric about the identity
+    assert rot.min() >= -30.0 and rot.max() <= 30.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_stratified_prefixes_spread_the_orientations(seed):
+    """Every view is a distinct orientation (flip_v = flip_h + 180 degrees, so a view is a mirror
+    or not at angle rotation + 180 flip_v), and in every prefix each class's angles are spread:
+    the largest gap is at most about twice the even spacing."""
+    p = _stratified(100, seed=seed)
+    mirror = p["flip_h"] ^ p["flip_v"]
+    orientation = np.round((p["rotation"] + 180.0 * p["flip_v"]) % 360.0, 6)
+    assert len(set(zip(orientation, mirror))) == 100
+    for m in (4, 10, 20, 50, 100):
+        for cls in (True, False):
+            angles = np.sort(orientation[:m][mirror[:m] == cls])
+            gaps = np.diff(np.append(angles, angles[0] + 360.0))
+            assert gaps.max() <= 2 * 360.0 / len(angles) + 7.2, (m, cls, gaps.max())
+
+
+@pytest.mark.parametrize("flip_h, flip_v", [(0.5, 0.5), (0.5, 0.2), (0.0, 0.3), (1.0, 0.5)])
+def test_stratified_flips_are_balanced_in_every_prefix(flip_h, flip_v):
+    n = 100
+    p = _stratified(n, dataclasses.replace(TTA_RANGES, flip_h=flip_h, flip_v=flip_v))
+    m = np.arange(1, n + 1)
+    for name, rate in (("flip_h", flip_h), ("flip_v", flip_v)):
+        assert p[name].dtype == bool
+        assert np.all(np.abs(np.cumsum(p[name]) - rate * m) <= 1.0 + 1e-9), name
+    both = np.cumsum(p["flip_h"] & p["flip_v"])
+    assert np.all(np.abs(both - flip_h * flip_v * m) <= 1.0 + 1e-9)
+
+
+def test_stratified_values_stay_inside_the_ranges_and_cover_them():
+    r = TTA_RANGES
+    p = _stratified(200)
+    assert p["rotation"].min() >= r.rotation[0] and p["rotation"].max() < r.rotation[1]
+    u = _to_unit(p, r)
+    assert u.min() >= 0.0 and u.max() <= 1.0
+    # every prefix of 10 views after the identity reaches both halves of every parameter
+    for col in range(1, 6):
+        assert (u[1:11, col] < 0.5).any() and (u[1:11, col] > 0.5).any()
+
+
+def test_stratified_is_deterministic_given_the_rng():
+    a, b, c = _stratified(50, seed=7), _stratified(50, seed=7), _stratified(50, seed=8)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(a["zoom"], c["zoom"])
+
+
+def test_stratified_edge_cases():
+    empty = _stratified(0)
+    assert set(empty) == set(au.PARAM_NAMES) and all(len(v) == 0 for v in empty.values())
+    one = au.params_to_matrices(_stratified(1), 32)
+    np.testing.assert_allclose(one, [[[1, 0, 0], [0, 1, 0]]], atol=1e-12)
+    ident = au.sample_params(au.AffineRanges.identity(), 4, np.random.default_rng(0),
+                             "stratified")
+    np.testing.assert_allclose(au.params_to_matrices(ident, 16),
+                               np.tile([[1, 0, 0], [0, 1, 0]], (4, 1, 1)), atol=1e-12)
 
 
 # ---------------------------------------------------------------- ranges: dict round trip, errors

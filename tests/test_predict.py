@@ -74,6 +74,17 @@ def test_tta_is_deterministic_given_seed_and_batch_size_independent(trained, tmp
     np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+def test_stratified_method_is_accepted_and_its_first_view_is_the_plain_image(trained, tmp_path):
+    records, ck = trained
+    plain = P.predict(NET, 0, records, cfg(tmp_path / "a", ck, n=0), tmp_path / "m0")
+    metrics = P.predict(NET, 0, records, cfg(tmp_path / "b", ck, n=6, method="stratified"),
+                        tmp_path / "m")
+    assert metrics["tta_method"] == "stratified"
+    assert metrics["valid_logloss_by_n"]["1"] == pytest.approx(plain["valid_logloss"], abs=1e-5)
+    with pytest.raises(P.PredictError, match="tta.method"):
+        P.predict(NET, 0, records, cfg(tmp_path / "c", ck, method="sobol"), tmp_path / "m")
+
+
 def test_averaging_modes_on_constructed_logits():
     logits = np.log(np.array([[[0.7, 0.2, 0.1], [0.1, 0.2, 0.7]]]))  # 1 image, 2 views
     probs = tta.average(logits, "probs")

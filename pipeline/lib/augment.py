@@ -7,8 +7,9 @@ on. This module therefore has ONE parameterization and ONE matrix builder, and t
 
 * :class:`AffineRanges` - the distribution (ranges), validated, round-trips through a dict
   (``params.yaml``);
-* :func:`sample_params` - vectorized draws, pseudo-random or quasi-random (Halton) through the
-  same unit-cube -> parameter mapping;
+* :func:`sample_params` - vectorized draws, pseudo-random, quasi-random (Halton) or a
+  stratified TTA design (identity first, even rotations, balanced flips), all through the same
+  unit-cube -> parameter mapping;
 * :func:`params_to_matrices` - (n, 2, 3) pixel-space matrices;
 * training: :func:`warp_image` (cv2.warpAffine), wrapped as the albumentations transform
   :class:`RandomAffineNDSB` and :func:`build_train_transform`;
@@ -65,7 +66,7 @@ Size = Union[int, Tuple[int, int]]
 # most uniform, so the most influential parameters come first; flips are thresholds on the last.
 PARAM_NAMES = ("rotation", "zoom", "tx", "ty", "shear", "stretch", "flip_h", "flip_v")
 _N_DIMS = len(PARAM_NAMES)
-METHODS = ("random", "halton")
+METHODS = ("random", "halton", "stratified")
 
 
 class RangesError(PipelineError, ValueError):
@@ -179,7 +180,8 @@ def sample_params(ranges: AffineRanges, n: int, rng: np.random.Generator,
     rotation (deg), zoom, stretch, shear (deg), tx, ty (fractions of the side) are float64;
     flip_h, flip_v are bool. ``method='random'`` uses ``rng`` directly; ``method='halton'``
     uses a scrambled Halton sequence (scrambling seeded from ``rng``) - lower discrepancy, so
-    100 TTA views cover the range more evenly. Both go through the same unit-cube mapping.
+    100 TTA views cover the range more evenly; ``method='stratified'`` is the designed TTA view
+    list of :func:`stratified_unit`. All go through the same unit-cube mapping.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -187,18 +189,163 @@ def sample_params(ranges: AffineRanges, n: int, rng: np.random.Generator,
         raise ValueError(f"n must be >= 0, got {n}")
     if method == "random":
         u = rng.random((n, _N_DIMS))
-    else:
+    elif method == "halton":
         u = _halton(n, rng)
+    else:
+        u = stratified_unit(ranges, n, rng)
     return unit_to_params(ranges, u)
 
 
-def _halton(n: int, rng: np.random.Generator) -> np.ndarray:
-    from scipy.stats import qmc  # scipy import is slow; only the Halton path needs it
+def _halton(n: int, rng: np.random.Generator, dims: int = _N_DIMS) -> np.ndarray:
+    from scipy.stats import qmc  # scipy import is slow; only the Halton paths need it
     try:
-        engine = qmc.Halton(d=_N_DIMS, scramble=True, rng=rng)
+        engine = qmc.Halton(d=dims, scramble=True, rng=rng)
     except TypeError:  # scipy < 1.15 names the argument `seed`
-        engine = qmc.Halton(d=_N_DIMS, scramble=True, seed=rng)
+        engine = qmc.Halton(d=dims, scramble=True, seed=rng)
     return engine.random(n)
+
+
+# Unit-cube columns of the continuous parameters (everything but rotation and the flips).
+_CONTINUOUS = ("zoom", "tx", "ty", "shear", "stretch")
+
+
+def stratified_unit(ranges: AffineRanges, n: int, rng: np.random.Generator) -> np.ndarray:
+    """The ``stratified`` TTA design as unit-cube points, shape (n, 8) in :data:`PARAM_NAMES` order.
+
+    What (view by view, deterministic given ``rng``):
+
+    * view 0 is the identity transform, clamped into the ranges: rotation 0 (for a range
+      spanning the full circle, the angle in the range equal to 0 modulo 360; otherwise the
+      range's centre if 0 lies outside it), zoom 1, no shift, shear or stretch, no flip (a flip
+      only where its probability is 1);
+    * the n rotations are evenly spaced over the rotation range with spacing width / n, the grid
+      placed so the identity angle is on it: ``k * 360 / n`` for a [0, 360] range, a grid
+      symmetric about 0 for [-180, 180], the stratum midpoints (shifted by at most half a
+      stratum) for a partial range. Their ORDER is a greedy farthest-point order starting from
+      the identity (distance around the circle for a full circle), ties broken by ``rng``, so
+      the first 2, 4, 8, ... views are already spread over the whole range;
+    * the four flip combinations (none, h, v, both) are dealt with probabilities
+      (1-ph)(1-pv), ph(1-pv), (1-ph)pv, ph pv by largest remaining quota, ties broken by
+      ``rng``: in every prefix of m views each combination occurs within one view of its
+      expected count, so about ``p * m`` views are flipped for every m, and the two flips are
+      not tied to each other (h and v together equal a 180 degree turn, so always flipping both
+      at once would never mirror);
+    * zoom, tx, ty, shear and stretch of views 1..n-1 are the first n - 1 points of a scrambled
+      Halton sequence (scrambling seeded from ``rng``) in the bases 3, 5, 7, 11, 13 - base 2
+      is left out because the rotation order and the flip pattern already follow powers of 2,
+      and sharing it would tie a parameter to them. Any prefix of a Halton sequence is evenly
+      spread, unlike a Latin hypercube, which is stratified only as a whole.
+
+    Why: predict averages over the first n views and reports the curve at n = 1, 2, 5, ... . An
+    i.i.d. draw wastes views on near-duplicates and leaves gaps (its first view can be a strong
+    distortion, which is why one random view scores worse than the plain image); the identity
+    first makes n = 1 the plain prediction, and even rotations plus balanced flips cover the
+    symmetries plankton actually have (no preferred orientation) with few views.
+    """
+    u = np.zeros((n, _N_DIMS))
+    if n == 0:
+        return u
+    col = {name: i for i, name in enumerate(PARAM_NAMES)}
+    flips = _balanced_flips(ranges.flip_h, ranges.flip_v, n, rng)
+    u[:, col["rotation"]] = _rotation_slots(ranges.rotation, flips, rng)
+    for i, (name, p) in enumerate((("flip_h", ranges.flip_h), ("flip_v", ranges.flip_v))):
+        # u < p flips (unit_to_params): p / 2 flips, (1 + p) / 2 does not (for p < 1).
+        u[:, col[name]] = np.where(flips[:, i], p / 2, (1 + p) / 2)
+    identity = {"zoom": _unit_of(np.log(ranges.zoom), 0.0),
+                "stretch": _unit_of(np.log(ranges.stretch), 0.0),
+                "tx": 0.5, "ty": 0.5, "shear": 0.5}
+    for name in _CONTINUOUS:
+        u[0, col[name]] = identity[name]
+    if n > 1:
+        points = _halton(n - 1, rng, dims=len(_CONTINUOUS) + 1)[:, 1:]  # drop base 2
+        for i, name in enumerate(_CONTINUOUS):
+            u[1:, col[name]] = points[:, i]
+    return u
+
+
+def _unit_of(bounds: Tuple[float, float], value: float) -> float:
+    """Unit coordinate of ``value`` clamped into ``bounds`` (0.5 for a degenerate range)."""
+    lo, hi = bounds
+    return 0.5 if hi <= lo else float((np.clip(value, lo, hi) - lo) / (hi - lo))
+
+
+def _rotation_slots(bounds: Tuple[float, float], flips: np.ndarray, rng: np.random.Generator
+                    ) -> np.ndarray:
+    """Unit coordinates of n evenly spaced rotations, identity first, farthest-point order.
+
+    On a full circle the order is chosen in the space of the views' resulting ORIENTATIONS:
+    flip_v equals flip_h plus a 180 degree turn, so a view is a mirror (h xor v) at the angle
+    rotation + 180 v. Each next view takes the unused angle whose orientation is farthest from
+    the views of its own mirror class (then from all views), which keeps the first views from
+    repeating an orientation.
+    """
+    n = len(flips)
+    lo, hi = bounds
+    width = hi - lo
+    if width <= 0:
+        return np.full(n, 0.5)
+    full = width >= 360.0
+    if full:
+        identity = lo + (-lo) % 360.0
+    else:
+        identity = 0.0 if lo <= 0.0 <= hi else (lo + hi) / 2
+    t0 = (identity - lo) / width                 # identity's unit coordinate
+    grid = (np.arange(n) + 0.5) / n              # stratum midpoints
+    first = int(np.argmin(np.abs(grid - t0)))
+    grid = np.clip(grid + (t0 - grid[first]), 0.0, 1.0)  # shift (< half a stratum) onto it
+    if full:
+        angle = lo + grid * width
+        turned = np.stack([angle, angle + 180.0])            # orientation if v = 0 / 1
+        mirror = flips[:, 0] ^ flips[:, 1]
+        turn = flips[:, 1].astype(int)
+    else:
+        turned = np.stack([grid, grid])
+        mirror = np.zeros(n, dtype=bool)
+        turn = np.zeros(n, dtype=int)
+    # nearest[m][v, k]: distance from slot k (as a view with v flip) to the chosen views of
+    # mirror class m.
+    nearest = np.full((2, 2, n), np.inf)
+    used = np.zeros(n, dtype=bool)
+    order = np.empty(n, dtype=int)
+    for j in range(n):
+        if j == 0:
+            pick = first
+        else:
+            m, v = int(mirror[j]), turn[j]
+            own = np.round(nearest[m][v], 9)
+            overall = np.round(np.minimum(nearest[0][v], nearest[1][v]), 9)
+            own = np.where(np.isinf(own), np.inf, own)
+            own[used], overall[used] = -1.0, -1.0
+            best = np.flatnonzero(own == own.max())
+            best = best[overall[best] == overall[best].max()]
+            pick = int(best[rng.integers(len(best))]) if len(best) > 1 else int(best[0])
+        order[j], used[pick] = pick, True
+        orientation = turned[turn[j], pick]
+        for v in (0, 1):
+            d = np.abs(turned[v] - orientation)
+            if full:
+                d = np.mod(d, 360.0)
+                d = np.minimum(d, 360.0 - d)
+            nearest[int(mirror[j])][v] = np.minimum(nearest[int(mirror[j])][v], d)
+    return grid[order]
+
+
+def _balanced_flips(p_h: float, p_v: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 2) bool flips: view 0 unflipped (unless p = 1), every prefix balanced by quota."""
+    combos = np.array([[False, False], [True, False], [False, True], [True, True]])
+    q = np.array([(1 - p_h) * (1 - p_v), p_h * (1 - p_v), (1 - p_h) * p_v, p_h * p_v])
+    first = 2 * int(p_v >= 1.0) + int(p_h >= 1.0)  # the identity, clamped
+    counts = np.zeros(4)
+    picks = np.empty(n, dtype=int)
+    picks[0] = first
+    counts[first] += 1
+    for j in range(1, n):
+        deficit = np.where(q > 0, np.round(q * (j + 1) - counts, 9), -np.inf)
+        best = np.flatnonzero(deficit == deficit.max())
+        pick = int(best[rng.integers(len(best))]) if len(best) > 1 else int(best[0])
+        picks[j] = pick
+        counts[pick] += 1
+    return combos[picks]
 
 
 def unit_to_params(ranges: AffineRanges, u: np.ndarray) -> Params:
