@@ -32,6 +32,13 @@ from pipeline.lib.errors import PipelineError
 CALIB_MODES = ("naive", "entropy", "percentile")
 PERCENTILE = 99.99        # percentile calibration: share of each layer's values kept in range
 KEEP_FP32 = ("first_conv", "classifier")
+# Weight scales of the quantized classifier (FullyConnected): one per tensor or one per output
+# unit. oneDNN's fused convolutions always use one scale per output channel once calibrated
+# (``weight_channelwise_scale``), whatever this says; only FullyConnected layers follow it.
+GRANULARITIES = ("tensor-wise", "channel-wise")
+# Integer type of the quantized activations: ``auto`` picks uint8 for a calibrated range
+# without negatives (the input) and int8 otherwise (leaky / RReLU outputs are signed).
+QUANTIZED_DTYPES = ("auto", "int8", "uint8")
 CALIB_BATCH = 64          # calibration forward batch: bounds memory, any size gives same ranges
 
 
@@ -122,15 +129,40 @@ class PercentileCollector:
         return self.ranges
 
 
-def quantize(net, calib: np.ndarray, mode: str = "naive", keep_fp32: Sequence[str] = ()):
+def quantized_layers(net) -> list[str]:
+    """Graph node names of the layers INT8 quantizes (Convolution and FullyConnected), in
+    graph order: the names ``quantize(exclude=...)`` takes."""
+    import mxnet as mx
+
+    nodes = json.loads(net(mx.sym.var("data")).tojson())["nodes"]
+    return [n["name"] for n in nodes if n["op"] in ("Convolution", "FullyConnected")]
+
+
+def check_options(mode: str, granularity: str, dtype: str) -> None:
+    """:class:`QuantizeError` naming the ``tta`` key of an unknown calibration mode,
+    weight-scale granularity or activation type."""
+    for key, value, valid in (("calib_mode", mode, CALIB_MODES),
+                              ("int8_granularity", granularity, GRANULARITIES),
+                              ("int8_dtype", dtype, QUANTIZED_DTYPES)):
+        if value not in valid:
+            raise QuantizeError(f"tta.{key} must be one of {valid}, got {value!r}")
+
+
+def quantize(net, calib: np.ndarray, mode: str = "naive", keep_fp32: Sequence[str] = (),
+             granularity: str = "tensor-wise", dtype: str = "auto",
+             exclude: Sequence[str] = ()):
     """INT8 ``SymbolBlock`` of the hybridized fp32 ``net`` (CPU/oneDNN), calibrated on
-    ``calib`` (N, C, H, W model inputs), hybridized for repeated inference."""
+    ``calib`` (N, C, H, W model inputs), hybridized for repeated inference.
+
+    ``granularity`` and ``dtype`` are :data:`GRANULARITIES` and :data:`QUANTIZED_DTYPES`;
+    ``exclude`` names further layers (:func:`quantized_layers`) to leave in fp32, for the
+    per-layer studies of ``pipeline.tools.bench_int8``.
+    """
     import mxnet as mx
     from mxnet.contrib.quantization import quantize_net_v2
 
-    if mode not in CALIB_MODES:
-        raise QuantizeError(f"tta.calib_mode must be one of {CALIB_MODES}, got {mode!r}")
-    excluded = layer_names(net, keep_fp32)
+    check_options(mode, granularity, dtype)
+    excluded = layer_names(net, keep_fp32) + [name for name in exclude]
     # A padded last batch repeats early views: min/max ranges are unchanged by that.
     calib_iter = mx.io.NDArrayIter(data=calib, batch_size=min(CALIB_BATCH, len(calib)),
                                    last_batch_handle="pad")
@@ -139,7 +171,8 @@ def quantize(net, calib: np.ndarray, mode: str = "naive", keep_fp32: Sequence[st
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Cannot decide type")
         collector = PercentileCollector() if mode == "percentile" else None
-        qnet = quantize_net_v2(net, quantized_dtype="auto", quantize_mode="full",
+        qnet = quantize_net_v2(net, quantized_dtype=dtype, quantize_mode="full",
+                               quantize_granularity=granularity,
                                exclude_layers=excluded, calib_data=calib_iter,
                                calib_mode="customize" if collector else mode,
                                LayerOutputCollector=collector,
@@ -148,13 +181,25 @@ def quantize(net, calib: np.ndarray, mode: str = "naive", keep_fp32: Sequence[st
     return qnet
 
 
+# Defaults of the INT8 keys predict's cfg may lack (``tta.int8_granularity``, ``tta.int8_dtype``).
+OPTION_DEFAULTS: dict[str, Any] = {"int8_granularity": "tensor-wise", "int8_dtype": "auto"}
+
+
 def int8_net(net, reader, train_idx: Sequence[int], matrices: np.ndarray,
              cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(INT8 net, calibration summary for the metrics) of ``net``, calibrated on
-    ``cfg['calib_images']`` TTA views of the training records ``train_idx``."""
+    ``cfg['calib_images']`` TTA views of the training records ``train_idx``.
+
+    Reads ``calib_images``, ``calib_mode``, ``int8_keep_fp32`` and ``seed`` from ``cfg``, and
+    ``int8_granularity`` / ``int8_dtype`` when present (:data:`OPTION_DEFAULTS` otherwise).
+    """
+    opts = {key: cfg.get(key, value) for key, value in OPTION_DEFAULTS.items()}
+    check_options(cfg["calib_mode"], opts["int8_granularity"], opts["int8_dtype"])
     records, transforms = calibration_plan(train_idx, cfg["calib_images"], len(matrices),
                                            cfg["seed"])
     calib = calibration_inputs(reader, records, transforms, matrices)
-    qnet = quantize(net, calib, cfg["calib_mode"], cfg["int8_keep_fp32"])
+    qnet = quantize(net, calib, cfg["calib_mode"], cfg["int8_keep_fp32"],
+                    opts["int8_granularity"], opts["int8_dtype"])
     return qnet, {"calib_views": len(calib), "calib_records": int(len(np.unique(records))),
-                  "calib_mode": cfg["calib_mode"], "keep_fp32": list(cfg["int8_keep_fp32"])}
+                  "calib_mode": cfg["calib_mode"], "keep_fp32": list(cfg["int8_keep_fp32"]),
+                  **opts}
