@@ -58,6 +58,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "keep_cls": {"int8_keep_fp32": ["classifier"]},
     "keep_both": {"int8_keep_fp32": ["first_conv", "classifier"]},
 }
+WARM_IMAGES = 8  # untimed images before a timed pass: the static graph is built for them
 DEFAULT_VARIANTS = ("naive256", "calib64", "calib1024", "calib_all", "cseed1", "cseed2",
                     "entropy", "percentile", "channel", "dtype_int8", "dtype_uint8",
                     "keep_first", "keep_cls", "keep_both")
@@ -126,7 +127,7 @@ class Model:
 
     def predict(self, net, n: int, warm: bool = False) -> tuple[np.ndarray, float]:
         """(validation probabilities, views/s) with n TTA views (0: the plain images).
-        ``warm``: predict once untimed first, so graph building is not timed."""
+        ``warm``: predict a few images untimed first, so graph building is not timed."""
         import contextlib
 
         from pipeline.lib.tta import predict_split
@@ -134,7 +135,7 @@ class Model:
         stats: dict[str, float] = {}
         with contextlib.redirect_stdout(sys.stderr):
             if warm:
-                predict_split(net, self.spec, self.reader, self.valid_idx,
+                predict_split(net, self.spec, self.reader, self.valid_idx[:WARM_IMAGES],
                               dict(self.tta_cfg, n=n), self.name)
             probs, _ = predict_split(net, self.spec, self.reader, self.valid_idx,
                                      dict(self.tta_cfg, n=n), self.name, stats=stats)
@@ -211,6 +212,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{r['delta']:>+8.4f} {r['views_s']:>8.0f}")
 
 
+def write_tsv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The rows as a tab-separated table (one column per key any row has)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["\t".join(keys)] + ["\t".join(str(r.get(k, "")) for k in keys) for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m pipeline.tools.bench_int8",
                                 description=__doc__.split("\n")[0])
@@ -242,16 +250,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     for net_name in a.nets.split(","):
         for fold in (int(k) for k in a.folds.split(",")):
+            if not (Path(a.checkpoints) / run_name(net_name, fold) / "model.json").exists():
+                print(f"{run_name(net_name, fold)}: no checkpoint in {a.checkpoints}, skipped")
+                continue
             model = Model(Path(a.records), a.checkpoints, net_name, fold, tta_cfg)
             rows += run(model, variants, views, a.layers, a.flips)
             print_table([r for r in rows if r["model"] == model.name])
             sys.stdout.flush()
+            if a.tsv:
+                write_tsv(Path(a.tsv), rows)
     print("\nall models")
     print_table(rows)
-    if a.tsv:
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        lines = ["\t".join(keys)] + ["\t".join(str(r.get(k, "")) for k in keys) for r in rows]
-        Path(a.tsv).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
