@@ -83,19 +83,26 @@ def test_int8_net_reads_the_new_keys_and_defaults_without_them(net_and_inputs):
     cfg = {"calib_images": 16, "calib_mode": "naive", "int8_keep_fp32": [], "seed": 0}
     _, about = Q.int8_net(net, reader, train_idx, matrices, cfg)
     assert about["int8_granularity"] == Q.OPTION_DEFAULTS["int8_granularity"]
-    assert about["int8_dtype"] == Q.OPTION_DEFAULTS["int8_dtype"]
-    cfg.update(int8_granularity="channel-wise", int8_dtype="int8")
+    cfg.update(int8_granularity="channel-wise", int8_keep_fp32=list(Q.DEFAULT_KEEP_FP32))
     qnet, about = Q.int8_net(net, reader, train_idx, matrices, cfg)
-    assert about["int8_granularity"] == "channel-wise" and about["int8_dtype"] == "int8"
-    assert any(n.get("attrs", {}).get("channel_wise_quantize") == "True"
-               for n in graph_nodes(qnet))
+    assert about["int8_granularity"] == "channel-wise" and about["keep_fp32"] == ["first_conv"]
+    nodes = graph_nodes(qnet)
+    assert any(n.get("attrs", {}).get("channel_wise_quantize") == "True" for n in nodes)
+    convs = [n for n in nodes if n["op"] == "_sg_mkldnn_conv"]
+    assert "quantized" not in convs[0].get("attrs", {})  # the first conv stays fp32
+    assert all(n["attrs"]["quantized"] == "true" for n in convs[1:])
 
 
-@pytest.mark.parametrize("key,value", [("int8_granularity", "per-channel"),
-                                       ("int8_dtype", "int4"), ("calib_mode", "kl")])
-def test_invalid_int8_settings_name_their_key(net_and_inputs, key, value):
+@pytest.mark.parametrize("key,value,message", [
+    ("int8_granularity", "per-channel", "tta.int8_granularity must be one of"),
+    ("calib_mode", "kl", "tta.calib_mode must be one of"),
+    ("int8_keep_fp32", "first_conv", "tta.int8_keep_fp32 must be a list"),
+    ("int8_keep_fp32", ["conv0"], "tta.int8_keep_fp32 takes")])
+def test_invalid_int8_settings_name_their_key(net_and_inputs, key, value, message):
     net, _, (reader, train_idx, matrices) = net_and_inputs
     cfg = {"calib_images": 8, "calib_mode": "naive", "int8_keep_fp32": [], "seed": 0,
            key: value}
-    with pytest.raises(Q.QuantizeError, match=f"tta.{key} must be one of"):
+    with pytest.raises(Q.QuantizeError, match=message):
         Q.int8_net(net, reader, train_idx, matrices, cfg)
+    with pytest.raises(Q.QuantizeError, match="quantized dtype"):
+        Q.quantize(net, np.zeros((2, 1, 32, 32), np.float32), dtype="int4")

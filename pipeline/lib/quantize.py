@@ -13,9 +13,14 @@ inputs decide the INT8 scales. Two choices keep it honest and representative:
 * each calibration image is warped by one of the *TTA transforms predict uses*, so the
   activation ranges are those of the views the INT8 net will actually see.
 
-``keep_fp32`` names layers left in fp32 (``first_conv``, ``classifier``): the first conv sees
-the raw pixels and the classifier produces the logits, the two places where quantization
-error is often said to cost most; whether it does here is measured in BENCHMARKS.md.
+``keep_fp32`` names layers left in fp32 (``first_conv``, ``classifier``). The first conv is
+where INT8 loses most here (BENCHMARKS.md, "INT8: where the loss comes from"): it has one input
+channel, so each output sums few products and its int8-rounded weights are not averaged out as
+in the wide layers after it; it is also among the cheapest layers, so keeping it in fp32
+(:data:`DEFAULT_KEEP_FP32`) costs little speed. The classifier makes no measurable difference.
+
+``granularity`` (``tta.int8_granularity``) sets the classifier's weight scales per tensor or per
+output unit; the convolutions always get per-channel weight scales from oneDNN.
 """
 from __future__ import annotations
 
@@ -32,12 +37,13 @@ from pipeline.lib.errors import PipelineError
 CALIB_MODES = ("naive", "entropy", "percentile")
 PERCENTILE = 99.99        # percentile calibration: share of each layer's values kept in range
 KEEP_FP32 = ("first_conv", "classifier")
+DEFAULT_KEEP_FP32 = ("first_conv",)  # proposed default of tta.int8_keep_fp32 (see above)
 # Weight scales of the quantized classifier (FullyConnected): one per tensor or one per output
 # unit. oneDNN's fused convolutions always use one scale per output channel once calibrated
 # (``weight_channelwise_scale``), whatever this says; only FullyConnected layers follow it.
 GRANULARITIES = ("tensor-wise", "channel-wise")
-# Integer type of the quantized activations: ``auto`` picks uint8 for a calibrated range
-# without negatives (the input) and int8 otherwise (leaky / RReLU outputs are signed).
+# Integer type of the quantize nodes MXNet inserts: ``auto`` picks uint8 for a calibrated
+# range without negatives (the input) and int8 otherwise. A bench_int8 study, not a setting.
 QUANTIZED_DTYPES = ("auto", "int8", "uint8")
 CALIB_BATCH = 64          # calibration forward batch: bounds memory, any size gives same ranges
 
@@ -138,14 +144,14 @@ def quantized_layers(net) -> list[str]:
     return [n["name"] for n in nodes if n["op"] in ("Convolution", "FullyConnected")]
 
 
-def check_options(mode: str, granularity: str, dtype: str) -> None:
-    """:class:`QuantizeError` naming the ``tta`` key of an unknown calibration mode,
-    weight-scale granularity or activation type."""
-    for key, value, valid in (("calib_mode", mode, CALIB_MODES),
-                              ("int8_granularity", granularity, GRANULARITIES),
-                              ("int8_dtype", dtype, QUANTIZED_DTYPES)):
+def check_options(mode: str, granularity: str, dtype: str = "auto") -> None:
+    """:class:`QuantizeError` naming the ``tta`` key of an unknown calibration mode or
+    weight-scale granularity (or an unknown activation type, an argument only)."""
+    for key, value, valid in (("tta.calib_mode", mode, CALIB_MODES),
+                              ("tta.int8_granularity", granularity, GRANULARITIES),
+                              ("quantized dtype", dtype, QUANTIZED_DTYPES)):
         if value not in valid:
-            raise QuantizeError(f"tta.{key} must be one of {valid}, got {value!r}")
+            raise QuantizeError(f"{key} must be one of {valid}, got {value!r}")
 
 
 def quantize(net, calib: np.ndarray, mode: str = "naive", keep_fp32: Sequence[str] = (),
@@ -154,7 +160,9 @@ def quantize(net, calib: np.ndarray, mode: str = "naive", keep_fp32: Sequence[st
     """INT8 ``SymbolBlock`` of the hybridized fp32 ``net`` (CPU/oneDNN), calibrated on
     ``calib`` (N, C, H, W model inputs), hybridized for repeated inference.
 
-    ``granularity`` and ``dtype`` are :data:`GRANULARITIES` and :data:`QUANTIZED_DTYPES`;
+    ``granularity`` and ``dtype`` are :data:`GRANULARITIES` and :data:`QUANTIZED_DTYPES`
+    (``dtype`` only changes how the input and the inputs of quantized layers after fp32 ones
+    are quantized: the fused conv + leaky outputs are signed, hence int8, whatever it says);
     ``exclude`` names further layers (:func:`quantized_layers`) to leave in fp32, for the
     per-layer studies of ``pipeline.tools.bench_int8``.
     """
@@ -181,8 +189,8 @@ def quantize(net, calib: np.ndarray, mode: str = "naive", keep_fp32: Sequence[st
     return qnet
 
 
-# Defaults of the INT8 keys predict's cfg may lack (``tta.int8_granularity``, ``tta.int8_dtype``).
-OPTION_DEFAULTS: dict[str, Any] = {"int8_granularity": "tensor-wise", "int8_dtype": "auto"}
+# Default of the INT8 key predict's cfg may lack (``tta.int8_granularity``).
+OPTION_DEFAULTS: dict[str, Any] = {"int8_granularity": "tensor-wise"}
 
 
 def int8_net(net, reader, train_idx: Sequence[int], matrices: np.ndarray,
@@ -191,15 +199,18 @@ def int8_net(net, reader, train_idx: Sequence[int], matrices: np.ndarray,
     ``cfg['calib_images']`` TTA views of the training records ``train_idx``.
 
     Reads ``calib_images``, ``calib_mode``, ``int8_keep_fp32`` and ``seed`` from ``cfg``, and
-    ``int8_granularity`` / ``int8_dtype`` when present (:data:`OPTION_DEFAULTS` otherwise).
+    ``int8_granularity`` when present (:data:`OPTION_DEFAULTS` otherwise).
     """
-    opts = {key: cfg.get(key, value) for key, value in OPTION_DEFAULTS.items()}
-    check_options(cfg["calib_mode"], opts["int8_granularity"], opts["int8_dtype"])
+    granularity = cfg.get("int8_granularity", OPTION_DEFAULTS["int8_granularity"])
+    keep_fp32 = cfg["int8_keep_fp32"]
+    if not isinstance(keep_fp32, (list, tuple)):
+        raise QuantizeError(f"tta.int8_keep_fp32 must be a list (e.g. [first_conv]), "
+                            f"got {keep_fp32!r}")
+    check_options(cfg["calib_mode"], granularity)
     records, transforms = calibration_plan(train_idx, cfg["calib_images"], len(matrices),
                                            cfg["seed"])
     calib = calibration_inputs(reader, records, transforms, matrices)
-    qnet = quantize(net, calib, cfg["calib_mode"], cfg["int8_keep_fp32"],
-                    opts["int8_granularity"], opts["int8_dtype"])
+    qnet = quantize(net, calib, cfg["calib_mode"], keep_fp32, granularity)
     return qnet, {"calib_views": len(calib), "calib_records": int(len(np.unique(records))),
-                  "calib_mode": cfg["calib_mode"], "keep_fp32": list(cfg["int8_keep_fp32"]),
-                  **opts}
+                  "calib_mode": cfg["calib_mode"], "keep_fp32": list(keep_fp32),
+                  "int8_granularity": granularity}

@@ -41,7 +41,7 @@ from pipeline.lib.runs import run_name
 # Every variant is the reference's settings with some of them replaced.
 REFERENCE: dict[str, Any] = {"calib_images": 256, "calib_mode": "naive", "calib_seed": 0,
                              "int8_keep_fp32": [], "int8_granularity": "tensor-wise",
-                             "int8_dtype": "auto", "exclude": [], "only": None}
+                             "quantized_dtype": "auto", "exclude": [], "only": None}
 VARIANTS: dict[str, dict[str, Any]] = {
     "naive256": {},
     "calib64": {"calib_images": 64},
@@ -52,8 +52,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "entropy": {"calib_mode": "entropy"},
     "percentile": {"calib_mode": "percentile"},
     "channel": {"int8_granularity": "channel-wise"},
-    "dtype_int8": {"int8_dtype": "int8"},
-    "dtype_uint8": {"int8_dtype": "uint8"},
+    "dtype_int8": {"quantized_dtype": "int8"},
+    "dtype_uint8": {"quantized_dtype": "uint8"},
     "keep_first": {"int8_keep_fp32": ["first_conv"]},
     "keep_cls": {"int8_keep_fp32": ["classifier"]},
     "keep_both": {"int8_keep_fp32": ["first_conv", "classifier"]},
@@ -148,7 +148,7 @@ class Model:
             exclude += [name for name in layers if name != v["only"]]
         return Q.quantize(self.net, self.calibration(v["calib_images"], v["calib_seed"]),
                           v["calib_mode"], v["int8_keep_fp32"], v["int8_granularity"],
-                          v["int8_dtype"], exclude)
+                          v["quantized_dtype"], exclude)
 
 
 def short(layer: str) -> str:
