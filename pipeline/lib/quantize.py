@@ -3,9 +3,12 @@
 INT8 (``mxnet.contrib.quantization.quantize_net_v2``) is the largest inference speed-up
 of this pipeline (BENCHMARKS.md), at some cost in log loss, so predict uses it
 only behind ``tta.int8``. Calibration (``naive``: per-tensor min/max; ``entropy``: KL-optimal
-thresholds; ``percentile``: min/max clipped at the 0.01 % tails, :class:`PercentileCollector`)
+thresholds; ``percentile``: min/max clipped at the 0.01 % tails, :class:`PercentileCollector`;
+``mean``: per-batch min/max averaged over the batches, :class:`MeanRangeCollector`)
 records the range of every quantized layer's output on sample inputs, and those
-inputs decide the INT8 scales. Two choices keep it honest and representative:
+inputs decide the INT8 scales. ``naive``'s extremes depend on which views are drawn (and widen
+with more views), which moves the log loss from draw to draw; ``mean`` is steadier
+(:data:`DEFAULT_CALIB_MODE`). Two choices keep it honest and representative:
 
 * the calibration images are training records of the fold's *training part*
   (:func:`calibration_plan` takes those indices only), never its validation images: scales
@@ -38,6 +41,7 @@ CALIB_MODES = ("naive", "entropy", "percentile", "mean")
 PERCENTILE = 99.99        # percentile calibration: share of each layer's values kept in range
 KEEP_FP32 = ("first_conv", "classifier")
 DEFAULT_KEEP_FP32 = ("first_conv",)  # proposed default of tta.int8_keep_fp32 (see above)
+DEFAULT_CALIB_MODE = "mean"           # proposed default of tta.calib_mode (see above)
 # Weight scales of the quantized classifier (FullyConnected): one per tensor or one per output
 # unit. oneDNN's fused convolutions always use one scale per output channel once calibrated
 # (``weight_channelwise_scale``), whatever this says; only FullyConnected layers follow it.

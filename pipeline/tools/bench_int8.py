@@ -14,11 +14,12 @@ its delta isolates one cause:
 
 * calibration size (``calib64``, ``calib1024``, ``calib_all``: each training record once) and
   calibration draw (``cseed1``, ``cseed2``: other records and warps, same size);
-* calibration mode (``entropy``, ``percentile``);
+* calibration mode (``entropy``, ``percentile``, ``mean``);
 * per-channel classifier weight scales (``channel``);
 * activation types (``dtype_int8``, ``dtype_uint8``);
 * layers kept in fp32 (``keep_first``, ``keep_cls``, ``keep_both``); ``--layers`` adds, per
-  Convolution/FullyConnected layer L, ``-L`` (all but L quantized) and ``+L`` (only L).
+  Convolution/FullyConnected layer L, ``-L`` (all but L quantized) and ``+L`` (only L);
+* ``proposed``: the defaults :mod:`pipeline.lib.quantize` proposes for predict.
 
 One table: model, variant, n, log loss, delta to fp32, views/s (fp32 and its variants run back
 to back in one process, so their speeds compare). ``--flips K`` lists, per variant, the K
@@ -51,17 +52,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cseed2": {"calib_seed": 2},
     "entropy": {"calib_mode": "entropy"},
     "percentile": {"calib_mode": "percentile"},
+    "mean": {"calib_mode": "mean"},
     "channel": {"int8_granularity": "channel-wise"},
     "dtype_int8": {"quantized_dtype": "int8"},
     "dtype_uint8": {"quantized_dtype": "uint8"},
     "keep_first": {"int8_keep_fp32": ["first_conv"]},
     "keep_cls": {"int8_keep_fp32": ["classifier"]},
     "keep_both": {"int8_keep_fp32": ["first_conv", "classifier"]},
+    # the proposed defaults (pipeline.lib.quantize.DEFAULT_CALIB_MODE / DEFAULT_KEEP_FP32)
+    "proposed": {"calib_mode": Q.DEFAULT_CALIB_MODE, "int8_keep_fp32": list(Q.DEFAULT_KEEP_FP32)},
 }
 WARM_IMAGES = 8  # untimed images before a timed pass: the static graph is built for them
 DEFAULT_VARIANTS = ("naive256", "calib64", "calib1024", "calib_all", "cseed1", "cseed2",
-                    "entropy", "percentile", "channel", "dtype_int8", "dtype_uint8",
-                    "keep_first", "keep_cls", "keep_both")
+                    "entropy", "percentile", "mean", "channel", "dtype_int8", "dtype_uint8",
+                    "keep_first", "keep_cls", "keep_both", "proposed")
 
 
 def parse_variant(name: str) -> dict[str, Any]:
