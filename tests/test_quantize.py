@@ -106,3 +106,18 @@ def test_invalid_int8_settings_name_their_key(net_and_inputs, key, value, messag
         Q.int8_net(net, reader, train_idx, matrices, cfg)
     with pytest.raises(Q.QuantizeError, match="quantized dtype"):
         Q.quantize(net, np.zeros((2, 1, 32, 32), np.float32), dtype="int4")
+
+
+def test_mean_calibration_averages_batch_ranges_inside_naive_ones(net_and_inputs, monkeypatch):
+    net, calib, _ = net_and_inputs
+    monkeypatch.setattr(Q, "CALIB_BATCH", 8)  # 24 views: three batches to average over
+
+    def ranges(mode: str) -> dict[str, float]:
+        nodes = graph_nodes(Q.quantize(net, calib, mode=mode))
+        return {n["name"]: float(n["attrs"]["max_calib_range"]) for n in nodes
+                if "max_calib_range" in n.get("attrs", {})}
+
+    naive, mean = ranges("naive"), ranges("mean")
+    assert naive.keys() == mean.keys() and naive
+    assert all(mean[k] <= naive[k] + 1e-6 for k in naive)
+    assert any(mean[k] < naive[k] - 1e-6 for k in naive)
