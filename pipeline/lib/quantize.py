@@ -17,10 +17,11 @@ with more views), which moves the log loss from draw to draw; ``mean`` is steadi
   activation ranges are those of the views the INT8 net will actually see.
 
 ``keep_fp32`` names layers left in fp32 (``first_conv``, ``classifier``). The first conv is
-where INT8 loses most here (BENCHMARKS.md, "INT8: where the loss comes from"): it has one input
-channel, so each output sums few products and its int8-rounded weights are not averaged out as
-in the wide layers after it; it is also among the cheapest layers, so keeping it in fp32
-(:data:`DEFAULT_KEEP_FP32`) costs little speed. The classifier makes no measurable difference.
+where INT8 loses most here (BENCHMARKS.md, "INT8: where the loss comes from"), most likely
+because it has one input channel: each output sums few int8-rounded products, whose rounding
+does not average out as in the wide layers after it. It is also among the cheapest layers, so
+keeping it in fp32 (:data:`DEFAULT_KEEP_FP32`) costs little speed. Keeping the classifier in
+fp32 makes no measurable difference.
 
 ``granularity`` (``tta.int8_granularity``) sets the classifier's weight scales per tensor or per
 output unit; the convolutions always get per-channel weight scales from oneDNN.

@@ -164,7 +164,7 @@ def short(layer: str) -> str:
 def run(model: Model, variants: Sequence[str], views: Sequence[int], layers: bool,
         flips: int) -> list[dict[str, Any]]:
     """Rows (model, variant, n, log loss, delta, views/s) for one model; prints flips."""
-    from pipeline.lib.metrics import ndsb_log_loss, sample_losses
+    from pipeline.lib.metrics import ndsb_log_loss
 
     rows: list[dict[str, Any]] = []
     fp32 = {n: model.predict(model.net, n, warm=n == max(views)) for n in views}
@@ -194,18 +194,26 @@ def run(model: Model, variants: Sequence[str], views: Sequence[int], layers: boo
             rows.append(dict(model=model.name, variant=name, n=n, logloss=loss,
                              delta=loss - ref[n], views_s=speed, quantize_s=seconds))
             if flips and n == max(views):
-                before = sample_losses(model.y, fp32[n][0])
-                after = sample_losses(model.y, probs)
-                change = after - before
-                worst = np.argsort(-np.abs(change))[:flips]
-                share = change[worst].sum() / max(abs(change.sum()), 1e-12)
-                print(f"  flips {model.name} {name} n={n}: total Δ {change.mean():+.4f}; "
-                      f"top {flips} images carry {share:.0%} of the summed change")
-                for i in worst:
-                    print(f"    {model.names[i]:<28} label {model.y[i]} p(true) "
-                          f"{np.exp(-before[i]):.3f} -> {np.exp(-after[i]):.3f}  "
-                          f"loss {before[i]:.3f} -> {after[i]:.3f}  Δ/N {change[i] / len(change):+.4f}")
+                print_flips(model, name, n, fp32[n][0], probs, flips)
     return rows
+
+
+def print_flips(model: Model, variant: str, n: int, fp32: np.ndarray, int8: np.ndarray,
+                k: int) -> None:
+    """The k validation images whose loss the INT8 ``variant`` changed most, and their share
+    of the total change: is the loss a few confident images flipping, or spread out?"""
+    from pipeline.lib.metrics import sample_losses
+
+    before, after = sample_losses(model.y, fp32), sample_losses(model.y, int8)
+    change = after - before
+    worst = np.argsort(-np.abs(change))[:k]
+    share = change[worst].sum() / max(abs(change.sum()), 1e-12)
+    print(f"  flips {model.name} {variant} n={n}: total Δ {change.mean():+.4f}; "
+          f"top {k} images carry {share:.0%} of the summed change")
+    for i in worst:
+        print(f"    {model.names[i]:<28} label {model.y[i]} p(true) "
+              f"{np.exp(-before[i]):.3f} -> {np.exp(-after[i]):.3f}  "
+              f"loss {before[i]:.3f} -> {after[i]:.3f}  Δ/N {change[i] / len(change):+.4f}")
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
