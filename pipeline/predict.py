@@ -69,8 +69,9 @@ DEFAULTS: dict[str, Any] = {
     "int8_tolerance": 0.01,  # auto: largest validation log-loss increase INT8 may cost
     "int8_guard_views": 10,  # auto: views of the validation images the guard compares on
     "calib_images": 256,     # INT8 calibration views, from the fold's training records
-    "calib_mode": "naive",   # naive | entropy | percentile (pipeline.lib.quantize.CALIB_MODES)
-    "int8_keep_fp32": [],    # layers left in fp32 (pipeline.lib.quantize.KEEP_FP32)
+    "calib_mode": "mean",    # naive | entropy | percentile | mean (quantize.CALIB_MODES)
+    "int8_keep_fp32": ["first_conv"],  # layers left in fp32 (pipeline.lib.quantize.KEEP_FP32)
+    "int8_granularity": "tensor-wise",  # classifier weight scales (quantize.GRANULARITIES)
     "chunk_images": 256,     # images per resumable chunk (rounded up to whole batches)
     "work": "predictions/work",  # chunk store of runs in progress (pipeline.lib.chunks)
     "checkpoints": "checkpoints",

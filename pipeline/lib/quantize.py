@@ -3,9 +3,12 @@
 INT8 (``mxnet.contrib.quantization.quantize_net_v2``) is the largest inference speed-up
 of this pipeline (BENCHMARKS.md), at some cost in log loss, so predict uses it
 only behind ``tta.int8``. Calibration (``naive``: per-tensor min/max; ``entropy``: KL-optimal
-thresholds; ``percentile``: min/max clipped at the 0.01 % tails, :class:`PercentileCollector`)
+thresholds; ``percentile``: min/max clipped at the 0.01 % tails, :class:`PercentileCollector`;
+``mean``: per-batch min/max averaged over the batches, :class:`MeanRangeCollector`)
 records the range of every quantized layer's output on sample inputs, and those
-inputs decide the INT8 scales. Two choices keep it honest and representative:
+inputs decide the INT8 scales. ``naive``'s extremes depend on which views are drawn (and widen
+with more views), which moves the log loss from draw to draw; ``mean`` is steadier
+(:data:`DEFAULT_CALIB_MODE`). Two choices keep it honest and representative:
 
 * the calibration images are training records of the fold's *training part*
   (:func:`calibration_plan` takes those indices only), never its validation images: scales
@@ -13,9 +16,15 @@ inputs decide the INT8 scales. Two choices keep it honest and representative:
 * each calibration image is warped by one of the *TTA transforms predict uses*, so the
   activation ranges are those of the views the INT8 net will actually see.
 
-``keep_fp32`` names layers left in fp32 (``first_conv``, ``classifier``): the first conv sees
-the raw pixels and the classifier produces the logits, the two places where quantization
-error is often said to cost most; whether it does here is measured in BENCHMARKS.md.
+``keep_fp32`` names layers left in fp32 (``first_conv``, ``classifier``). The first conv is
+where INT8 loses most here (BENCHMARKS.md, "INT8: where the loss comes from"), most likely
+because it has one input channel: each output sums few int8-rounded products, whose rounding
+does not average out as in the wide layers after it. It is also among the cheapest layers, so
+keeping it in fp32 (:data:`DEFAULT_KEEP_FP32`) costs little speed. Keeping the classifier in
+fp32 makes no measurable difference.
+
+``granularity`` (``tta.int8_granularity``) sets the classifier's weight scales per tensor or per
+output unit; the convolutions always get per-channel weight scales from oneDNN.
 """
 from __future__ import annotations
 
@@ -29,9 +38,18 @@ import numpy as np
 
 from pipeline.lib.errors import PipelineError
 
-CALIB_MODES = ("naive", "entropy", "percentile")
+CALIB_MODES = ("naive", "entropy", "percentile", "mean")
 PERCENTILE = 99.99        # percentile calibration: share of each layer's values kept in range
 KEEP_FP32 = ("first_conv", "classifier")
+DEFAULT_KEEP_FP32 = ("first_conv",)  # proposed default of tta.int8_keep_fp32 (see above)
+DEFAULT_CALIB_MODE = "mean"           # proposed default of tta.calib_mode (see above)
+# Weight scales of the quantized classifier (FullyConnected): one per tensor or one per output
+# unit. oneDNN's fused convolutions always use one scale per output channel once calibrated
+# (``weight_channelwise_scale``), whatever this says; only FullyConnected layers follow it.
+GRANULARITIES = ("tensor-wise", "channel-wise")
+# Integer type of the quantize nodes MXNet inserts: ``auto`` picks uint8 for a calibrated
+# range without negatives (the input) and int8 otherwise. A bench_int8 study, not a setting.
+QUANTIZED_DTYPES = ("auto", "int8", "uint8")
 CALIB_BATCH = 64          # calibration forward batch: bounds memory, any size gives same ranges
 
 
@@ -122,15 +140,71 @@ class PercentileCollector:
         return self.ranges
 
 
-def quantize(net, calib: np.ndarray, mode: str = "naive", keep_fp32: Sequence[str] = ()):
+class MeanRangeCollector(PercentileCollector):
+    """Calibration that averages each layer's per-batch min and max over the batches.
+
+    ``naive`` keeps the extreme min/max over all views, a statistic that only grows with the
+    number of calibration views and varies with which views are drawn; the mean of the
+    per-batch extremes (batches of ``CALIB_BATCH`` views) is steadier and a little narrower,
+    and values beyond it saturate.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(percentile=100.0)
+        self.sums: dict[str, list[float]] = {}
+
+    def collect(self, name, arr) -> None:
+        import ctypes
+
+        from mxnet.base import NDArrayHandle, py_str
+        from mxnet.ndarray import NDArray
+
+        name = py_str(name)
+        values = NDArray(ctypes.cast(arr, NDArrayHandle), writable=False).asnumpy()
+        if values.size == 0 or not np.issubdtype(values.dtype, np.floating):
+            return
+        lo, hi = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+        acc = self.sums.setdefault(name, [0.0, 0.0, 0])
+        acc[0], acc[1], acc[2] = acc[0] + lo, acc[1] + hi, acc[2] + 1
+        self.ranges[name] = (acc[0] / acc[2], acc[1] / acc[2])
+
+
+def quantized_layers(net) -> list[str]:
+    """Graph node names of the layers INT8 quantizes (Convolution and FullyConnected), in
+    graph order: the names ``quantize(exclude=...)`` takes."""
+    import mxnet as mx
+
+    nodes = json.loads(net(mx.sym.var("data")).tojson())["nodes"]
+    return [n["name"] for n in nodes if n["op"] in ("Convolution", "FullyConnected")]
+
+
+def check_options(mode: str, granularity: str, dtype: str = "auto") -> None:
+    """:class:`QuantizeError` naming the ``tta`` key of an unknown calibration mode or
+    weight-scale granularity (or an unknown activation type, an argument only)."""
+    for key, value, valid in (("tta.calib_mode", mode, CALIB_MODES),
+                              ("tta.int8_granularity", granularity, GRANULARITIES),
+                              ("quantized dtype", dtype, QUANTIZED_DTYPES)):
+        if value not in valid:
+            raise QuantizeError(f"{key} must be one of {valid}, got {value!r}")
+
+
+def quantize(net, calib: np.ndarray, mode: str = "naive", keep_fp32: Sequence[str] = (),
+             granularity: str = "tensor-wise", dtype: str = "auto",
+             exclude: Sequence[str] = ()):
     """INT8 ``SymbolBlock`` of the hybridized fp32 ``net`` (CPU/oneDNN), calibrated on
-    ``calib`` (N, C, H, W model inputs), hybridized for repeated inference."""
+    ``calib`` (N, C, H, W model inputs), hybridized for repeated inference.
+
+    ``granularity`` and ``dtype`` are :data:`GRANULARITIES` and :data:`QUANTIZED_DTYPES`
+    (``dtype`` only changes how the input and the inputs of quantized layers after fp32 ones
+    are quantized: the fused conv + leaky outputs are signed, hence int8, whatever it says);
+    ``exclude`` names further layers (:func:`quantized_layers`) to leave in fp32, for the
+    per-layer studies of ``pipeline.tools.bench_int8``.
+    """
     import mxnet as mx
     from mxnet.contrib.quantization import quantize_net_v2
 
-    if mode not in CALIB_MODES:
-        raise QuantizeError(f"tta.calib_mode must be one of {CALIB_MODES}, got {mode!r}")
-    excluded = layer_names(net, keep_fp32)
+    check_options(mode, granularity, dtype)
+    excluded = layer_names(net, keep_fp32) + [name for name in exclude]
     # A padded last batch repeats early views: min/max ranges are unchanged by that.
     calib_iter = mx.io.NDArrayIter(data=calib, batch_size=min(CALIB_BATCH, len(calib)),
                                    last_batch_handle="pad")
@@ -138,8 +212,10 @@ def quantize(net, calib: np.ndarray, mode: str = "naive", keep_fp32: Sequence[st
     # Its SymbolBlock warns that the input's dtype is unknown: it is float32, set on first call.
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Cannot decide type")
-        collector = PercentileCollector() if mode == "percentile" else None
-        qnet = quantize_net_v2(net, quantized_dtype="auto", quantize_mode="full",
+        collector = {"percentile": PercentileCollector, "mean": MeanRangeCollector}.get(mode)
+        collector = collector() if collector else None
+        qnet = quantize_net_v2(net, quantized_dtype=dtype, quantize_mode="full",
+                               quantize_granularity=granularity,
                                exclude_layers=excluded, calib_data=calib_iter,
                                calib_mode="customize" if collector else mode,
                                LayerOutputCollector=collector,
@@ -148,13 +224,28 @@ def quantize(net, calib: np.ndarray, mode: str = "naive", keep_fp32: Sequence[st
     return qnet
 
 
+# Default of the INT8 key predict's cfg may lack (``tta.int8_granularity``).
+OPTION_DEFAULTS: dict[str, Any] = {"int8_granularity": "tensor-wise"}
+
+
 def int8_net(net, reader, train_idx: Sequence[int], matrices: np.ndarray,
              cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(INT8 net, calibration summary for the metrics) of ``net``, calibrated on
-    ``cfg['calib_images']`` TTA views of the training records ``train_idx``."""
+    ``cfg['calib_images']`` TTA views of the training records ``train_idx``.
+
+    Reads ``calib_images``, ``calib_mode``, ``int8_keep_fp32`` and ``seed`` from ``cfg``, and
+    ``int8_granularity`` when present (:data:`OPTION_DEFAULTS` otherwise).
+    """
+    granularity = cfg.get("int8_granularity", OPTION_DEFAULTS["int8_granularity"])
+    keep_fp32 = cfg["int8_keep_fp32"]
+    if not isinstance(keep_fp32, (list, tuple)):
+        raise QuantizeError(f"tta.int8_keep_fp32 must be a list (e.g. [first_conv]), "
+                            f"got {keep_fp32!r}")
+    check_options(cfg["calib_mode"], granularity)
     records, transforms = calibration_plan(train_idx, cfg["calib_images"], len(matrices),
                                            cfg["seed"])
     calib = calibration_inputs(reader, records, transforms, matrices)
-    qnet = quantize(net, calib, cfg["calib_mode"], cfg["int8_keep_fp32"])
+    qnet = quantize(net, calib, cfg["calib_mode"], keep_fp32, granularity)
     return qnet, {"calib_views": len(calib), "calib_records": int(len(np.unique(records))),
-                  "calib_mode": cfg["calib_mode"], "keep_fp32": list(cfg["int8_keep_fp32"])}
+                  "calib_mode": cfg["calib_mode"], "keep_fp32": list(keep_fp32),
+                  "int8_granularity": granularity}
