@@ -11,11 +11,12 @@ line when run back to back. ``--what`` adds further lines (``--what all`` = ever
   does; a fixed random batch, so the data path is not measured here.
 * ``infer``  forward only of the net as :mod:`pipeline.predict` runs it (RReLU's deterministic
   graph, hybridized, in ``--infer-precision``: predict's default ``auto``).
-* ``int8``   inference variants that are NOT wired into predict: the RReLU net switched to its
-  deterministic inference graph (:func:`nets.activations.set_deterministic`), that graph fused
-  by oneDNN (``optimize_for(backend='MKLDNN')``), and INT8 quantized
-  (``quantize_net_v2``, naive calibration on synthetic training records); speed ratios and the
-  logit error against fp32.
+* ``int8``   inference variants: the RReLU net switched to its deterministic inference graph
+  (:func:`nets.activations.set_deterministic`), that graph fused by oneDNN
+  (``optimize_for(backend='MKLDNN')``, not used by predict), and INT8 quantized as predict's
+  default ``tta.int8`` path does (``quantize_net_v2`` with the default calibration mode and
+  layers kept in fp32, calibrated on synthetic training records); speed ratios and the logit
+  error against fp32.
 * ``tta``    100-fold TTA through :func:`pipeline.lib.tta.predict_batches` (warps + net +
   averaging), in views/s, for every inference variant built in this run.
 * ``data``   record decode + training augmentation (:class:`pipeline.lib.data.BatchLoader` with
@@ -397,9 +398,10 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
         fused = fused_net(args.net, args.act, args.bn, plain, args.batch, args.size, workdir)
         fused_rate = infer_rate(fused, args.batch, args.size, args.seconds)
         calib = calibration_images(records, args.calib_images)
-        from pipeline.lib.quantize import quantize
+        from pipeline.lib.quantize import DEFAULT_CALIB_MODE, DEFAULT_KEEP_FP32, quantize
 
-        quantized = quantize(det, calib)  # exactly what predict runs with tta.int8
+        # predict's default INT8 net (tta.calib_mode, tta.int8_keep_fp32 defaults)
+        quantized = quantize(det, calib, DEFAULT_CALIB_MODE, DEFAULT_KEEP_FP32)
         quantized.hybridize(static_alloc=True, static_shape=True)
         int8_rate = infer_rate(quantized, args.batch, args.size, args.seconds)
         variants.update(fused=fused, int8=quantized)
@@ -410,7 +412,8 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
             bf16 = hybridize(inference_copy(plain, args, "bfloat16", workdir), "static")
             bf16_rate = infer_rate(bf16, args.batch, args.size, args.seconds)
             variants["bfloat16"] = bf16
-        yield {"what": "int8", **common, "calib_mode": "naive", "calib_images": len(calib),
+        yield {"what": "int8", **common, "calib_mode": DEFAULT_CALIB_MODE,
+               "keep_fp32": list(DEFAULT_KEEP_FP32), "calib_images": len(calib),
                "infer_img_s": round(results["infer32"], 2),
                "deterministic_img_s": round(det_rate, 2),
                "fused_img_s": round(fused_rate, 2), "int8_img_s": round(int8_rate, 2),
