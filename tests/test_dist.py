@@ -189,10 +189,14 @@ def test_cli_interrupt_tears_everything_down(tmp_path, sig):
     proc = subprocess.Popen([PY, "-m", "pipeline.tools.launch", "--workers", "2", "--servers", "1",
                              "--", PY, "-c", _script(pids, "time.sleep(120)")],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while len(_pids(pids)) < 4 and time.monotonic() < deadline:  # 2 workers + grandchildren
+    # Signal only once every process is up (2 workers + grandchildren): on a loaded machine
+    # the scheduler and server (MXNet imports) can take longer than the teardown's timeout.
+    deadline = time.monotonic() + 180
+    while len(_pids(pids)) < 4 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read().decode()
         time.sleep(0.1)
     workers = _pids(pids)
+    assert len(workers) == 4, "the launcher did not start every process within 180 s"
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 130, out.decode()
