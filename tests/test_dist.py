@@ -54,7 +54,8 @@ def _script(folder: Path, body: str) -> str:
     """Python code that records its pid in ``folder``, starts a grandchild that records its
     pid and sleeps (teardown must reach whole process groups), then runs ``body``."""
     mark = ("import os, subprocess, sys, time\n"
-            f"open(os.path.join({str(folder)!r}, str(os.getpid())), 'w').close()\n")
+            f"PIDS = {str(folder)!r}\n"
+            "open(os.path.join(PIDS, str(os.getpid())), 'w').close()\n")
     child = mark + "print('ready', flush=True)\ntime.sleep(120)\n"
     return (mark + f"c = subprocess.Popen([sys.executable, '-c', {child!r}], "
             "stdout=subprocess.PIPE)\nc.stdout.readline()\n" + body + "\n")
@@ -167,8 +168,17 @@ def test_success_streams_prefixed_output_and_stops_lingering_servers(tmp_path):
     assert not _survivors(pids)
 
 
+def _all_up(count: int) -> str:
+    """Body code that waits (up to 60 s) until ``count`` processes recorded their pid: a
+    failure before the others have started would make the pid count racy on a loaded box."""
+    return ("deadline = time.time() + 60\n"
+            f"while len(os.listdir(PIDS)) < {count} and time.time() < deadline:\n"
+            "    time.sleep(0.05)\n")
+
+
 def test_failing_worker_stops_everything_and_its_code_is_returned(tmp_path):
-    body = ("sys.exit(3) if os.environ['DMLC_WORKER_ID'] == '1' else time.sleep(120)")
+    body = (_all_up(8) + "sys.exit(3) if os.environ['DMLC_WORKER_ID'] == '1' "
+            "else time.sleep(120)")
     code, out, pids, seconds = _run(tmp_path, body)
     assert code == 3 and seconds < 30
     assert "worker 1 exited with code 3" in out
