@@ -49,6 +49,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.lib import params as params_mod
+from pipeline.lib import quantize as quantize_defaults
 from pipeline.lib.errors import PipelineError, Stopped, stage_errors
 from pipeline.lib.runs import artifact_name, run_name
 from pipeline.lib.runtime import configure_threads
@@ -69,9 +70,9 @@ DEFAULTS: dict[str, Any] = {
     "int8_tolerance": 0.01,  # auto: largest validation log-loss increase INT8 may cost
     "int8_guard_views": 10,  # auto: views of the validation images the guard compares on
     "calib_images": 256,     # INT8 calibration views, from the fold's training records
-    "calib_mode": "mean",    # naive | entropy | percentile | mean (quantize.CALIB_MODES)
-    "int8_keep_fp32": ["first_conv"],  # layers left in fp32 (pipeline.lib.quantize.KEEP_FP32)
-    "int8_granularity": "tensor-wise",  # classifier weight scales (quantize.GRANULARITIES)
+    "calib_mode": quantize_defaults.DEFAULT_CALIB_MODE,  # quantize.CALIB_MODES
+    "int8_keep_fp32": list(quantize_defaults.DEFAULT_KEEP_FP32),  # quantize.KEEP_FP32
+    "int8_granularity": quantize_defaults.OPTION_DEFAULTS["int8_granularity"],
     "chunk_images": 256,     # images per resumable chunk (rounded up to whole batches)
     "work": "predictions/work",  # chunk store of runs in progress (pipeline.lib.chunks)
     "checkpoints": "checkpoints",
@@ -320,7 +321,7 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
     With ``shard=(s, K)``, K > 1, only that shard's chunks are computed and nothing else is
     written; ``merge_only`` computes nothing and fails if any chunk is missing.
     """
-    from pipeline.lib.checkpoint import load_model, run_dir
+    from pipeline.lib.checkpoint import load_spec, run_dir
     from pipeline.lib.chunks import (
         ChunkError, ChunkStore, describe_difference, missing_report, shard_chunks)
     from pipeline.lib.fsutil import read_json, write_json
@@ -331,7 +332,7 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
     check_settings(cfg)
     meta = load_meta(records)
     model_dir = run_dir(cfg["checkpoints"], net_name, fold)
-    _, spec = load_model(model_dir)
+    spec = load_spec(model_dir)  # the net is loaded only if there are chunks to compute
     name = run_name(net_name, fold)
     if spec["classes"] != meta["classes"] or spec["size"] != meta["size"]:
         raise PredictError(f"{name} was trained on other records "

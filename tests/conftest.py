@@ -48,3 +48,22 @@ def ndsb_folder(tmp_path: Path) -> Path:
     for j in range(3):
         write_png(root / "test" / f"{j + 1}.png", organism(30 + 10 * j, 50, 100 + j))
     return root
+
+
+def train_lenet(base: Path, per_class: int = 10, test: int = 7, size: int = 32,
+                max_size: int = 80) -> tuple[Path, Path]:
+    """(records, checkpoints) of a lenet trained for one epoch on a tiny synthetic 3-class
+    NDSB folder under ``base``: the trained model that predict, INT8 and TTA tests share."""
+    from pipeline import train as T
+    from pipeline.ingest import Settings, ingest
+    from pipeline.lib import params
+    from pipeline.tools.synth import generate
+
+    generate(base / "ndsb", classes=3, per_class=per_class, test=test, seed=4,
+             max_size=max_size)
+    ingest(base / "ndsb", base / "records", Settings(size=size), folds=2, workers=1)
+    cfg = params.merge("train", T.DEFAULTS, {
+        "epochs": 1, "batch_size": 8, "workers": 0, "act": "leaky", "bn": True,
+        "checkpoints": str(base / "ck"), "metrics": str(base / "m"), "plots": str(base / "p")})
+    T.train(T.Run("lenet", 0, cfg, base / "records"))
+    return base / "records", base / "ck"

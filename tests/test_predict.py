@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 
 from pipeline import predict as P
-from pipeline import train as T
-from pipeline.ingest import Settings, ingest
 from pipeline.lib import params, tta
 from pipeline.lib.predictions import load_predictions
-from pipeline.tools.synth import generate
+from tests.conftest import train_lenet
 
 NET = "lenet"
 
@@ -21,14 +19,7 @@ NET = "lenet"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(records, checkpoints) of a lenet trained for one epoch on tiny synthetic data."""
-    base = tmp_path_factory.mktemp("predict")
-    generate(base / "ndsb", classes=3, per_class=10, test=7, seed=4, max_size=80)
-    ingest(base / "ndsb", base / "records", Settings(size=32), folds=2, workers=1)
-    cfg = params.merge("train", T.DEFAULTS, {
-        "epochs": 1, "batch_size": 8, "workers": 0, "act": "leaky", "bn": True,
-        "checkpoints": str(base / "ck"), "metrics": str(base / "m"), "plots": str(base / "p")})
-    T.train(T.Run(NET, 0, cfg, base / "records"))
-    return base / "records", base / "ck"
+    return train_lenet(tmp_path_factory.mktemp("predict"))
 
 
 def cfg(tmp: Path, ck: Path, **over) -> dict:

@@ -16,9 +16,16 @@ import yaml
 from pipeline import predict as P
 from pipeline.lib import chunks as C
 from pipeline.lib.predictions import load_predictions
-from tests.test_predict import NET, cfg, trained  # noqa: F401 - trained is a fixture
+from tests.conftest import train_lenet
+from tests.test_predict import NET, cfg
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(records, checkpoints) of the lenet test_predict uses, trained for this module."""
+    return train_lenet(tmp_path_factory.mktemp("chunks"))
 
 
 def outputs(tmp: Path) -> dict[str, np.ndarray]:
@@ -27,6 +34,15 @@ def outputs(tmp: Path) -> dict[str, np.ndarray]:
         probs, names = load_predictions(tmp / "pred", split, NET, 0)
         out[split], out[split + "_names"] = probs, np.array(names)
     return out
+
+
+def predict_command(tmp: Path, records: Path, tta: dict) -> tuple[list[str], dict[str, str]]:
+    """The module command (and its environment) predicting lenet fold 0 with ``tta``."""
+    (tmp / "params.yaml").write_text(yaml.safe_dump({"tta": tta}))
+    cmd = [sys.executable, "-m", "pipeline.predict", "--net", NET, "--fold", "0",
+           "--records", str(records), "--params", str(tmp / "params.yaml"),
+           "--metrics", str(tmp / "m")]
+    return cmd, dict(os.environ, PYTHONPATH=str(ROOT))
 
 
 def assert_same(a: dict, b: dict) -> None:
@@ -178,11 +194,7 @@ def test_int8_auto_uses_int8_within_tolerance_and_falls_back_beyond(trained, tmp
 def test_kill_9_mid_tta_then_rerun_resumes_and_equals_uninterrupted(trained, tmp_path):
     records, ck = trained
     tta = cfg(tmp_path, ck, n=60, chunk_images=2, batch_size=2)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tta": tta}))
-    cmd = [sys.executable, "-m", "pipeline.predict", "--net", NET, "--fold", "0",
-           "--records", str(records), "--params", str(tmp_path / "params.yaml"),
-           "--metrics", str(tmp_path / "m")]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd, env = predict_command(tmp_path, records, tta)
     log = open(tmp_path / "first-run.log", "wb")  # a file, not a pipe: output never blocks
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -244,11 +256,7 @@ def test_a_requested_stop_saves_the_partial_chunk_and_the_rerun_completes_it(
 def test_sigterm_mid_tta_stops_gracefully_and_the_rerun_equals_uninterrupted(trained, tmp_path):
     records, ck = trained
     tta = cfg(tmp_path, ck, n=60, chunk_images=4, batch_size=2)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tta": tta}))
-    cmd = [sys.executable, "-m", "pipeline.predict", "--net", NET, "--fold", "0",
-           "--records", str(records), "--params", str(tmp_path / "params.yaml"),
-           "--metrics", str(tmp_path / "m")]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd, env = predict_command(tmp_path, records, tta)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     work = tmp_path / "work" / f"{NET}--fold0"

@@ -6,24 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import train as T
-from pipeline.ingest import Settings, ingest
-from pipeline.lib import params
 from pipeline.tools import tta_designs as D
-from pipeline.tools.synth import generate
+from tests.conftest import train_lenet
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(records, checkpoints) of a lenet trained for one epoch on tiny synthetic data."""
-    base = tmp_path_factory.mktemp("designs")
-    generate(base / "ndsb", classes=3, per_class=6, test=2, seed=4, max_size=60)
-    ingest(base / "ndsb", base / "records", Settings(size=24), folds=2, workers=1)
-    cfg = params.merge("train", T.DEFAULTS, {
-        "epochs": 1, "batch_size": 8, "workers": 0, "act": "leaky", "bn": True,
-        "checkpoints": str(base / "ck"), "metrics": str(base / "m"), "plots": str(base / "p")})
-    T.train(T.Run("lenet", 0, cfg, base / "records"))
-    return base / "records", base / "ck"
+    return train_lenet(tmp_path_factory.mktemp("designs"), per_class=6, test=2, size=24,
+                       max_size=60)
 
 
 def test_prefix_losses_and_fewest_within():

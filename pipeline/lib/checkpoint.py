@@ -127,6 +127,14 @@ def finalize(directory: str | Path, record: dict[str, Any]) -> None:
     write_json(directory / "model.json", spec)
 
 
+def load_spec(directory: str | Path) -> dict[str, Any]:
+    """The spec (``model.json``) of a finished run, without loading its parameters."""
+    spec_path = Path(directory) / "model.json"
+    if not spec_path.exists():
+        raise CheckpointError(f"{spec_path} not found: train this model first")
+    return read_json(spec_path)
+
+
 def load_model(directory: str | Path, ctx=None):
     """(network with parameters, spec) of a finished run; needs only ``nets`` and MXNet."""
     import mxnet as mx
@@ -135,9 +143,7 @@ def load_model(directory: str | Path, ctx=None):
 
     directory = Path(directory)
     spec_path = directory / "model.json"
-    if not spec_path.exists():
-        raise CheckpointError(f"{spec_path} not found: train this model first")
-    spec = read_json(spec_path)
+    spec = load_spec(directory)
     params = directory / "model.params"
     if not params.exists() or sha256(params) != spec["sha256"]["params"]:
         raise CheckpointError(f"{params} is missing or does not match {spec_path}")
