@@ -269,6 +269,7 @@ class Session:
     spec: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     start: int = 0
+    origin: str = "trained from scratch"  # how this run's weights came about (metrics)
 
 
 def open_session(run: Run) -> Session:
@@ -316,18 +317,47 @@ def open_session(run: Run) -> Session:
 
 
 def _resume(s: Session) -> None:
-    """Continue from the newest intact checkpoint of the same settings, else start clean."""
+    """Continue from the newest intact checkpoint of the same settings, else start clean.
+
+    Only ``epochs`` (and the other :data:`RESUMABLE_KEYS`) may differ from the checkpoint's
+    settings. More epochs extend the run: the learning rate of an epoch does not depend on
+    ``epochs``, so epoch ``e`` of a longer run equals epoch ``e`` of a shorter one. Fewer
+    epochs than the checkpoint holds never keep the longer run: the asked epoch is used when
+    its checkpoint is still kept (the later ones are removed), else the run starts afresh.
+    ``s.origin`` says which, for the log and the metrics.
+    """
+    name, wanted = s.run.name, s.run.cfg["epochs"]
     resumed = checkpoint.latest(s.run.ckpt_dir)
-    if resumed is None or resumed.get("fingerprint") != s.spec["fingerprint"]:
-        if resumed is not None:
-            print(f"train {s.run.name}: settings changed since the checkpoint; starting afresh")
+    if resumed is not None and resumed.get("fingerprint") != s.spec["fingerprint"]:
+        print(f"train {name}: settings changed since the checkpoint; starting afresh")
+        resumed = None
+    elif resumed is not None and resumed["epoch"] > wanted:
+        held = resumed["epoch"]
+        resumed = checkpoint.at(s.run.ckpt_dir, wanted)
+        if resumed is not None and resumed.get("fingerprint") == s.spec["fingerprint"]:
+            print(f"train {name}: train.epochs = {wanted} but the checkpoint holds {held} "
+                  f"epochs: using its epoch {wanted} (the same weights as a {wanted}-epoch "
+                  "run) and removing the later ones")
+            if s.rank == 0:
+                checkpoint.truncate(s.run.ckpt_dir, wanted)
+            s.origin = f"epoch {wanted} of an earlier {held}-epoch run"
+        else:
+            print(f"train {name}: train.epochs = {wanted} but the checkpoint holds {held} "
+                  f"epochs and epoch {wanted} is no longer kept; starting afresh")
+            resumed = None
+    if resumed is None:
         if s.rank == 0:
             checkpoint.clear(s.run.ckpt_dir)
         return
     s.net.load_parameters(resumed["_stem"] + ".params", ctx=s.ctxs)
     s.trainer.load_states(resumed["_stem"] + ".states")
     s.history, s.start = resumed["history"], resumed["epoch"]
-    print(f"train {s.run.name}: resuming after epoch {s.start}")
+    if resumed["epoch"] < wanted:
+        s.origin = f"resumed after epoch {s.start}"
+        print(f"train {name}: resuming after epoch {s.start}")
+    elif not s.origin:
+        s.origin = f"already trained ({s.start} epochs)"
+        print(f"train {name}: already trained for {s.start} epochs")
 
 
 def run_epoch(s: Session, epoch: int, sync_first: bool) -> dict[str, Any]:
@@ -389,7 +419,9 @@ def finish(s: Session) -> dict[str, Any]:
         names = [s.meta["train"][i]["name"] for i in s.valid_idx]
         save_prediction_file(run.ckpt_dir / "valid.npy", probs.astype(np.float32), names)
     metrics = dict(history[-1])
+    # The settings the weights were trained with (DVC shows params as asked; these are as used).
     metrics.update(net=run.net, fold=run.fold, epochs=len(history),
+                   precision=s.spec["precision"], seed=cfg["seed"], origin=s.origin,
                    train_images=int(len(s.train_idx)), valid_images=int(len(s.valid_idx)),
                    chance_logloss=math.log(len(s.meta["classes"])))
     write_json(run.metrics_path, metrics)

@@ -223,3 +223,27 @@ def test_restart_with_new_settings_replaces_longer_old_run(records, tmp_path):
     assert spec["epoch"] == 2 and len(spec["history"]) == 2 and metrics["epochs"] == 2
     assert sorted(p.name for p in run_dir.glob("epoch-*.json")) == [
         "epoch-0001.json", "epoch-0002.json"]
+
+
+def test_fewer_epochs_than_the_checkpoint_never_keep_the_longer_run(records, tmp_path, capsys):
+    """Asking for fewer epochs uses that epoch if kept (same weights), else starts afresh."""
+    T.train(T.Run(NET, 0, config(tmp_path / "ref", epochs=2), records))
+    reference = params_of(tmp_path / "ref" / "ck" / f"{NET}--fold0")
+
+    T.train(T.Run(NET, 0, config(tmp_path, epochs=3), records))
+    capsys.readouterr()
+    metrics = T.train(T.Run(NET, 0, config(tmp_path, epochs=2), records))  # epoch 2 is kept
+    assert "using its epoch 2" in capsys.readouterr().out
+    assert metrics["epochs"] == 2 and metrics["origin"] == "epoch 2 of an earlier 3-epoch run"
+    run_dir = tmp_path / "ck" / f"{NET}--fold0"
+    assert json.loads((run_dir / "model.json").read_text())["epoch"] == 2
+    assert not (run_dir / "epoch-0003.json").exists()
+    got = params_of(run_dir)
+    assert all(np.array_equal(reference[k], got[k]) for k in reference)
+
+    T.train(T.Run(NET, 0, config(tmp_path, epochs=4), records))  # keeps epochs 3 and 4
+    metrics = T.train(T.Run(NET, 0, config(tmp_path, epochs=1), records))
+    assert "no longer kept; starting afresh" in capsys.readouterr().out
+    assert metrics["epochs"] == 1 and metrics["origin"] == "trained from scratch"
+    assert json.loads((run_dir / "model.json").read_text())["epoch"] == 1
+    assert metrics["precision"] in ("float32", "bfloat16") and metrics["seed"] == 0

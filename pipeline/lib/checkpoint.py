@@ -80,12 +80,7 @@ def clear(directory: str | Path) -> None:
     Stale epochs of other settings must go: they would outrank the new run's (higher epoch
     numbers) both when pruning and when resuming.
     """
-    directory = Path(directory)
-    for epoch in _epochs(directory):
-        for suffix in (".json", ".params", ".states"):
-            _stem(directory, epoch).with_suffix(suffix).unlink(missing_ok=True)
-    for name in ("model.json", "model.params", "valid.npy", "valid.names.txt"):
-        (directory / name).unlink(missing_ok=True)
+    truncate(directory, 0)
 
 
 def verify(directory: Path, epoch: int) -> dict[str, Any]:
@@ -100,6 +95,30 @@ def verify(directory: Path, epoch: int) -> dict[str, Any]:
         if not path.exists() or sha256(path) != digest:
             raise CheckpointError(f"{path} is missing or corrupt (sha256 mismatch)")
     return record
+
+
+def at(directory: str | Path, epoch: int) -> dict[str, Any] | None:
+    """The verified record (with ``_stem``) of exactly ``epoch``, or None if not kept intact."""
+    directory = Path(directory)
+    if epoch not in _epochs(directory):
+        return None
+    try:
+        record = verify(directory, epoch)
+    except CheckpointError:
+        return None
+    record["_stem"] = str(_stem(directory, epoch))
+    return record
+
+
+def truncate(directory: str | Path, epoch: int) -> None:
+    """Remove the epochs after ``epoch`` and the final model: the run ends at ``epoch`` now."""
+    directory = Path(directory)
+    for later in _epochs(directory):
+        if later > epoch:
+            for suffix in (".json", ".params", ".states"):
+                _stem(directory, later).with_suffix(suffix).unlink(missing_ok=True)
+    for name in ("model.json", "model.params", "valid.npy", "valid.names.txt"):
+        (directory / name).unlink(missing_ok=True)
 
 
 def latest(directory: str | Path) -> dict[str, Any] | None:
