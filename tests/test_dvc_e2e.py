@@ -42,31 +42,55 @@ def tiny_params(params: dict, root: Path) -> dict:
     return params
 
 
-def test_dvc_repro_on_tiny_synthetic_folder(tmp_path):
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict, dict[str, str], Path]:
+    """(repo, params, env, data): the project in a fresh git + DVC repo after ``dvc repro``.
+
+    The run's results (dvc.lock, metrics, plots) are committed, as a user commits a baseline
+    before experimenting.
+    """
     from pipeline.tools.synth import generate
 
+    tmp_path = tmp_path_factory.mktemp("dvc")
     data = tmp_path / "ndsb"
     generate(data, classes=3, per_class=8, test=6, seed=3, max_size=80)
     repo = tmp_path / "repo"
     repo.mkdir()
-    for item in ("pipeline", "nets", "dvc.yaml", ".dvc/config"):
+    for item in ("pipeline", "nets", "dvc.yaml", ".dvc/config", ".gitignore"):
         src = ROOT / item
         if not src.exists():
             continue
         dest = repo / item
         dest.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest)
+        (shutil.copytree if src.is_dir() else shutil.copy)(
+            src, dest, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                          if src.is_dir() else {}))
     params = tiny_params(yaml.safe_load((ROOT / "params.yaml").read_text()), data)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
 
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="2")
-    _sh(["git", "init", "-q"], repo, env)
+               DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="2", GIT_AUTHOR_NAME="test",
+               GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_NAME="test",
+               GIT_COMMITTER_EMAIL="test@example.com")
+    _sh(["git", "init", "-q", "-b", "main"], repo, env)
+    _sh(["git", "config", "user.name", "test"], repo, env)
+    _sh(["git", "config", "user.email", "test@example.com"], repo, env)
+    _sh(["dvc", "repro", *_finals()], repo, env)
+    _sh(["git", "add", "-A"], repo, env)
+    _sh(["git", "commit", "-qm", "baseline"], repo, env)
+    return repo, params, env, data
+
+
+def _finals() -> list[str]:
     stages = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
     # Every stage downstream of ingest (the sample stage fetches the real sample instead).
-    finals = [s for s in ("score", "report") if s in stages] or [stages[-1]]
-    _sh(["dvc", "repro", *finals], repo, env)
-    second = _sh(["dvc", "status", *finals], repo, env)
+    return [s for s in ("score", "report") if s in stages] or [stages[-1]]
+
+
+def test_dvc_repro_on_tiny_synthetic_folder(project):
+    repo, params, env, data = project
+    stages = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    second = _sh(["dvc", "status", *_finals()], repo, env)
     assert "up to date" in second, second
 
     meta = json.loads((repo / params["data"]["records"] / "meta.json").read_text())
