@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,70 @@ def test_dvc_repro_on_tiny_synthetic_folder(project):
         assert score["n"] == 6 and 0 < score["logloss"] < 10
         ensemble = json.loads((repo / params["ensemble"]["metrics"]).read_text())
         assert ensemble["weights"] == {"lenet": 1.0}
+
+
+def _experiments(show: list[dict]) -> dict[str, dict]:
+    """``{name: data}`` of the baseline (``main``) and every experiment in ``dvc exp show``."""
+    found = {}
+    for entry in show:
+        if entry.get("name"):
+            found[entry["name"]] = entry["data"]
+        for group in entry.get("experiments") or []:
+            for rev in group["revs"]:
+                found[rev["name"]] = rev["data"]
+    return found
+
+
+def _train_metrics(data: dict, fold: int = 0) -> dict:
+    return data["metrics"][f"metrics/train--lenet--fold{fold}.json"]["data"]
+
+
+def test_experiments_show_their_own_params_and_metrics(project):
+    """What a user does to tune: two experiments in the workspace, one queued (temp workspace).
+
+    Each must be trained with its own settings (fewer epochs than the baseline's checkpoint
+    included) and ``dvc exp show``/``exp diff``/``plots diff`` must show its metrics and
+    curves beside the baseline's.
+    """
+    repo, _, env, _ = project
+    _sh(["dvc", "exp", "run", "-n", "fewer", "-S", "train.epochs=1", "-S", "tta.n=2"],
+        repo, env)
+    # An experiment starts from the workspace, where the last one's results were applied.
+    _sh(["dvc", "exp", "run", "-n", "more", "-S", "train.epochs=3", "-S", "tta.n=4"], repo, env)
+    _sh(["dvc", "exp", "run", "--queue", "-n", "queued", "-S", "train.epochs=2", "-S",
+         "train.lr=0.02"], repo, env)
+    _sh(["dvc", "queue", "start"], repo, env)
+    deadline = time.monotonic() + 900
+    while True:
+        status = _sh(["dvc", "queue", "status"], repo, env)
+        row = next((line for line in status.splitlines() if " queued " in f" {line} "), "")
+        if "Success" in row or "Failed" in row or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert "Success" in row, status + _sh(["dvc", "queue", "logs", "queued"], repo, env)
+
+    runs = _experiments(json.loads(_sh(["dvc", "exp", "show", "--json"], repo, env)))
+    assert {"main", "fewer", "more", "queued"} <= set(runs), sorted(runs)
+    for name, epochs, tta_n, lr in (("main", 2, 4, 0.01), ("fewer", 1, 2, 0.01),
+                                    ("more", 3, 4, 0.01), ("queued", 2, 4, 0.02)):
+        params = runs[name]["params"]["params.yaml"]["data"]
+        assert (params["train"]["epochs"], params["tta"]["n"], params["train"]["lr"]) == (
+            epochs, tta_n, lr), name
+        for fold in (0, 1):  # the metrics say what was trained, fold by fold
+            assert _train_metrics(runs[name], fold)["epochs"] == epochs, (name, fold)
+        predict = runs[name]["metrics"]["metrics/predict--lenet--fold0.json"]["data"]
+        assert predict["tta_n"] == tta_n, name
+        assert "logloss" in runs[name]["metrics"]["metrics/ensemble.json"]["data"]["ensemble"]
+    # The 1-epoch run used epoch 1 of the baseline's checkpoint (the same weights), the
+    # 3-epoch run extended the workspace's, the queued one (other lr) started afresh.
+    assert _train_metrics(runs["fewer"])["origin"] == "epoch 1 of an earlier 2-epoch run"
+    assert _train_metrics(runs["more"])["origin"].startswith("resumed after epoch")
+    assert _train_metrics(runs["queued"])["origin"] == "trained from scratch"
+
+    diff = json.loads(_sh(["dvc", "exp", "diff", "main", "fewer", "--json"], repo, env))
+    assert diff["metrics"]["metrics/train--lenet--fold0.json"]["epochs"] == {
+        "old": 2, "new": 1, "diff": -1}
+    plots = json.loads(_sh(["dvc", "plots", "diff", "main", "more", "--json"], repo, env))
+    curve = plots["data"]["plots/train--lenet--fold0.tsv"][0]["content"]["data"]["values"]
+    epochs = {(row["rev"], int(row["epoch"])) for row in curve}
+    assert {("main", 2), ("more", 3)} <= epochs and ("main", 3) not in epochs
