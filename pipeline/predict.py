@@ -51,7 +51,7 @@ import numpy as np
 from pipeline.lib import params as params_mod
 from pipeline.lib import quantize as quantize_defaults
 from pipeline.lib.errors import PipelineError, Stopped, stage_errors
-from pipeline.lib.runs import artifact_name, run_name
+from pipeline.lib.runs import artifact_name, member_name, run_name
 from pipeline.lib.runtime import configure_threads
 from pipeline.lib.signals import graceful_stop
 
@@ -417,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="TTA predictions of one trained model (resumable; optionally sharded).")
     parser.add_argument("--net", required=True)
     parser.add_argument("--fold", type=int, required=True)
+    parser.add_argument("--seed", type=int,
+                        help="the model trained with this seed of the models grid (NET-seedS)")
     parser.add_argument("--records", default="data/records")
     parser.add_argument("--metrics", default="metrics", help="folder for predict--*.json")
     parser.add_argument("--params", default=params_mod.PARAMS_FILE)
@@ -435,8 +437,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.merge and shard[1] > 1:
             raise PredictError("--merge assembles all shards: use it without --shard")
         cfg = params_mod.section("tta", DEFAULTS, args.params)
-        metrics = predict(args.net, args.fold, Path(args.records), cfg, args.metrics, shard,
-                          args.merge)
+        metrics = predict(member_name(args.net, args.seed), args.fold, Path(args.records), cfg,
+                          args.metrics, shard, args.merge)
     if "valid_logloss" in metrics:
         curve = ", ".join(f"n={n} {v:.4f}" for n, v in metrics["valid_logloss_by_n"].items())
         print(f"valid log loss: no TTA {metrics['valid_logloss_no_tta']:.4f}, {curve}")

@@ -32,7 +32,7 @@ from pipeline.lib.results import (Oof, ReportSettings, activation_summary, class
                                   confident_mistakes, confusion_matrix, confusion_pairs,
                                   ensemble_summary, learning_curves, load_meta, load_oof,
                                   per_class_logloss, read_records, run_specs, sample_indices,
-                                  settings, train_metrics, tta_curves)
+                                  settings, technique_summary, train_metrics, tta_curves)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -74,6 +74,10 @@ def _ensemble_section(cfg: ReportSettings, meta: dict[str, Any], sections: list[
     sections.append(Section("Ensemble", "Blend weights fitted on out-of-fold (OOF) log loss; "
                             "each net's OOF score beside the blend's.",
                             "ensemble_weights.png", summary))
+    sections.append(Section("What each step bought", "Out-of-fold log loss after each step: "
+                            "single seeds, seeds averaged per net, the weighted blend, the "
+                            "calibrated blend (cross-fitted); gain = drop from the step before.",
+                            None, technique_summary(cfg.ensemble_metrics)))
 
 
 def _training_sections(cfg: ReportSettings, meta: dict[str, Any], sections: list[Section],

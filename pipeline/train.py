@@ -44,7 +44,7 @@ from pipeline.lib import checkpoint
 from pipeline.lib import params as params_mod
 from pipeline.lib.errors import PipelineError, stage_errors
 from pipeline.lib.fsutil import write_json, write_text
-from pipeline.lib.runs import artifact_name, run_name
+from pipeline.lib.runs import artifact_name, member_name, run_name
 from pipeline.lib.runtime import configure_threads
 
 DEFAULTS: dict[str, Any] = {
@@ -122,22 +122,28 @@ class Run:
     fold: int
     cfg: dict[str, Any]
     records: Path
+    # A seed of the models grid: replaces train.seed and names the run {net}-seed{s}--fold{k}.
+    seed: int | None = None
+    member: str = field(init=False)
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.name = run_name(self.net, self.fold)
+        self.member = member_name(self.net, self.seed)
+        if self.seed is not None:
+            self.cfg = dict(self.cfg, seed=int(self.seed))
+        self.name = run_name(self.member, self.fold)
 
     @property
     def ckpt_dir(self) -> Path:
-        return checkpoint.run_dir(self.cfg["checkpoints"], self.net, self.fold)
+        return checkpoint.run_dir(self.cfg["checkpoints"], self.member, self.fold)
 
     @property
     def metrics_path(self) -> Path:
-        return Path(self.cfg["metrics"]) / f"{artifact_name('train', self.net, self.fold)}.json"
+        return Path(self.cfg["metrics"]) / f"{artifact_name('train', self.member, self.fold)}.json"
 
     @property
     def plots_path(self) -> Path:
-        return Path(self.cfg["plots"]) / f"{artifact_name('train', self.net, self.fold)}.tsv"
+        return Path(self.cfg["plots"]) / f"{artifact_name('train', self.member, self.fold)}.tsv"
 
 
 def model_kwargs(run: Run, classes: int) -> dict[str, Any]:
@@ -420,7 +426,7 @@ def finish(s: Session) -> dict[str, Any]:
         save_prediction_file(run.ckpt_dir / "valid.npy", probs.astype(np.float32), names)
     metrics = dict(history[-1])
     # The settings the weights were trained with (DVC shows params as asked; these are as used).
-    metrics.update(net=run.net, fold=run.fold, epochs=len(history),
+    metrics.update(net=run.net, member=run.member, fold=run.fold, epochs=len(history),
                    precision=s.spec["precision"], seed=cfg["seed"], origin=s.origin,
                    train_images=int(len(s.train_idx)), valid_images=int(len(s.valid_idx)),
                    chance_logloss=math.log(len(s.meta["classes"])))
@@ -454,6 +460,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train one network on one fold.")
     parser.add_argument("--net", required=True)
     parser.add_argument("--fold", type=int, required=True, help="-1: all labelled images")
+    parser.add_argument("--seed", type=int, help="a seed of the models grid: replaces "
+                        "train.seed and names the run NET-seedS--foldK")
     parser.add_argument("--records", default="data/records")
     parser.add_argument("--params", default=params_mod.PARAMS_FILE)
     args = parser.parse_args(argv)
@@ -461,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         with stage_errors("train"):
             cfg = params_mod.section("train", DEFAULTS, args.params)
-            metrics = train(Run(args.net, args.fold, cfg, Path(args.records)))
+            metrics = train(Run(args.net, args.fold, cfg, Path(args.records), args.seed))
     except BaseException as exc:
         if os.environ.get("DMLC_ROLE") == "worker":
             _abort_worker(exc)

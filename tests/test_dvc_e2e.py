@@ -32,7 +32,7 @@ def tiny_params(params: dict, root: Path) -> dict:
     """The repository's params with data.root at ``root`` and fast settings for 2 cores."""
     params["data"].update(root=str(root), size=32, folds=2)
     overrides = {
-        "models": {"nets": ["lenet"], "folds": [0, 1]},
+        "models": {"nets": ["lenet"], "folds": [0, 1], "seeds": [0, 1]},
         "train": {"epochs": 2, "batch_size": 8, "lr_steps": [1], "workers": 1},
         "tta": {"n": 4},
         "score": {"labels": str(root / "test_labels.csv")},
@@ -109,6 +109,8 @@ def test_dvc_repro_on_tiny_synthetic_folder(project):
         assert score["n"] == 6 and 0 < score["logloss"] < 10
         ensemble = json.loads((repo / params["ensemble"]["metrics"]).read_text())
         assert ensemble["weights"] == {"lenet": 1.0}
+        # Two seeds per net, averaged before weighting.
+        assert set(ensemble["seeds"]["lenet"]["members"]) == {"lenet-seed0", "lenet-seed1"}
 
 
 def _experiments(show: list[dict]) -> dict[str, dict]:
@@ -124,7 +126,7 @@ def _experiments(show: list[dict]) -> dict[str, dict]:
 
 
 def _train_metrics(data: dict, fold: int = 0) -> dict:
-    return data["metrics"][f"metrics/train--lenet--fold{fold}.json"]["data"]
+    return data["metrics"][f"metrics/train--lenet-seed0--fold{fold}.json"]["data"]
 
 
 def test_experiments_show_their_own_params_and_metrics(project):
@@ -160,7 +162,7 @@ def test_experiments_show_their_own_params_and_metrics(project):
             epochs, tta_n, lr), name
         for fold in (0, 1):  # the metrics say what was trained, fold by fold
             assert _train_metrics(runs[name], fold)["epochs"] == epochs, (name, fold)
-        predict = runs[name]["metrics"]["metrics/predict--lenet--fold0.json"]["data"]
+        predict = runs[name]["metrics"]["metrics/predict--lenet-seed0--fold0.json"]["data"]
         assert predict["tta_n"] == tta_n, name
         assert "logloss" in runs[name]["metrics"]["metrics/ensemble.json"]["data"]["ensemble"]
     # The 1-epoch run used epoch 1 of the baseline's checkpoint (the same weights), the
@@ -170,9 +172,9 @@ def test_experiments_show_their_own_params_and_metrics(project):
     assert _train_metrics(runs["queued"])["origin"] == "trained from scratch"
 
     diff = json.loads(_sh(["dvc", "exp", "diff", "main", "fewer", "--json"], repo, env))
-    assert diff["metrics"]["metrics/train--lenet--fold0.json"]["epochs"] == {
+    assert diff["metrics"]["metrics/train--lenet-seed0--fold0.json"]["epochs"] == {
         "old": 2, "new": 1, "diff": -1}
     plots = json.loads(_sh(["dvc", "plots", "diff", "main", "more", "--json"], repo, env))
-    curve = plots["data"]["plots/train--lenet--fold0.tsv"][0]["content"]["data"]["values"]
+    curve = plots["data"]["plots/train--lenet-seed0--fold0.tsv"][0]["content"]["data"]["values"]
     epochs = {(row["rev"], int(row["epoch"])) for row in curve}
     assert {("main", 2), ("more", 3)} <= epochs and ("main", 3) not in epochs

@@ -223,3 +223,66 @@ def test_failed_write_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(OSError, match="disk full"):
         save_predictions(tmp_path / "p", "test", "net", 0, np.ones((2, 2)), ["a", "b"])
     assert list((tmp_path / "p").iterdir()) == []  # no .npy, no .names.txt, no temp file
+
+
+def overconfident(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Right 70 % of the time but 97 % sure of its guess (a calibrated one would say ~70 %)."""
+    guess = np.where(rng.random(len(y)) < 0.7, y, rng.integers(0, len(CLASSES), len(y)))
+    probs = np.full((len(y), len(CLASSES)), 0.01)
+    probs[np.arange(len(y)), guess] = 0.97
+    return probs
+
+
+def test_seeds_are_averaged_per_net_before_weighting(project) -> None:
+    root, meta = project
+    for seed in (0, 1, 2):
+        write_net(root / "predictions", meta, f"a-seed{seed}", good, seed=10 + seed)
+        write_net(root / "predictions", meta, f"b-seed{seed}", noisy, seed=20 + seed)
+    metrics = ensemble(["a", "b"], None, root / "predictions", root, root / "metrics.json",
+                       seeds=[0, 1, 2])
+    assert metrics["nets"] == ["a", "b"] and set(metrics["weights"]) == {"a", "b"}
+    seeds = metrics["seeds"]["a"]
+    assert set(seeds["members"]) == {"a-seed0", "a-seed1", "a-seed2"}
+    # Averaging independent noise of three seeds beats the mean single seed.
+    assert seeds["averaged"] < seeds["mean_single"] and seeds["gain"] > 0
+    assert metrics["models"]["a"]["logloss"] == pytest.approx(seeds["averaged"])
+
+
+def test_missing_seed_is_listed_and_bad_settings_are_refused(project) -> None:
+    root, meta = project
+    write_net(root / "predictions", meta, "a-seed0", good, seed=1)
+    with pytest.raises(MissingPredictionsError, match="valid--a-seed1--fold0.npy"):
+        ensemble(["a"], None, root / "predictions", root, root / "m.json", seeds=[0, 1])
+    with pytest.raises(EnsembleError) as err:
+        ensemble([], None, root / "predictions", root, root / "m.json", seeds=[],
+                 calibration="platt")
+    assert "distinct nets" in str(err.value) and "models.seeds" in str(err.value)
+    assert "ensemble.calibration" in str(err.value)
+
+
+def test_temperature_calibration_is_cross_fitted_and_fixes_overconfidence(project) -> None:
+    from pipeline.ensemble import apply_temperature, fit_temperature
+
+    root, meta = project
+    write_net(root / "predictions", meta, "sure", overconfident, seed=4)
+    plain = ensemble(["sure"], None, root / "predictions", root, root / "p.json")
+    metrics = ensemble(["sure"], None, root / "predictions", root, root / "c.json",
+                       calibration="temperature")
+    cal = metrics["calibration"]
+    assert cal["cross_fitted"] and set(cal["fold_temperatures"]) == {"0", "1", "2"}
+    assert cal["temperature"] > 1.5  # softens
+    assert cal["oof_logloss_before"] == pytest.approx(plain["ensemble"]["logloss"])
+    assert cal["oof_logloss_after"] < cal["oof_logloss_before"] - 0.1
+    assert metrics["ensemble"]["logloss"] == pytest.approx(cal["oof_logloss_after"])
+    assert metrics["uncalibrated"] == plain["ensemble"]
+    # The written OOF rows are the cross-fitted ones; the test rows use the overall T.
+    valid, _ = load_predictions(root / "predictions", "valid", "ensemble")
+    y = np.array([t["label"] for t in meta["train"]])
+    assert ndsb_log_loss(y, valid) == pytest.approx(cal["oof_logloss_after"])
+    test, _ = load_predictions(root / "predictions", "test", "ensemble")
+    assert np.allclose(test.sum(axis=1), 1) and test.max() < 0.9
+    # T = 1 changes nothing; a fitted T recovers a known one.
+    probs = overconfident(y, np.random.default_rng(0))
+    assert np.allclose(apply_temperature(probs, 1.0), probs / probs.sum(1, keepdims=True))
+    assert fit_temperature(apply_temperature(probs, 0.5), y) == pytest.approx(
+        2 * fit_temperature(probs, y), rel=1e-3)

@@ -242,3 +242,30 @@ def test_confusion_csv_rows_are_the_oof_predictions(tiny_run):
     assert list(written.columns) == ["actual", "predicted"]
     assert len(written) == len(meta["train"])  # every train image is out of fold once
     pd.testing.assert_frame_equal(written, expected)
+
+
+def test_technique_summary_shows_what_each_step_bought(tmp_path):
+    from pipeline.lib.fsutil import write_json
+
+    metrics = {"nets": ["a", "b"], "weights": {"a": 0.7, "b": 0.3},
+               "models": {"a": {"logloss": 0.8, "accuracy": 0.7},
+                          "b": {"logloss": 0.9, "accuracy": 0.6}},
+               "seeds": {"a": {"members": {"a-seed0": 0.85, "a-seed1": 0.87},
+                               "mean_single": 0.86, "averaged": 0.8, "gain": 0.06},
+                         "b": {"members": {"b-seed0": 0.9}, "mean_single": 0.9,
+                               "averaged": 0.9, "gain": 0.0}},
+               "uncalibrated": {"logloss": 0.75, "accuracy": 0.7},
+               "ensemble": {"logloss": 0.72, "accuracy": 0.7},
+               "calibration": {"temperature": 1.2, "oof_logloss_before": 0.75,
+                               "oof_logloss_after": 0.72}}
+    write_json(tmp_path / "e.json", metrics)
+    table = results.technique_summary(tmp_path / "e.json")
+    assert list(table["step"]) == [
+        "a-seed0 (one seed)", "a-seed1 (one seed)", "a: 2 seeds averaged", "b-seed0 (one seed)",
+        "b: 1 seeds averaged", "blend of the nets (OOF-fitted weights)",
+        "temperature 1.2 (cross-fitted)"]
+    assert table["gain"].iloc[-2] == pytest.approx(0.05)
+    assert table["gain"].iloc[-1] == pytest.approx(0.03)
+    write_json(tmp_path / "bad.json", {"nets": ["a"]})
+    with pytest.raises(results.ResultsError, match="not an ensemble metrics file"):
+        results.technique_summary(tmp_path / "bad.json")

@@ -247,3 +247,21 @@ def test_fewer_epochs_than_the_checkpoint_never_keep_the_longer_run(records, tmp
     assert metrics["epochs"] == 1 and metrics["origin"] == "trained from scratch"
     assert json.loads((run_dir / "model.json").read_text())["epoch"] == 1
     assert metrics["precision"] in ("float32", "bfloat16") and metrics["seed"] == 0
+
+
+def test_a_seed_of_the_grid_names_the_run_and_replaces_train_seed(records, tmp_path):
+    from pipeline.lib.runs import RunNameError, member_name, parse_member
+
+    run = T.Run(NET, 0, config(tmp_path, epochs=1), records, seed=3)
+    assert run.name == f"{NET}-seed3--fold0" and run.cfg["seed"] == 3
+    metrics = T.train(run)
+    assert (metrics["seed"], metrics["net"], metrics["member"]) == (3, NET, f"{NET}-seed3")
+    spec = json.loads((tmp_path / "ck" / f"{NET}-seed3--fold0" / "model.json").read_text())
+    assert spec["net"] == NET and spec["rng"]["seed"] == 3
+    assert (tmp_path / "m" / f"train--{NET}-seed3--fold0.json").exists()
+    assert parse_member(member_name("ndsb_net1", 12)) == ("ndsb_net1", 12)
+    assert parse_member("ndsb_net1") == ("ndsb_net1", None)
+    with pytest.raises(RunNameError, match="reserved"):
+        member_name("lenet-seed2", 1)
+    with pytest.raises(RunNameError, match=">= 0"):
+        member_name("lenet", -1)

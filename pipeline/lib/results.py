@@ -325,6 +325,44 @@ def ensemble_summary(path: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["model", "weight", "logloss", "accuracy"])
 
 
+def technique_summary(path: str | os.PathLike) -> pd.DataFrame:
+    """Out-of-fold log loss after each step of the ensemble stage: what each technique bought.
+
+    Rows, in order: every seed of a net (when the grid has seeds), each net (its seeds
+    averaged), the weighted blend, and the calibrated blend (cross-fitted: no row calibrated
+    with its own label). ``gain`` is the drop in log loss from the step before it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsError(f"{path} not found: {_NEEDS_ENSEMBLE}")
+    metrics = _read_json(path)
+    rows: list[dict[str, Any]] = []
+    try:
+        for net in metrics["nets"]:
+            seeds = metrics.get("seeds", {}).get(net)
+            if seeds:
+                rows += [{"step": f"{member} (one seed)", "logloss": loss, "gain": None}
+                         for member, loss in seeds["members"].items()]
+                rows.append({"step": f"{net}: {len(seeds['members'])} seeds averaged",
+                             "logloss": seeds["averaged"], "gain": seeds["gain"]})
+            else:
+                rows.append({"step": net, "logloss": metrics["models"][net]["logloss"],
+                             "gain": None})
+        best = min(metrics["models"][net]["logloss"] for net in metrics["nets"])
+        blend = metrics.get("uncalibrated", metrics["ensemble"])["logloss"]
+        rows.append({"step": "blend of the nets (OOF-fitted weights)", "logloss": blend,
+                     "gain": best - blend})
+        if "calibration" in metrics:
+            cal = metrics["calibration"]
+            rows.append({"step": f"temperature {cal['temperature']:.3g} (cross-fitted)",
+                         "logloss": cal["oof_logloss_after"],
+                         "gain": cal["oof_logloss_before"] - cal["oof_logloss_after"]})
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ResultsError(f"{path} is not an ensemble metrics file (no {exc}); "
+                           f"{_NEEDS_ENSEMBLE}") from None
+    return pd.DataFrame(rows, columns=["step", "logloss", "gain"])
+
+
 @dataclass
 class Oof:
     """The ensemble's out-of-fold predictions joined with the labels of ``meta.json``."""

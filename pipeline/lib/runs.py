@@ -6,6 +6,12 @@ Every file a (net, fold) run leaves carries its provenance in its name: the chec
 ``train--{net}--fold{k}.tsv``. Files of no single fold (the ensemble's) drop the fold part:
 ``{split}--{net}.npy``. ``--`` separates the fields, so it may not occur in a net name; fold
 ``-1`` means "trained on every labelled image".
+
+Seeds: the ``models`` grid may train a net several times with different ``train.seed``s. Such
+a run's *member* name, ``{net}-seed{s}``, takes the net's place in every name above
+(``checkpoints/ndsb_net1-seed1--fold0/``, ``valid--ndsb_net1-seed1--fold0.npy``), so every
+other stage handles seeds as it handles nets; :func:`parse_member` gives back ``(net, seed)``
+where the net and its seed are needed apart (the ensemble averages the seeds of a net).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from pipeline.lib.errors import PipelineError
 
 SEP = "--"
 _RUN = re.compile(r"^(?P<net>.+?)--fold(?P<fold>-?\d+)$")
+_MEMBER = re.compile(r"^(?P<net>.+)-seed(?P<seed>\d+)$")
 
 
 class RunNameError(PipelineError, ValueError):
@@ -38,6 +45,25 @@ def check_part(what: str, value: str) -> str:
         raise RunNameError(f"invalid {what} name {value!r}: must be non-empty, without '--' "
                          "or '/'")
     return value
+
+
+def member_name(net: str, seed: int | None = None) -> str:
+    """``{net}-seed{s}``: one seed of a net in the models grid; ``net`` itself for no seed."""
+    check_part("net", net)
+    if _MEMBER.match(net):
+        raise RunNameError(f"invalid net name {net!r}: '-seed<N>' at the end is reserved for "
+                           "the seed of a models grid")
+    if seed is None:
+        return net
+    if int(seed) < 0:
+        raise RunNameError(f"invalid seed {seed!r}: must be >= 0")
+    return f"{net}-seed{int(seed)}"
+
+
+def parse_member(member: str) -> tuple[str, int | None]:
+    """``(net, seed)`` of a member name; ``(member, None)`` for a plain net name."""
+    match = _MEMBER.match(member)
+    return (match["net"], int(match["seed"])) if match else (member, None)
 
 
 def run_name(net: str, fold: int) -> str:
