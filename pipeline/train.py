@@ -27,6 +27,7 @@ and every fold in ``models.folds``; ``--fold -1`` trains on all labelled images)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -58,6 +59,8 @@ DEFAULTS: dict[str, Any] = {
     "wd": 0.0001,
     "lr_steps": [7, 9],
     "lr_factor": 0.1,
+    "label_smoothing": 0.0,    # eps in [0, 1): targets (1 - eps) one-hot + eps / classes
+    "ema_half_life": 0.0,      # epochs; > 0: validate and publish a moving average of weights
     "seed": 0,
     "ctx": "cpu",
     "precision": "auto",       # float32 | bfloat16 | auto (bf16 where validated and fast)
@@ -273,9 +276,25 @@ class Session:
     net: Any
     trainer: Any
     spec: dict[str, Any]
+    average: Any = None  # sgd.WeightAverage when train.ema_half_life > 0
     history: list[dict[str, Any]] = field(default_factory=list)
     start: int = 0
     origin: str = "trained from scratch"  # how this run's weights came about (metrics)
+
+
+def check_settings(cfg: dict[str, Any]) -> None:
+    """Raise one :class:`TrainingError` naming every out-of-range training option."""
+    problems = []
+    eps = cfg["label_smoothing"]
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < 1:
+        problems.append(f"train.label_smoothing must be in [0, 1), got {eps!r}")
+    half = cfg["ema_half_life"]
+    if not isinstance(half, (int, float)) or isinstance(half, bool) or half < 0:
+        problems.append(f"train.ema_half_life must be >= 0 epochs (0: off), got {half!r}")
+    if not isinstance(cfg["epochs"], int) or cfg["epochs"] < 1:
+        problems.append(f"train.epochs must be an integer >= 1, got {cfg['epochs']!r}")
+    if problems:
+        raise TrainingError("; ".join(problems))
 
 
 def open_session(run: Run) -> Session:
@@ -286,6 +305,7 @@ def open_session(run: Run) -> Session:
     from pipeline.lib.records import RecordReader, fold_indices, load_meta
 
     cfg = run.cfg
+    check_settings(cfg)
     meta = load_meta(run.records)
     ctxs = parse_ctx(cfg["ctx"])
     kv = make_kvstore(cfg["kvstore"], ctxs)
@@ -316,8 +336,11 @@ def open_session(run: Run) -> Session:
                     "augment": "numpy SeedSequence([seed + rank, epoch, batch])",
                     "mxnet": "mx.random.seed(seed * 100003 + epoch)"},
             "train": {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS}}
+    average = None
+    if cfg["ema_half_life"]:
+        average = sgd.WeightAverage(net, cfg["ema_half_life"] * max(1, len(train_loader)))
     session = Session(run, meta, ctxs, rank, n_workers, train_idx, valid_idx, train_loader,
-                      valid_loader, net, trainer, spec)
+                      valid_loader, net, trainer, spec, average)
     _resume(session)
     return session
 
@@ -355,6 +378,9 @@ def _resume(s: Session) -> None:
         if s.rank == 0:
             checkpoint.clear(s.run.ckpt_dir)
         return
+    if s.average is not None:  # the average first: loading it goes through the net
+        s.net.load_parameters(resumed["_stem"] + ".ema.params", ctx=s.ctxs)
+        s.average.load_from_net(resumed["average_steps"])
     s.net.load_parameters(resumed["_stem"] + ".params", ctx=s.ctxs)
     s.trainer.load_states(resumed["_stem"] + ".states")
     s.history, s.start = resumed["history"], resumed["epoch"]
@@ -378,7 +404,7 @@ def run_epoch(s: Session, epoch: int, sync_first: bool) -> dict[str, Any]:
     lr = lr_at(epoch, cfg["lr"], cfg["lr_steps"], cfg["lr_factor"])
     s.trainer.set_learning_rate(lr)
     mx.random.seed(cfg["seed"] * 100003 + epoch)  # RReLU/dropout noise per epoch
-    loss_fn = sgd.loss_function()
+    loss_fn = sgd.loss_function(cfg["label_smoothing"])
     t0, seen, total = time.perf_counter(), 0, 0.0
     bar = tqdm(s.train_loader.epoch(epoch), total=len(s.train_loader), unit="batch",
                desc=f"{run.name} epoch {epoch + 1}/{cfg['epochs']}", mininterval=2,
@@ -389,6 +415,8 @@ def run_epoch(s: Session, epoch: int, sync_first: bool) -> dict[str, Any]:
         batch_loss = sgd.step(s.net, s.trainer, loss_fn, x, y, s.ctxs,
                               scale=len(x) * s.n_workers, before_update=first)
         sync_first = False
+        if s.average is not None:
+            s.average.update()
         if not math.isfinite(batch_loss):
             raise TrainingError(
                 f"{run.name}: loss became {batch_loss} in epoch {epoch + 1} (lr {lr:g}); "
@@ -400,7 +428,8 @@ def run_epoch(s: Session, epoch: int, sync_first: bool) -> dict[str, Any]:
                         img_s=f"{seen / (time.perf_counter() - t0):.0f}")
     row = {"epoch": epoch + 1, "lr": lr, "train_loss": total / max(1, seen),
            "img_s": round(seen / (time.perf_counter() - t0), 1)}
-    probs, labels = evaluate(s.net, s.valid_loader, s.ctxs[0])
+    with s.average.swapped_in() if s.average is not None else contextlib.nullcontext():
+        probs, labels = evaluate(s.net, s.valid_loader, s.ctxs[0])
     if len(labels):
         row.update(valid_logloss=ndsb_log_loss(labels, probs),
                    valid_accuracy=accuracy(labels, probs))
@@ -415,9 +444,9 @@ def finish(s: Session) -> dict[str, Any]:
     final = checkpoint.latest(run.ckpt_dir)
     if final is None:
         raise TrainingError(f"{run.name}: no checkpoint written (train.epochs = {cfg['epochs']})")
-    if final["epoch"] != cfg["epochs"] or s.start == cfg["epochs"]:
-        s.net.load_parameters(final["_stem"] + ".params", ctx=s.ctxs)
     checkpoint.finalize(run.ckpt_dir, final)
+    # The published weights (the average, with one): what validation scored, what predict uses.
+    s.net.load_parameters(str(run.ckpt_dir / "model.params"), ctx=s.ctxs)
     history = final["history"]
     _write_plot(run.plots_path, history)
     probs, labels = evaluate(s.net, s.valid_loader, s.ctxs[0])
@@ -447,7 +476,7 @@ def train(run: Run) -> dict[str, Any]:
                 f"{k} {_fmt(v)}" for k, v in row.items() if k != "epoch"))
             if s.rank == 0:
                 checkpoint.save(run.ckpt_dir, epoch + 1, s.net, s.trainer,
-                                dict(s.spec, history=s.history))
+                                dict(s.spec, history=s.history), s.average)
                 _write_plot(run.plots_path, s.history)
     finally:
         s.train_loader.close()

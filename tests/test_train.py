@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -39,10 +40,10 @@ def config(tmp: Path, **over) -> dict:
     return params.merge("train", T.DEFAULTS, base)
 
 
-def params_of(directory: Path) -> dict[str, np.ndarray]:
+def params_of(directory: Path, name: str = "model.params") -> dict[str, np.ndarray]:
     import mxnet as mx
 
-    return {k: v.asnumpy() for k, v in mx.nd.load(str(directory / "model.params")).items()}
+    return {k: v.asnumpy() for k, v in mx.nd.load(str(directory / name)).items()}
 
 
 def test_lr_schedule_steps_by_factor():
@@ -265,3 +266,44 @@ def test_a_seed_of_the_grid_names_the_run_and_replaces_train_seed(records, tmp_p
         member_name("lenet-seed2", 1)
     with pytest.raises(RunNameError, match=">= 0"):
         member_name("lenet", -1)
+
+
+def test_weight_average_is_validated_published_and_resumed(records, tmp_path):
+    """ema_half_life: validation and model.params use the average; resuming continues it."""
+    full = config(tmp_path / "full", epochs=3, ema_half_life=1.0)
+    metrics = T.train(T.Run(NET, 0, full, records))
+    run_dir = tmp_path / "full" / "ck" / f"{NET}--fold0"
+    record = json.loads((run_dir / "epoch-0003.json").read_text())
+    assert "ema.params" in record["sha256"] and record["average_steps"] > 0
+    published = params_of(run_dir)
+    average = params_of(run_dir, "epoch-0003.ema.params")
+    assert all(np.array_equal(published[k], average[k]) for k in published)
+    raw = params_of(run_dir, "epoch-0003.params")
+    assert any(not np.allclose(raw[k], average[k]) for k in raw)
+    assert metrics["valid_logloss"] == pytest.approx(record["history"][-1]["valid_logloss"])
+
+    part = config(tmp_path / "part", epochs=3, ema_half_life=1.0)
+    T.train(T.Run(NET, 0, dict(part, epochs=1), records))
+    T.train(T.Run(NET, 0, part, records))
+    resumed = params_of(tmp_path / "part" / "ck" / f"{NET}--fold0")
+    for key in published:
+        np.testing.assert_allclose(published[key], resumed[key], rtol=1e-5, atol=1e-6)
+
+
+def test_label_smoothing_trains_and_bad_options_are_refused(records, tmp_path):
+    import mxnet as mx
+
+    from pipeline.lib import sgd
+
+    out = mx.nd.array([[2.0, 0.0, -1.0]])
+    plain = sgd.loss_function()(out, mx.nd.array([0])).asscalar()
+    smooth = sgd.loss_function(0.3)(out, mx.nd.array([0])).asscalar()
+    logp = np.log(np.exp([2.0, 0.0, -1.0]) / np.exp([2.0, 0.0, -1.0]).sum())
+    assert plain == pytest.approx(-logp[0], rel=1e-5)
+    assert smooth == pytest.approx(-(0.8 * logp[0] + 0.1 * logp[1] + 0.1 * logp[2]), rel=1e-5)
+    metrics = T.train(T.Run(NET, 0, config(tmp_path, epochs=1, label_smoothing=0.1), records))
+    assert math.isfinite(metrics["valid_logloss"])
+    with pytest.raises(T.TrainingError) as err:
+        T.train(T.Run(NET, 0, config(tmp_path, label_smoothing=1.0, ema_half_life=-1),
+                      records))
+    assert "label_smoothing" in str(err.value) and "ema_half_life" in str(err.value)

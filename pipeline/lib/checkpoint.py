@@ -4,6 +4,7 @@ A run directory ``checkpoints/{net}--fold{k}/`` holds, after ``e`` finished epoc
 
     epoch-000e.params   network parameters (``save_parameters``)
     epoch-000e.states   optimizer state (``Trainer.save_states``: momentum buffers)
+    epoch-000e.ema.params  the moving average of the weights, when training keeps one
     epoch-000e.json     the spec (net name + kwargs, classes, input size and normalization,
                         augmentation ranges), epoch, history, config fingerprint, and the
                         sha256 of the two files above
@@ -11,7 +12,8 @@ A run directory ``checkpoints/{net}--fold{k}/`` holds, after ``e`` finished epoc
 Every file is written to a temporary name and renamed; the ``.json`` is written last, so its
 presence means a complete epoch. On load the hashes are checked: a corrupt or truncated latest
 checkpoint is reported with a warning and the previous one is used. The newest two epochs are
-kept. ``model.json`` + ``model.params`` are the final model, for prediction.
+kept. ``model.json`` + ``model.params`` are the final model, for prediction (the weight
+average when there is one: it is what validation scored).
 
 Randomness needs no saved generator state: shuffling, augmentation and MXNet's RNG are seeded
 from (seed, epoch[, batch]), so resuming at epoch e reproduces exactly what a run without the
@@ -45,8 +47,20 @@ def _stem(directory: Path, epoch: int) -> Path:
     return directory / f"epoch-{epoch:04d}"
 
 
-def save(directory: str | Path, epoch: int, net, trainer, record: dict[str, Any]) -> Path:
-    """Write epoch ``epoch`` of a run; ``record`` holds spec, history, fingerprint."""
+def _ema_path(stem: Path) -> Path:
+    return stem.with_name(stem.name + ".ema.params")
+
+
+SUFFIXES = (".json", ".params", ".states", ".ema.params")
+
+
+def save(directory: str | Path, epoch: int, net, trainer, record: dict[str, Any],
+         average=None) -> Path:
+    """Write epoch ``epoch`` of a run; ``record`` holds spec, history, fingerprint.
+
+    ``average``: a :class:`pipeline.lib.sgd.WeightAverage` of ``net``, saved beside the
+    weights (its step count in the record) so a resumed run continues the same average.
+    """
     directory = Path(directory)
     stem = _stem(directory, epoch)
     params, states = stem.with_suffix(".params"), stem.with_suffix(".states")
@@ -54,8 +68,14 @@ def save(directory: str | Path, epoch: int, net, trainer, record: dict[str, Any]
         net.save_parameters(str(tmp))
     with atomic_path(states) as tmp:
         trainer.save_states(str(tmp))
-    record = dict(record, epoch=epoch,
-                  sha256={"params": sha256(params), "states": sha256(states)})
+    digests = {"params": sha256(params), "states": sha256(states)}
+    if average is not None:
+        ema = _ema_path(stem)
+        with atomic_path(ema) as tmp, average.swapped_in():
+            net.save_parameters(str(tmp))
+        digests["ema.params"] = sha256(ema)
+        record = dict(record, average_steps=average.steps)
+    record = dict(record, epoch=epoch, sha256=digests)
     write_json(stem.with_suffix(".json"), record)
     _prune(directory)
     return stem.with_suffix(".json")
@@ -70,7 +90,7 @@ def _epochs(directory: Path) -> list[int]:
 
 def _prune(directory: Path) -> None:
     for epoch in _epochs(directory)[KEEP:]:
-        for suffix in (".json", ".params", ".states"):
+        for suffix in SUFFIXES:
             _stem(directory, epoch).with_suffix(suffix).unlink(missing_ok=True)
 
 
@@ -91,7 +111,7 @@ def verify(directory: Path, epoch: int) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{stem}.json unreadable: {exc}") from None
     for kind, digest in record.get("sha256", {}).items():
-        path = stem.with_suffix(f".{kind}")
+        path = stem.with_name(f"{stem.name}.{kind}")
         if not path.exists() or sha256(path) != digest:
             raise CheckpointError(f"{path} is missing or corrupt (sha256 mismatch)")
     return record
@@ -115,7 +135,7 @@ def truncate(directory: str | Path, epoch: int) -> None:
     directory = Path(directory)
     for later in _epochs(directory):
         if later > epoch:
-            for suffix in (".json", ".params", ".states"):
+            for suffix in SUFFIXES:
                 _stem(directory, later).with_suffix(suffix).unlink(missing_ok=True)
     for name in ("model.json", "model.params", "valid.npy", "valid.names.txt"):
         (directory / name).unlink(missing_ok=True)
@@ -139,8 +159,10 @@ def finalize(directory: str | Path, record: dict[str, Any]) -> None:
     """Publish the verified epoch ``record`` as ``model.params`` + ``model.json``."""
     directory = Path(directory)
     stem = Path(record["_stem"])
+    source = _ema_path(stem) if "ema.params" in record.get("sha256", {}) else \
+        stem.with_suffix(".params")
     with atomic_path(directory / "model.params") as tmp:
-        shutil.copyfile(stem.with_suffix(".params"), tmp)
+        shutil.copyfile(source, tmp)
     spec = {k: v for k, v in record.items() if k not in ("_stem", "sha256")}
     spec["sha256"] = {"params": sha256(directory / "model.params")}
     write_json(directory / "model.json", spec)
