@@ -40,12 +40,12 @@ from scipy.optimize import minimize, minimize_scalar
 from pipeline.lib import params
 from pipeline.lib.errors import PipelineError, stage_errors
 from pipeline.lib.fsutil import write_json
-from pipeline.lib.metrics import clip_normalize, summary
+from pipeline.lib.metrics import apply_temperature, clip_normalize, summary
 from pipeline.lib.names import duplicates
 from pipeline.lib.predictions import (SPLITS, align_rows, load_predictions, prediction_files,
                                       save_predictions)
 from pipeline.lib.records import load_meta
-from pipeline.lib.runs import member_name
+from pipeline.lib.runs import member_name, pseudo_name
 
 ENSEMBLE_NAME = "ensemble"
 CALIBRATIONS = ("temperature", "none")
@@ -54,7 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "nets": [],
     "folds": None,  # null: every fold in meta.json; K: folds 0..K-1; or an explicit list
     "seeds": None,  # null: one model per net ({net}); a list: {net}-seed{s}, averaged per net
-    "calibration": "temperature",  # temperature | none
+    "calibration": "none",  # temperature | none
+    "pseudo_nets": [],  # nets whose second round {net}-pl is blended too
     "predictions_dir": "predictions/models",
     "out_dir": "predictions",
     "records": "data/records",
@@ -139,14 +140,6 @@ def blend_models(models: Sequence[Model], y_true_idx: np.ndarray
 # ------------------------------------------------------------------------------ calibration
 
 
-def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """``p ** (1/T)`` renormalized (after Kaggle's clipping): T > 1 softens, T < 1 sharpens."""
-    logp = np.log(clip_normalize(probs)) / float(temperature)
-    logp -= logp.max(axis=1, keepdims=True)
-    p = np.exp(logp)
-    return p / p.sum(axis=1, keepdims=True)
-
-
 def fit_temperature(probs: np.ndarray, y_true_idx: np.ndarray) -> float:
     """The ``T`` in [0.05, 20] minimizing the log loss of :func:`apply_temperature`.
 
@@ -217,9 +210,29 @@ def expected_files(directory: str | os.PathLike, nets: Sequence[str],
             for path in prediction_files(directory, split, net, fold)]
 
 
+def locate(directory: str | os.PathLike, member: str, folds: Sequence[int]) -> Path:
+    """The folder holding ``member``'s predictions: ``directory`` or one of its subfolders.
+
+    The first and second training rounds write to subfolders of their own (``round1``,
+    ``round2``): a stage that makes pseudo-labels from the first round's files must not
+    depend on the second round's. Without any file, ``directory`` (the error names it).
+    """
+    directory = Path(directory)
+    folders = [directory] + (sorted(d for d in directory.iterdir() if d.is_dir())
+                             if directory.is_dir() else [])
+    found = [d for d in folders
+             if any(prediction_files(d, "valid", member, k)[0].is_file() for k in folds)]
+    if len(found) > 1:
+        raise EnsembleError(f"{member}: prediction files in several folders "
+                            f"({', '.join(map(str, found))}); remove the stale ones")
+    return found[0] if found else directory
+
+
 def check_files(directory: str | os.PathLike, nets: Sequence[str], folds: Sequence[int]) -> None:
     """Raise :class:`MissingPredictionsError` listing every missing prediction file at once."""
-    missing = [str(p) for p in expected_files(directory, nets, folds) if not p.is_file()]
+    missing = [str(p) for net in nets
+               for p in expected_files(locate(directory, net, folds), [net], folds)
+               if not p.is_file()]
     if missing:
         raise MissingPredictionsError(
             f"{len(missing)} prediction file(s) missing (run predict for these models):\n  "
@@ -295,14 +308,16 @@ def seed_metrics(members: dict[str, Sequence[Model]], models: Sequence[Model],
 def ensemble(nets: Sequence[str], folds: int | Sequence[int] | None,
         predictions_dir: str | os.PathLike, records: str | os.PathLike,
         metrics_path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-        seeds: Sequence[int] | None = None, calibration: str = "none") -> dict[str, Any]:
+        seeds: Sequence[int] | None = None, calibration: str = "none",
+        pseudo_nets: Sequence[str] | None = None) -> dict[str, Any]:
     """Load every model, blend, calibrate, write the ensemble predictions and metrics.
 
     The blend goes to ``out_dir`` (default: ``predictions_dir``); DVC wants it apart from the
-    per-model files, which are the outputs of other stages. Returns the metrics.
+    per-model files, which are the outputs of other stages. ``pseudo_nets``: nets whose second
+    round (``{net}-pl``) is blended as nets of their own. Returns the metrics.
     """
     out_dir = predictions_dir if out_dir is None else out_dir
-    nets = list(nets)
+    nets = list(nets) + [pseudo_name(n) for n in (pseudo_nets or [])]
     check_settings(nets, seeds, calibration)
     grid = {net: [member_name(net, s) for s in seeds] if seeds is not None else [net]
             for net in nets}
@@ -314,8 +329,9 @@ def ensemble(nets: Sequence[str], folds: int | Sequence[int] | None,
     y = np.array([int(t["label"]) for t in train], dtype=np.int64)
     test_order = [t["name"] for t in info["test"]]
     try:
-        members = {net: [load_model(predictions_dir, m, chosen, valid_order, test_order,
-                                    len(info["classes"])) for m in grid[net]] for net in nets}
+        members = {net: [load_model(locate(predictions_dir, m, chosen), m, chosen, valid_order,
+                                    test_order, len(info["classes"])) for m in grid[net]]
+                   for net in nets}
     except ValueError as exc:  # misaligned rows: say so as an ensemble problem
         raise EnsembleError(str(exc)) from None
     models = [average_seeds(net, members[net]) for net in nets]
@@ -343,6 +359,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="the folds to use, listed (default: every fold in meta.json)")
     parser.add_argument("--seeds", type=int, nargs="*",
                         help="seeds of the models grid: blend NET-seedS, averaged per net")
+    parser.add_argument("--pseudo_nets", "--pseudo-nets", nargs="*",
+                        help="nets whose second round (NET-pl) is blended too")
     parser.add_argument("--calibration", choices=CALIBRATIONS,
                         help="temperature: fitted out of fold (default: params)")
     parser.add_argument("--predictions-dir", help="directory of the per-model prediction files")
@@ -359,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = params.section("ensemble", DEFAULTS, args.pop("params"))
         cfg.update({k: v for k, v in args.items() if v is not None})  # CLI overrides params
         metrics = ensemble(cfg["nets"], cfg["folds"], cfg["predictions_dir"], cfg["records"],
-                           cfg["metrics"], cfg["out_dir"], cfg["seeds"], cfg["calibration"])
+                           cfg["metrics"], cfg["out_dir"], cfg["seeds"], cfg["calibration"],
+                           cfg["pseudo_nets"])
     weights = ", ".join(f"{net} {w:.3f}" for net, w in metrics["weights"].items())
     print(f"ensemble OOF logloss {metrics['ensemble']['logloss']:.5f} "
           f"accuracy {metrics['ensemble']['accuracy']:.4f}; weights: {weights}")

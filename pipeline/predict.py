@@ -76,7 +76,7 @@ DEFAULTS: dict[str, Any] = {
     "chunk_images": 256,     # images per resumable chunk (rounded up to whole batches)
     "work": "predictions/work",  # chunk store of runs in progress (pipeline.lib.chunks)
     "checkpoints": "checkpoints",
-    "predictions": "predictions/models",
+    "predictions": "predictions/models/round1",
 }
 # Keys that say where files go, not what is computed: outside the chunks' fingerprint.
 PATH_KEYS = ("work", "checkpoints", "predictions")
@@ -421,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="the model trained with this seed of the models grid (NET-seedS)")
     parser.add_argument("--records", default="data/records")
     parser.add_argument("--metrics", default="metrics", help="folder for predict--*.json")
+    parser.add_argument("--predictions", metavar="DIR",
+                        help="folder for the prediction files (default: tta.predictions)")
     parser.add_argument("--params", default=params_mod.PARAMS_FILE)
     parser.add_argument("--shard", metavar="S/K",
                         help="compute only shard S of K (0 <= S < K) and stop; e.g. "
@@ -437,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.merge and shard[1] > 1:
             raise PredictError("--merge assembles all shards: use it without --shard")
         cfg = params_mod.section("tta", DEFAULTS, args.params)
+        if args.predictions:
+            cfg["predictions"] = args.predictions
         metrics = predict(member_name(args.net, args.seed), args.fold, Path(args.records), cfg,
                           args.metrics, shard, args.merge)
     if "valid_logloss" in metrics:

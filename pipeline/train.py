@@ -44,8 +44,9 @@ import numpy as np
 from pipeline.lib import checkpoint
 from pipeline.lib import params as params_mod
 from pipeline.lib.errors import PipelineError, stage_errors
-from pipeline.lib.fsutil import write_json, write_text
-from pipeline.lib.runs import artifact_name, member_name, run_name
+from pipeline.lib.fsutil import sha256, write_json, write_text
+from pipeline.lib.predictions import prediction_files
+from pipeline.lib.runs import artifact_name, member_name, pseudo_name, run_name
 from pipeline.lib.runtime import configure_threads
 
 DEFAULTS: dict[str, Any] = {
@@ -127,13 +128,28 @@ class Run:
     records: Path
     # A seed of the models grid: replaces train.seed and names the run {net}-seed{s}--fold{k}.
     seed: int | None = None
+    # Second round: the pseudo stage's folder of soft test targets, and the fraction of every
+    # batch they fill. The run is then the net {net}-pl (pipeline.lib.runs.pseudo_name).
+    pseudo: Path | None = None
+    pseudo_fraction: float = 0.25
     member: str = field(init=False)
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.member = member_name(self.net, self.seed)
+        self.member = member_name(pseudo_name(self.net) if self.pseudo else self.net, self.seed)
         if self.seed is not None:
             self.cfg = dict(self.cfg, seed=int(self.seed))
+        if self.pseudo is not None:
+            f = self.pseudo_fraction
+            if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f < 1:
+                raise TrainingError(f"--pseudo-fraction (pseudo.fraction) must be in (0, 1) "
+                                    f"for a second round, got {f!r}")
+            npy, _ = prediction_files(self.pseudo, "test", "pseudo", self.fold)
+            if not npy.is_file():
+                raise TrainingError(f"{npy} not found: run the pseudo stage first "
+                                    "(python -m pipeline.pseudo)")
+            # The targets' hash is part of the fingerprint: new targets, a new second round.
+            self.cfg = dict(self.cfg, pseudo={"fraction": float(f), "targets": sha256(npy)})
         self.name = run_name(self.member, self.fold)
 
     @property
@@ -277,6 +293,7 @@ class Session:
     trainer: Any
     spec: dict[str, Any]
     average: Any = None  # sgd.WeightAverage when train.ema_half_life > 0
+    targets: np.ndarray | None = None  # second round: soft targets of the test images
     history: list[dict[str, Any]] = field(default_factory=list)
     start: int = 0
     origin: str = "trained from scratch"  # how this run's weights came about (metrics)
@@ -297,11 +314,27 @@ def check_settings(cfg: dict[str, Any]) -> None:
         raise TrainingError("; ".join(problems))
 
 
+def pseudo_targets(run: Run, meta: dict[str, Any]) -> np.ndarray:
+    """The fold's soft targets, rows in the order of the test records (``meta.json``)."""
+    from pipeline.lib.predictions import align_rows, load_predictions
+
+    probs, names = load_predictions(run.pseudo, "test", "pseudo", run.fold)
+    if probs.shape[1] != len(meta["classes"]):
+        raise TrainingError(f"pseudo-labels of fold {run.fold}: {probs.shape[1]} columns, "
+                            f"meta.json has {len(meta['classes'])} classes: rerun pseudo")
+    try:
+        targets = align_rows(probs, names, [t["name"] for t in meta["test"]],
+                             f"pseudo-labels of fold {run.fold}", "the meta.json test images")
+    except ValueError as exc:
+        raise TrainingError(f"{exc}: rerun the pseudo stage on these records") from None
+    return (targets / targets.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 def open_session(run: Run) -> Session:
     """Load the fold's data, build the network and optimizer, resume if a checkpoint fits."""
     from pipeline.lib import sgd
     from pipeline.lib.augment import AffineRanges, build_train_transform
-    from pipeline.lib.data import BatchLoader
+    from pipeline.lib.data import BatchLoader, MixedBatchLoader, MixedReader
     from pipeline.lib.records import RecordReader, fold_indices, load_meta
 
     cfg = run.cfg
@@ -317,9 +350,22 @@ def open_session(run: Run) -> Session:
     reader = RecordReader(run.records, "train")
     transform = build_train_transform(ranges, meta["size"], background=meta["background"])
     batch = max(1, cfg["batch_size"] // len(ctxs)) * len(ctxs)
-    train_loader = BatchLoader(reader, train_idx, batch, transform, shuffle=True,
-                               seed=cfg["seed"] + rank, workers=cfg["workers"],
-                               prefetch=cfg["prefetch"], drop_last=len(train_idx) >= batch)
+    targets = None
+    if run.pseudo is None:
+        train_loader = BatchLoader(reader, train_idx, batch, transform, shuffle=True,
+                                   seed=cfg["seed"] + rank, workers=cfg["workers"],
+                                   prefetch=cfg["prefetch"], drop_last=len(train_idx) >= batch)
+    else:
+        targets = pseudo_targets(run, meta)
+        per_batch = int(round(batch * run.pseudo_fraction))
+        if not 0 < per_batch < batch:
+            raise TrainingError(f"pseudo.fraction {run.pseudo_fraction} of a batch of {batch} "
+                                f"is {per_batch} images: it must leave room for both kinds "
+                                "(raise train.batch_size or change the fraction)")
+        train_loader = MixedBatchLoader(MixedReader(reader, RecordReader(run.records, "test")),
+                                        train_idx, batch, per_batch, transform,
+                                        seed=cfg["seed"] + rank, workers=cfg["workers"],
+                                        prefetch=cfg["prefetch"])
     valid_loader = BatchLoader(reader, valid_idx, 2 * batch, None, workers=0)
 
     net, kwargs, precision = build(run, len(meta["classes"]), ctxs)
@@ -340,7 +386,7 @@ def open_session(run: Run) -> Session:
     if cfg["ema_half_life"]:
         average = sgd.WeightAverage(net, cfg["ema_half_life"] * max(1, len(train_loader)))
     session = Session(run, meta, ctxs, rank, n_workers, train_idx, valid_idx, train_loader,
-                      valid_loader, net, trainer, spec, average)
+                      valid_loader, net, trainer, spec, average, targets)
     _resume(session)
     return session
 
@@ -398,6 +444,7 @@ def run_epoch(s: Session, epoch: int, sync_first: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
     from pipeline.lib import sgd
+    from pipeline.lib.data import soft_targets
     from pipeline.lib.metrics import accuracy, ndsb_log_loss
 
     cfg, run = s.run.cfg, s.run
@@ -410,6 +457,8 @@ def run_epoch(s: Session, epoch: int, sync_first: bool) -> dict[str, Any]:
                desc=f"{run.name} epoch {epoch + 1}/{cfg['epochs']}", mininterval=2,
                disable=s.rank != 0)
     for x, y in bar:
+        if s.targets is not None:  # second round: one-hot and pseudo-label rows
+            y = soft_targets(y, s.targets)
         # dist: the initial weights must arrive before the first gradient leaves.
         first = (lambda: finish_initial_broadcast(s.trainer)) if sync_first else None
         batch_loss = sgd.step(s.net, s.trainer, loss_fn, x, y, s.ctxs,
@@ -491,6 +540,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--fold", type=int, required=True, help="-1: all labelled images")
     parser.add_argument("--seed", type=int, help="a seed of the models grid: replaces "
                         "train.seed and names the run NET-seedS--foldK")
+    parser.add_argument("--pseudo", type=Path, metavar="DIR",
+                        help="second round: mix the pseudo stage's soft test targets in DIR "
+                             "into every batch; the run is NET-pl")
+    parser.add_argument("--pseudo-fraction", type=float, default=0.25,
+                        help="share of every batch that is pseudo-labelled (pseudo.fraction)")
     parser.add_argument("--records", default="data/records")
     parser.add_argument("--params", default=params_mod.PARAMS_FILE)
     args = parser.parse_args(argv)
@@ -498,7 +552,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         with stage_errors("train"):
             cfg = params_mod.section("train", DEFAULTS, args.params)
-            metrics = train(Run(args.net, args.fold, cfg, Path(args.records), args.seed))
+            metrics = train(Run(args.net, args.fold, cfg, Path(args.records), args.seed,
+                                args.pseudo, args.pseudo_fraction))
     except BaseException as exc:
         if os.environ.get("DMLC_ROLE") == "worker":
             _abort_worker(exc)

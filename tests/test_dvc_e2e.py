@@ -32,7 +32,8 @@ def tiny_params(params: dict, root: Path) -> dict:
     """The repository's params with data.root at ``root`` and fast settings for 2 cores."""
     params["data"].update(root=str(root), size=32, folds=2)
     overrides = {
-        "models": {"nets": ["lenet"], "folds": [0, 1], "seeds": [0, 1]},
+        "models": {"nets": ["lenet"], "folds": [0, 1], "seeds": [0, 1],
+                   "pseudo_nets": ["lenet"]},
         "train": {"epochs": 2, "batch_size": 8, "lr_steps": [1], "workers": 1},
         "tta": {"n": 4},
         "score": {"labels": str(root / "test_labels.csv")},
@@ -108,9 +109,13 @@ def test_dvc_repro_on_tiny_synthetic_folder(project):
         score = json.loads((repo / params["score"]["out"]).read_text())
         assert score["n"] == 6 and 0 < score["logloss"] < 10
         ensemble = json.loads((repo / params["ensemble"]["metrics"]).read_text())
-        assert ensemble["weights"] == {"lenet": 1.0}
-        # Two seeds per net, averaged before weighting.
+        # Two seeds per net, averaged before weighting; the second round blended as a net.
+        assert set(ensemble["weights"]) == {"lenet", "lenet-pl"}
         assert set(ensemble["seeds"]["lenet"]["members"]) == {"lenet-seed0", "lenet-seed1"}
+        assert set(ensemble["seeds"]["lenet-pl"]["members"]) == {"lenet-pl-seed0",
+                                                                "lenet-pl-seed1"}
+        pseudo = json.loads((repo / params["pseudo"]["metrics"]).read_text())
+        assert pseudo["members"] == ["lenet-seed0", "lenet-seed1"] and pseudo["folds"] == [0, 1]
 
 
 def _experiments(show: list[dict]) -> dict[str, dict]:
@@ -137,11 +142,13 @@ def test_experiments_show_their_own_params_and_metrics(project):
     curves beside the baseline's.
     """
     repo, _, env, _ = project
-    _sh(["dvc", "exp", "run", "-n", "fewer", "-S", "train.epochs=1", "-S", "tta.n=2"],
+    small = ["-S", "models.seeds=[0]", "-S", "models.pseudo_nets=[]"]  # one model per fold
+    _sh(["dvc", "exp", "run", "-n", "fewer", *small, "-S", "train.epochs=1", "-S", "tta.n=2"],
         repo, env)
     # An experiment starts from the workspace, where the last one's results were applied.
-    _sh(["dvc", "exp", "run", "-n", "more", "-S", "train.epochs=3", "-S", "tta.n=4"], repo, env)
-    _sh(["dvc", "exp", "run", "--queue", "-n", "queued", "-S", "train.epochs=2", "-S",
+    _sh(["dvc", "exp", "run", "-n", "more", *small, "-S", "train.epochs=3", "-S", "tta.n=4"],
+        repo, env)
+    _sh(["dvc", "exp", "run", "--queue", "-n", "queued", *small, "-S", "train.epochs=2", "-S",
          "train.lr=0.02"], repo, env)
     _sh(["dvc", "queue", "start"], repo, env)
     deadline = time.monotonic() + 900

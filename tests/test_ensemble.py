@@ -261,7 +261,8 @@ def test_missing_seed_is_listed_and_bad_settings_are_refused(project) -> None:
 
 
 def test_temperature_calibration_is_cross_fitted_and_fixes_overconfidence(project) -> None:
-    from pipeline.ensemble import apply_temperature, fit_temperature
+    from pipeline.ensemble import fit_temperature
+    from pipeline.lib.metrics import apply_temperature
 
     root, meta = project
     write_net(root / "predictions", meta, "sure", overconfident, seed=4)

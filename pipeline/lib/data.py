@@ -117,3 +117,75 @@ class BatchLoader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class MixedReader:
+    """The train records followed by the test records, as one index space.
+
+    Index ``i < len(train)`` reads train record ``i`` with its label; index ``len(train) + j``
+    reads test record ``j`` with label ``-(1 + j)``, which :func:`soft_targets` turns into
+    row ``j`` of the pseudo-label targets. One reader lets one worker pool decode and augment
+    both kinds of images in the same batches.
+    """
+
+    def __init__(self, train: RecordReader, test: RecordReader):
+        self.train, self.test = train, test
+        self.offset = len(train)
+
+    def __len__(self) -> int:
+        return self.offset + len(self.test)
+
+    def read(self, i: int) -> tuple[float, np.ndarray]:
+        if i < self.offset:
+            return self.train.read(i)
+        j = i - self.offset
+        return -(1.0 + j), self.test.read(j)[1]
+
+
+class MixedBatchLoader(BatchLoader):
+    """Batches of ``batch_size`` images, ``pseudo_per_batch`` of them pseudo-labelled test images.
+
+    An epoch is one pass over the labelled ``indices`` (``batch_size - pseudo_per_batch`` per
+    batch, shuffled per epoch); the test images are drawn in a shuffled order that runs on
+    across epochs, so every test image is used about equally. Both orders and the
+    augmentation are seeded from (seed, epoch[, batch]) like :class:`BatchLoader`'s, so a
+    resumed run sees the same batches.
+    """
+
+    def __init__(self, reader: MixedReader, indices: Sequence[int], batch_size: int,
+                 pseudo_per_batch: int, transform=None, seed: int = 0, workers: int = 1,
+                 prefetch: int = 4):
+        if not 0 < pseudo_per_batch < batch_size:
+            raise ValueError(f"pseudo images per batch must be in (0, {batch_size}), got "
+                             f"{pseudo_per_batch}")
+        super().__init__(reader, indices, batch_size - pseudo_per_batch, transform,
+                         shuffle=True, seed=seed, workers=workers, prefetch=prefetch,
+                         drop_last=len(indices) >= batch_size - pseudo_per_batch)
+        self.pseudo_per_batch = pseudo_per_batch
+        self.n_test = len(reader.test)
+
+    def _tasks(self, epoch: int) -> list[tuple[np.ndarray, int | None]]:
+        labelled = super()._tasks(epoch)
+        k, n = self.pseudo_per_batch, self.n_test
+        start = epoch * len(labelled) * k  # where this epoch's draws begin in the long order
+        draws = np.arange(start, start + len(labelled) * k)
+        # Pass p over the test images is permutation([seed, "pseudo", p]) of them.
+        order = np.empty(len(draws), dtype=np.int64)
+        for p in np.unique(draws // n):
+            here = draws // n == p
+            perm = np.random.default_rng([self.seed, 7919, int(p)]).permutation(n)
+            order[here] = perm[draws[here] % n]
+        test = order + self.reader.offset
+        return [(np.concatenate([chunk, test[b * k:(b + 1) * k]]), seed)
+                for b, (chunk, seed) in enumerate(labelled)]
+
+
+def soft_targets(labels: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(N, classes) float32 targets of a mixed batch: one-hot rows for labels >= 0, and row
+    ``j`` of ``targets`` (the pseudo-labels) for label ``-(1 + j)``."""
+    labels = np.asarray(labels)
+    out = np.zeros((len(labels), targets.shape[1]), dtype=np.float32)
+    own = labels >= 0
+    out[np.flatnonzero(own), labels[own].astype(np.int64)] = 1.0
+    out[~own] = targets[(-labels[~own] - 1).astype(np.int64)]
+    return out

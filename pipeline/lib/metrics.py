@@ -22,6 +22,14 @@ def clip_normalize(probs: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """``p ** (1/T)`` renormalized, after :func:`clip_normalize`: T > 1 softens, T < 1 sharpens."""
+    logp = np.log(clip_normalize(probs)) / float(temperature)
+    logp -= logp.max(axis=1, keepdims=True)
+    p = np.exp(logp)
+    return p / p.sum(axis=1, keepdims=True)
+
+
 def ndsb_log_loss(y_true_idx: Sequence[int] | np.ndarray, probs: np.ndarray) -> float:
     """Kaggle NDSB multi-class log loss: clip, renormalize rows, mean -log p(true class)."""
     return float(np.mean(sample_losses(y_true_idx, probs)))

@@ -12,6 +12,8 @@ a run's *member* name, ``{net}-seed{s}``, takes the net's place in every name ab
 (``checkpoints/ndsb_net1-seed1--fold0/``, ``valid--ndsb_net1-seed1--fold0.npy``), so every
 other stage handles seeds as it handles nets; :func:`parse_member` gives back ``(net, seed)``
 where the net and its seed are needed apart (the ensemble averages the seeds of a net).
+A net's second round on pseudo-labels is a net of its own, ``{net}-pl`` (members
+``{net}-pl-seed{s}``), so its predictions go through TTA and the ensemble like any net's.
 """
 from __future__ import annotations
 
@@ -58,6 +60,19 @@ def member_name(net: str, seed: int | None = None) -> str:
     if int(seed) < 0:
         raise RunNameError(f"invalid seed {seed!r}: must be >= 0")
     return f"{net}-seed{int(seed)}"
+
+
+PSEUDO_SUFFIX = "-pl"
+
+
+def pseudo_name(net: str) -> str:
+    """``{net}-pl``: the net trained a second round on pseudo-labels, as a net of its own."""
+    return f"{check_part('net', net)}{PSEUDO_SUFFIX}"
+
+
+def base_net(name: str) -> str:
+    """The registry's net of a (possibly second-round) net name: ``{net}-pl`` -> ``{net}``."""
+    return name[:-len(PSEUDO_SUFFIX)] if name.endswith(PSEUDO_SUFFIX) else name
 
 
 def parse_member(member: str) -> tuple[str, int | None]:

@@ -1,0 +1,137 @@
+"""Pseudo-labels: per-fold soft targets without leakage, mixed batches, the second round."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import pseudo as P
+from pipeline import train as T
+from pipeline.ingest import Settings, ingest
+from pipeline.lib import params
+from pipeline.lib.data import MixedBatchLoader, MixedReader, soft_targets
+from pipeline.lib.predictions import load_predictions, save_predictions
+from pipeline.lib.records import RecordReader, load_meta
+from pipeline.tools.synth import generate
+
+NET = "lenet"
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> Path:
+    """3 classes x 16 train images and 12 test images at 32 px, 2 folds."""
+    base = tmp_path_factory.mktemp("pseudo")
+    generate(base / "ndsb", classes=3, per_class=16, test=12, seed=5, max_size=90)
+    ingest(base / "ndsb", base / "records", Settings(size=32), folds=2, workers=1)
+    return base / "records"
+
+
+def fake_predictions(directory: Path, meta: dict, member: str, fold: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    names = [t["name"] for t in meta["test"]]
+    probs = rng.dirichlet(np.ones(len(meta["classes"])), len(names)).astype(np.float32)
+    order = rng.permutation(len(names))  # rows in another order than meta.json's
+    save_predictions(directory, "test", member, fold, probs[order], [names[i] for i in order])
+    return probs
+
+
+def test_fold_targets_come_from_that_folds_models_only(records, tmp_path):
+    meta = load_meta(records)
+    preds = tmp_path / "models"
+    made = {(m, k): fake_predictions(preds, meta, m, k, seed=10 * k + i)
+            for i, m in enumerate(["a-seed0", "a-seed1", "b-seed0", "b-seed1"]) for k in (0, 1)}
+    metrics = P.pseudo(["a", "b"], None, [0, 1], preds, records, tmp_path / "pl",
+                       metrics_path=tmp_path / "pseudo.json")
+    for k in (0, 1):
+        targets, names = load_predictions(tmp_path / "pl", "test", "pseudo", k)
+        assert names == [t["name"] for t in meta["test"]]
+        expected = np.mean([made[(m, k)] for m in ("a-seed0", "a-seed1", "b-seed0", "b-seed1")],
+                           axis=0)
+        np.testing.assert_allclose(targets, expected / expected.sum(1, keepdims=True),
+                                   atol=1e-5)
+    assert metrics["members"] == ["a-seed0", "a-seed1", "b-seed0", "b-seed1"]
+    assert json.loads((tmp_path / "pseudo.json").read_text())["folds"] == [0, 1]
+    # No file of another fold, and no validation prediction, was read: fold 0's targets stay
+    # the same when fold 1's predictions are replaced.
+    fake_predictions(preds, meta, "a-seed0", 1, seed=99)
+    P.pseudo(["a", "b"], [0], [0, 1], preds, records, tmp_path / "pl2")
+    again, _ = load_predictions(tmp_path / "pl2", "test", "pseudo", 0)
+    first, _ = load_predictions(tmp_path / "pl", "test", "pseudo", 0)
+    np.testing.assert_array_equal(again, first)
+    # temperature < 1 sharpens
+    P.pseudo(["a", "b"], [0], [0, 1], preds, records, tmp_path / "sharp", temperature=0.5)
+    sharp, _ = load_predictions(tmp_path / "sharp", "test", "pseudo", 0)
+    assert sharp.max(axis=1).mean() > first.max(axis=1).mean()
+
+
+def test_bad_settings_and_missing_predictions_are_named(records, tmp_path, monkeypatch):
+    with pytest.raises(P.PseudoError) as err:
+        P.pseudo([], [0, 5], [], tmp_path, records, tmp_path / "pl", temperature=0,
+                 fraction=1.5)
+    for words in ("distinct first-round nets", "folds [0, 5] invalid", "models.seeds",
+                  "pseudo.temperature", "pseudo.fraction"):
+        assert words in str(err.value)
+    with pytest.raises(P.PseudoError, match="test--a-seed0--fold0.npy"):
+        P.pseudo(["a"], [0], [0], tmp_path, records, tmp_path / "pl")
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(f"pseudo:\n  records: {records}\n  temperature: -1\n")
+    with pytest.raises(SystemExit, match="^pseudo failed: .*pseudo.temperature must be > 0"):
+        P.main(["--nets", "a", "--folds", "0"])
+
+
+def test_mixed_batches_hold_the_fraction_and_replay_exactly(records):
+    train, test = RecordReader(records, "train"), RecordReader(records, "test")
+    reader = MixedReader(train, test)
+    loader = MixedBatchLoader(reader, np.arange(20), batch_size=8, pseudo_per_batch=2, workers=0)
+    batches = list(loader.epoch(3))
+    assert len(batches) == len(loader) == 20 // 6
+    for x, y in batches:
+        assert x.shape == (8, 1, 32, 32) and (y < 0).sum() == 2 and (y >= 0).sum() == 6
+    again = list(loader.epoch(3))
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(batches, again))
+    # Over epochs every test image is drawn about equally often.
+    drawn = np.concatenate([y[y < 0] for e in range(6) for _, y in loader.epoch(e)])
+    counts = np.bincount((-drawn - 1).astype(int), minlength=len(test))
+    assert counts.max() - counts.min() <= 1
+    targets = np.full((len(test), 3), 1 / 3, np.float32)
+    soft = soft_targets(np.array([2.0, -1.0, 0.0]), targets)
+    np.testing.assert_allclose(soft, [[0, 0, 1], [1 / 3, 1 / 3, 1 / 3], [1, 0, 0]])
+
+
+def config(tmp: Path, **over) -> dict:
+    base = {"epochs": 2, "batch_size": 8, "lr_steps": [1], "workers": 0, "act": "leaky",
+            "bn": False, "checkpoints": str(tmp / "ck"), "metrics": str(tmp / "m"),
+            "plots": str(tmp / "p")}
+    base.update(over)
+    return params.merge("train", T.DEFAULTS, base)
+
+
+def test_second_round_trains_as_its_own_net_and_follows_its_targets(records, tmp_path):
+    meta = load_meta(records)
+    pl = tmp_path / "pl"
+    names = [t["name"] for t in meta["test"]]
+    uniform = np.full((len(names), 3), 1 / 3, np.float32)
+    save_predictions(pl, "test", "pseudo", 0, uniform, names)
+    run = T.Run(NET, 0, config(tmp_path), records, seed=1, pseudo=pl, pseudo_fraction=0.25)
+    assert run.name == f"{NET}-pl-seed1--fold0"
+    metrics = T.train(run)
+    assert metrics["member"] == f"{NET}-pl-seed1" and np.isfinite(metrics["valid_logloss"])
+    spec = json.loads((tmp_path / "ck" / run.name / "model.json").read_text())
+    assert spec["net"] == NET and spec["train"]["pseudo"]["fraction"] == 0.25
+    first = spec["fingerprint"]
+    # New targets: a new second round, not a resumed one.
+    save_predictions(pl, "test", "pseudo", 0, np.eye(3, dtype=np.float32)[
+        np.arange(len(names)) % 3], names)
+    again = T.Run(NET, 0, config(tmp_path), records, seed=1, pseudo=pl, pseudo_fraction=0.25)
+    assert T.train(again)["origin"] == "trained from scratch"
+    spec = json.loads((tmp_path / "ck" / run.name / "model.json").read_text())
+    assert spec["fingerprint"] != first
+    with pytest.raises(T.TrainingError, match="must be in \\(0, 1\\)"):
+        T.Run(NET, 0, config(tmp_path), records, pseudo=pl, pseudo_fraction=0.0)
+    with pytest.raises(T.TrainingError, match="run the pseudo stage first"):
+        T.Run(NET, 1, config(tmp_path), records, pseudo=pl)
+    with pytest.raises(T.TrainingError, match="must leave room"):
+        T.train(T.Run(NET, 0, config(tmp_path, batch_size=2), records, pseudo=pl,
+                      pseudo_fraction=0.1))
