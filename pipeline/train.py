@@ -357,7 +357,7 @@ def open_session(run: Run) -> Session:
                                    prefetch=cfg["prefetch"], drop_last=len(train_idx) >= batch)
     else:
         targets = pseudo_targets(run, meta)
-        per_batch = int(round(batch * run.pseudo_fraction))
+        per_batch = round(batch * run.pseudo_fraction)
         if not 0 < per_batch < batch:
             raise TrainingError(f"pseudo.fraction {run.pseudo_fraction} of a batch of {batch} "
                                 f"is {per_batch} images: it must leave room for both kinds "

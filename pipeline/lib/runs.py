@@ -70,11 +70,6 @@ def pseudo_name(net: str) -> str:
     return f"{check_part('net', net)}{PSEUDO_SUFFIX}"
 
 
-def base_net(name: str) -> str:
-    """The registry's net of a (possibly second-round) net name: ``{net}-pl`` -> ``{net}``."""
-    return name[:-len(PSEUDO_SUFFIX)] if name.endswith(PSEUDO_SUFFIX) else name
-
-
 def parse_member(member: str) -> tuple[str, int | None]:
     """``(net, seed)`` of a member name; ``(member, None)`` for a plain net name."""
     match = _MEMBER.match(member)
