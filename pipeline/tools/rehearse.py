@@ -65,7 +65,10 @@ def make_repo(repo: Path, data: Path, args: argparse.Namespace) -> dict[str, Any
     params = yaml.safe_load((repo / "params.yaml").read_text())
     folds = list(range(args.folds))
     params["data"].update(root=str(data), size=args.size, folds=args.folds)
-    params["models"].update(nets=[args.net], folds=folds)
+    # The defaults' shape with the rehearsal's one net: its seeds, and a second round when the
+    # defaults train one.
+    params["models"].update(nets=[args.net], folds=folds,
+                            pseudo_nets=[args.net] if params["models"].get("pseudo_nets") else [])
     params["train"].update(epochs=args.epochs, lr_steps=[], workers=args.workers)
     params["tta"].update(n=args.tta_n)
     params["score"].update(labels=str(data / "test_labels.csv"))
@@ -76,11 +79,18 @@ def make_repo(repo: Path, data: Path, args: argparse.Namespace) -> dict[str, Any
 
 def stage_order(params: dict[str, Any]) -> list[str]:
     """``dvc repro --single-item`` targets in pipeline order (sample skipped: the data is
-    synthetic)."""
-    models = [f"{net}-{fold}" for net in params["models"]["nets"]
-              for fold in params["models"]["folds"]]
-    return (["ingest"] + [f"train@{m}" for m in models] + [f"predict@{m}" for m in models]
-            + ["ensemble", "submit", "score", "report"])
+    synthetic). Matrix stages are named ``{stage}@{net}-{fold}-{seed}``, DVC's order of the
+    matrix keys in dvc.yaml."""
+    models = params["models"]
+
+    def grid(nets: list[str]) -> list[str]:
+        return [f"{net}-{fold}-{seed}" for net in nets for fold in models["folds"]
+                for seed in models.get("seeds", [0])]
+
+    first, second = grid(models["nets"]), grid(models.get("pseudo_nets") or [])
+    return (["ingest"] + [f"train@{m}" for m in first] + [f"predict@{m}" for m in first]
+            + ["pseudo"] + [f"train_pl@{m}" for m in second]
+            + [f"predict_pl@{m}" for m in second] + ["ensemble", "submit", "score", "report"])
 
 
 def thesis_cost(bench: dict[str, dict[str, Any]], n_train: int, n_test: int, folds: int,
