@@ -39,7 +39,7 @@ from scipy.optimize import minimize, minimize_scalar
 
 from pipeline.lib import params
 from pipeline.lib.errors import PipelineError, stage_errors
-from pipeline.lib.fsutil import write_json
+from pipeline.lib.fsutil import sweep_stale, write_json
 from pipeline.lib.metrics import apply_temperature, clip_normalize, summary
 from pipeline.lib.names import duplicates
 from pipeline.lib.predictions import (SPLITS, align_rows, load_predictions, prediction_files,
@@ -345,6 +345,7 @@ def ensemble(nets: Sequence[str], folds: int | Sequence[int] | None,
                                                                     row_folds)
         metrics["uncalibrated"] = metrics["ensemble"]
         metrics["ensemble"] = summary(y, valid_blend)
+    sweep_stale("ensemble", out_dir, Path(metrics_path).parent)
     save_predictions(out_dir, "valid", ENSEMBLE_NAME, None, valid_blend, valid_order)
     save_predictions(out_dir, "test", ENSEMBLE_NAME, None, test_blend, test_order)
     write_json(metrics_path, metrics)

@@ -35,7 +35,8 @@ import numpy as np
 
 from pipeline.lib import params as params_mod
 from pipeline.lib.errors import PipelineError, stage_errors
-from pipeline.lib.fsutil import write_json
+from pipeline.lib.fsutil import (MB, OutOfSpaceError, free_bytes, out_of_space,
+                                 sweep_stale, temp_prefix, write_json)
 from pipeline.lib.images import decode, fit_square, whiten
 from pipeline.lib.names import duplicates
 from pipeline.lib.records import BAD_FILES, META, META_VERSION, rec_paths
@@ -278,7 +279,7 @@ class _SplitWriter:
         import mxnet as mx
 
         self.final = rec_paths(records_dir, split)
-        self.tmp = tuple(p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in self.final)
+        self.tmp = tuple(p.with_name(f"{temp_prefix(p)}w") for p in self.final)
         self.writer = mx.recordio.MXIndexedRecordIO(str(self.tmp[1]), str(self.tmp[0]), "w")
         self.count = 0
 
@@ -299,9 +300,16 @@ class _SplitWriter:
         return {"rec": self.final[0].stat().st_size, "idx": self.final[1].stat().st_size}
 
     def discard(self) -> None:
-        self.close()
+        """Remove the temporary files, also after a failed write (a full disk)."""
+        try:
+            self.close()
+        except Exception:  # closing flushes, which fails again on a full disk: files go anyway
+            self.writer = None
         for tmp in self.tmp:
             tmp.unlink(missing_ok=True)
+
+    def written(self) -> int:
+        return sum(t.stat().st_size for t in self.tmp if t.exists())
 
 
 def _convert(items: Sequence[Item], settings: Settings, writer: _SplitWriter, workers: int,
@@ -344,6 +352,26 @@ def _convert(items: Sequence[Item], settings: Settings, writer: _SplitWriter, wo
     return entries, bad
 
 
+def estimate_bytes(items: Sequence[Item], settings: Settings, sample: int = 32
+                   ) -> int | None:
+    """About how many bytes the records of ``items`` will take, from encoding a sample.
+
+    Encodes up to ``sample`` images spread over the list with the run's settings and scales
+    their mean size up, plus a margin for the index and meta.json. None when no sampled
+    image decodes (the run will report the bad files itself).
+    """
+    if not items:
+        return None
+    picks = np.linspace(0, len(items) - 1, min(sample, len(items))).astype(int)
+    sizes = [len(payload) for _, payload, *_ in
+             (_process((int(i), items[int(i)], settings)) for i in picks) if payload]
+    if not sizes:
+        return None
+    # + the .idx line and record header, and the image's entry in meta.json
+    per_item = float(np.mean(sizes)) + 24 + 160
+    return int(per_item * len(items) * 1.1 + 64 * 1024)
+
+
 def _reindex(payload: bytes, index: int) -> bytes:
     import mxnet as mx
 
@@ -360,15 +388,21 @@ def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Se
     if problems and not (skip_bad and _only_skippable(problems)):
         raise IngestError(f"cannot ingest {root}:\n  " + "\n  ".join(problems))
     records_dir.mkdir(parents=True, exist_ok=True)
+    sweep_stale("ingest", records_dir)
     workers = workers or available_cpus()
+    needed = estimate_bytes(train + test, settings)
+    if needed is not None and needed > free_bytes(records_dir):
+        raise OutOfSpaceError(records_dir, needed)
     started = time.perf_counter()
 
     writers = {split: _SplitWriter(records_dir, split) for split in ("train", "test")}
     try:
-        train_entries, bad_train = _convert(train, settings, writers["train"], workers, "train",
-                                         skip_bad)
-        test_entries, bad_test = _convert(test, settings, writers["test"], workers, "test",
-                                       skip_bad)
+        with out_of_space(records_dir, needed,
+                          lambda: sum(w.written() for w in writers.values())):
+            train_entries, bad_train = _convert(train, settings, writers["train"], workers,
+                                                "train", skip_bad)
+            test_entries, bad_test = _convert(test, settings, writers["test"], workers, "test",
+                                              skip_bad)
         bad = bad_train + bad_test
         if bad and not skip_bad:
             raise IngestError(_bad_message(bad))
@@ -377,7 +411,8 @@ def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Se
         fold_of = stratified_folds([e["label"] for e in train_entries], folds, seed)
         for entry, fold in zip(train_entries, fold_of):
             entry["fold"] = int(fold)
-        files = {split: writer.commit() for split, writer in writers.items()}
+        with out_of_space(records_dir, needed):
+            files = {split: writer.commit() for split, writer in writers.items()}
     except BaseException:
         for writer in writers.values():
             writer.discard()

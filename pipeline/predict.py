@@ -324,7 +324,7 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
     from pipeline.lib.checkpoint import load_spec, run_dir
     from pipeline.lib.chunks import (
         ChunkError, ChunkStore, describe_difference, missing_report, shard_chunks)
-    from pipeline.lib.fsutil import read_json, write_json
+    from pipeline.lib.fsutil import read_json, sweep_stale, write_json
     from pipeline.lib.metrics import accuracy, ndsb_log_loss
     from pipeline.lib.predictions import save_predictions
     from pipeline.lib.records import labels, load_meta
@@ -343,6 +343,8 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
     s, k = shard
     parts = splits(meta, records, fold, cfg)
     with store.lock(s, k):
+        sweep_stale(f"predict {name}", store.model_dir, recursive=True)
+        sweep_stale(f"predict {name}", cfg["predictions"], metrics_dir)
         if k == 1 and not merge_only:
             removed = store.remove_others()
             if removed:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from pipeline.lib import params
 from pipeline.lib.errors import PipelineError, stage_errors
-from pipeline.lib.fsutil import write_json
+from pipeline.lib.fsutil import sweep_stale, write_json
 from pipeline.lib.metrics import apply_temperature, clip_normalize
 from pipeline.lib.names import duplicates
 from pipeline.lib.predictions import (align_rows, load_predictions, prediction_files,
@@ -108,6 +109,7 @@ def pseudo(nets: Sequence[str], folds: Sequence[int] | None, seeds: Sequence[int
                    for k in folds}
     except ValueError as exc:  # misaligned or mismatched rows
         raise PseudoError(str(exc)) from None
+    sweep_stale("pseudo", out, Path(metrics_path).parent if metrics_path else None)
     for k, t in targets.items():
         save_predictions(out, "test", PSEUDO_NAME, k, t, test_order)
     top = {k: t.argmax(axis=1) for k, t in targets.items()}

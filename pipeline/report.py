@@ -27,7 +27,7 @@ from pipeline.lib.errors import stage_errors
 from pipeline.lib.figures import (plot_activations, plot_confusion, plot_image_grid,
                                   plot_learning_curves, plot_mistakes, plot_per_class, plot_tta,
                                   plot_weights)
-from pipeline.lib.fsutil import atomic_path, write_text
+from pipeline.lib.fsutil import atomic_path, sweep_stale, write_text
 from pipeline.lib.results import (Oof, ReportSettings, activation_summary, class_counts,
                                   confident_mistakes, confusion_matrix, confusion_pairs,
                                   ensemble_summary, learning_curves, load_meta, load_oof,
@@ -166,6 +166,7 @@ def report(cfg: ReportSettings) -> list[Path]:
     oof = load_oof(cfg, meta)
     sections, figures = build_sections(cfg, meta, oof)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    sweep_stale("report", cfg.out, Path(cfg.confusion).parent)
     written = [save_figure(fig, cfg.out / name) for name, fig in figures.items()]
     for stale in set(cfg.out.glob("*.png")) - set(written):
         stale.unlink()

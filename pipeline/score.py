@@ -26,7 +26,7 @@ import pandas as pd
 
 from pipeline.lib import params
 from pipeline.lib.errors import PipelineError, stage_errors
-from pipeline.lib.fsutil import write_json
+from pipeline.lib.fsutil import sweep_stale, write_json
 from pipeline.lib.metrics import evaluate
 from pipeline.lib.names import duplicates, examples
 from pipeline.lib.submission import (EXAMPLES, IMAGE_COLUMN, SubmissionError, check_submission,
@@ -126,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         labels = args.labels or cfg["labels"]
         out = args.out or cfg["out"]
         metrics = score(submission, labels)
+        sweep_stale("score", Path(out).parent)
         write_json(out, metrics)
     print(f"{submission}: logloss {metrics['logloss']:.5f} accuracy {metrics['accuracy']:.4f} "
           f"on {metrics['n']} images -> {out}")

@@ -25,7 +25,7 @@ import pandas as pd
 
 from pipeline.lib import params
 from pipeline.lib.errors import stage_errors
-from pipeline.lib.fsutil import atomic_path
+from pipeline.lib.fsutil import atomic_path, sweep_stale
 from pipeline.lib.names import describe_mismatch, duplicates
 from pipeline.lib.predictions import load_prediction_file, row_indices
 from pipeline.lib.records import load_meta
@@ -151,6 +151,7 @@ def submit(predictions: str | os.PathLike, records: str | os.PathLike,
     test_images = [t["name"] for t in info["test"]]
     frame = build_submission(probs, names, info["classes"], test_images,
                              sample_classes, sample_images)
+    sweep_stale("submit", Path(out).parent)
     write_submission(frame, out, plain_csv)
     problems = check_submission(out, list(frame.columns[1:]), list(frame[IMAGE_COLUMN]))
     if problems:

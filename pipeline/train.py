@@ -37,17 +37,18 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import numpy as np
 
 from pipeline.lib import checkpoint
 from pipeline.lib import params as params_mod
-from pipeline.lib.errors import PipelineError, stage_errors
-from pipeline.lib.fsutil import sha256, write_json, write_text
+from pipeline.lib.errors import PipelineError, Stopped, stage_errors
+from pipeline.lib.fsutil import sha256, sweep_stale, write_json, write_text
 from pipeline.lib.predictions import prediction_files
 from pipeline.lib.runs import artifact_name, member_name, pseudo_name, run_name
 from pipeline.lib.runtime import configure_threads
+from pipeline.lib.signals import graceful_stop
 
 DEFAULTS: dict[str, Any] = {
     "net_kwargs": {},          # {net name: {kwarg: value}} passed to nets.get_model
@@ -198,7 +199,11 @@ def build(run: Run, classes: int, ctxs: list):
         set_rrelu_impl(net, "ops")  # the native RReLU operator is CPU-only
     mx.random.seed(run.cfg["seed"])
     nets.initialize(net, ctx=ctxs)  # MSRA with the activation's own slope (thesis §5.5)
-    net.hybridize(static_alloc=True, static_shape=True)
+    # static_shape stays off: with it and more than one MXNet engine thread (what the stages
+    # configure), a net's first training step does not update the BatchNorm running
+    # statistics, so every resumed run (after kill -9, a graceful stop or at an epoch
+    # boundary) would differ from an uninterrupted one. Training speed is the same without.
+    net.hybridize(static_alloc=True, static_shape=False)
     return net, kwargs, precision
 
 
@@ -249,8 +254,10 @@ def make_kvstore(kind: str, ctxs: list):
     return kind
 
 
-def evaluate(net, loader, ctx) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, labels) of every batch, inference mode."""
+def evaluate(net, loader, ctx, stop: Callable[[], int | None] = lambda: None
+             ) -> tuple[np.ndarray | None, np.ndarray]:
+    """(probabilities, labels) of every batch, inference mode; probabilities None when
+    ``stop()`` reported a stop signal after some batch."""
     import mxnet as mx
 
     probs, labels = [], []
@@ -258,6 +265,8 @@ def evaluate(net, loader, ctx) -> tuple[np.ndarray, np.ndarray]:
         out = net(mx.nd.array(x, ctx=ctx))
         probs.append(mx.nd.softmax(out).asnumpy())
         labels.append(y)
+        if stop() is not None:
+            return None, np.zeros(0, np.int64)
     if not probs:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     return np.concatenate(probs), np.concatenate(labels).astype(np.int64)
@@ -296,6 +305,8 @@ class Session:
     targets: np.ndarray | None = None  # second round: soft targets of the test images
     history: list[dict[str, Any]] = field(default_factory=list)
     start: int = 0
+    start_batch: int = 0  # > 0: resuming epoch `start` mid-way (a graceful stop)
+    partial_sums: tuple[int, float] = (0, 0.0)  # images seen and loss summed before it
     origin: str = "trained from scratch"  # how this run's weights came about (metrics)
 
 
@@ -380,13 +391,17 @@ def open_session(run: Run) -> Session:
             "rng": {"seed": cfg["seed"],
                     "shuffle": "numpy default_rng([seed + rank, epoch])",
                     "augment": "numpy SeedSequence([seed + rank, epoch, batch])",
-                    "mxnet": "mx.random.seed(seed * 100003 + epoch)"},
+                    "mxnet": "mx.random.seed(SeedSequence([seed * 100003 + rank, epoch, "
+                             "batch]))"},
             "train": {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS}}
     average = None
     if cfg["ema_half_life"]:
         average = sgd.WeightAverage(net, cfg["ema_half_life"] * max(1, len(train_loader)))
     session = Session(run, meta, ctxs, rank, n_workers, train_idx, valid_idx, train_loader,
                       valid_loader, net, trainer, spec, average, targets)
+    if rank == 0:
+        sweep_stale(f"train {run.name}", run.ckpt_dir, run.metrics_path.parent,
+                    run.plots_path.parent)
     _resume(session)
     return session
 
@@ -399,13 +414,16 @@ def _resume(s: Session) -> None:
     ``epochs``, so epoch ``e`` of a longer run equals epoch ``e`` of a shorter one. Fewer
     epochs than the checkpoint holds never keep the longer run: the asked epoch is used when
     its checkpoint is still kept (the later ones are removed), else the run starts afresh.
-    ``s.origin`` says which, for the log and the metrics.
+    A mid-epoch checkpoint (a graceful stop) of the epoch that comes next continues it.
+    ``s.origin`` says what happened, for the log and the metrics.
     """
     name, wanted = s.run.name, s.run.cfg["epochs"]
     resumed = checkpoint.latest(s.run.ckpt_dir)
     if resumed is not None and resumed.get("fingerprint") != s.spec["fingerprint"]:
         print(f"train {name}: settings changed since the checkpoint; starting afresh")
         resumed = None
+        if s.rank == 0:
+            checkpoint.clear(s.run.ckpt_dir)
     elif resumed is not None and resumed["epoch"] > wanted:
         held = resumed["epoch"]
         resumed = checkpoint.at(s.run.ckpt_dir, wanted)
@@ -415,50 +433,79 @@ def _resume(s: Session) -> None:
                   "run) and removing the later ones")
             if s.rank == 0:
                 checkpoint.truncate(s.run.ckpt_dir, wanted)
+            _load(s, resumed)
             s.origin = f"epoch {wanted} of an earlier {held}-epoch run"
-        else:
-            print(f"train {name}: train.epochs = {wanted} but the checkpoint holds {held} "
-                  f"epochs and epoch {wanted} is no longer kept; starting afresh")
-            resumed = None
+            return
+        print(f"train {name}: train.epochs = {wanted} but the checkpoint holds {held} "
+              f"epochs and epoch {wanted} is no longer kept; starting afresh")
+        resumed = None
+        if s.rank == 0:
+            checkpoint.clear(s.run.ckpt_dir)
+    done = resumed["epoch"] if resumed is not None else 0
+    part = checkpoint.partial(s.run.ckpt_dir) if s.n_workers == 1 else None
+    if part is not None and part.get("fingerprint") == s.spec["fingerprint"] \
+            and part["epoch"] == done and done < wanted:
+        _load(s, part)
+        s.start_batch, s.partial_sums = int(part["batch"]), (int(part["seen"]),
+                                                             float(part["loss_sum"]))
+        s.origin = f"resumed in epoch {done + 1} after batch {s.start_batch}"
+        print(f"train {name}: {s.origin}")
+        return
+    if part is not None and s.rank == 0:
+        checkpoint.clear_partial(s.run.ckpt_dir)  # of other settings, or already passed
     if resumed is None:
         if s.rank == 0:
             checkpoint.clear(s.run.ckpt_dir)
         return
+    _load(s, resumed)
+    if done < wanted:
+        s.origin = f"resumed after epoch {done}"
+        print(f"train {name}: resuming after epoch {done}")
+    else:
+        s.origin = f"already trained ({done} epochs)"
+        print(f"train {name}: already trained for {done} epochs")
+
+
+def _load(s: Session, record: dict[str, Any]) -> None:
+    """Weights, optimizer state, weight average and history of a checkpoint record."""
     if s.average is not None:  # the average first: loading it goes through the net
-        s.net.load_parameters(resumed["_stem"] + ".ema.params", ctx=s.ctxs)
-        s.average.load_from_net(resumed["average_steps"])
-    s.net.load_parameters(resumed["_stem"] + ".params", ctx=s.ctxs)
-    s.trainer.load_states(resumed["_stem"] + ".states")
-    s.history, s.start = resumed["history"], resumed["epoch"]
-    if resumed["epoch"] < wanted:
-        s.origin = f"resumed after epoch {s.start}"
-        print(f"train {name}: resuming after epoch {s.start}")
-    elif not s.origin:
-        s.origin = f"already trained ({s.start} epochs)"
-        print(f"train {name}: already trained for {s.start} epochs")
+        s.net.load_parameters(record["_stem"] + ".ema.params", ctx=s.ctxs)
+        s.average.load_from_net(record["average_steps"])
+    s.net.load_parameters(record["_stem"] + ".params", ctx=s.ctxs)
+    s.trainer.load_states(record["_stem"] + ".states")
+    s.history, s.start = list(record["history"]), int(record["epoch"])
 
 
-def run_epoch(s: Session, epoch: int, sync_first: bool) -> dict[str, Any]:
-    """One pass over the training shard, then validation; returns the epoch's row."""
+def run_epoch(s: Session, epoch: int, sync_first: bool,
+              stop: Callable[[], int | None] = lambda: None) -> dict[str, Any]:
+    """One pass over the training shard, then validation; returns the epoch's row.
+
+    Resumes at ``s.start_batch`` with the running sums of a mid-epoch checkpoint. After every
+    batch ``stop()`` is asked whether a stop signal came (:func:`pipeline.lib.signals
+    .graceful_stop`); if so the mid-epoch state is saved and :class:`Stopped` raised.
+    """
     import mxnet as mx
     from tqdm import tqdm
 
     from pipeline.lib import sgd
-    from pipeline.lib.data import soft_targets
+    from pipeline.lib.data import batch_seed, soft_targets
     from pipeline.lib.metrics import accuracy, ndsb_log_loss
 
     cfg, run = s.run.cfg, s.run
     lr = lr_at(epoch, cfg["lr"], cfg["lr_steps"], cfg["lr_factor"])
     s.trainer.set_learning_rate(lr)
-    mx.random.seed(cfg["seed"] * 100003 + epoch)  # RReLU/dropout noise per epoch
     loss_fn = sgd.loss_function(cfg["label_smoothing"])
-    t0, seen, total = time.perf_counter(), 0, 0.0
-    bar = tqdm(s.train_loader.epoch(epoch), total=len(s.train_loader), unit="batch",
-               desc=f"{run.name} epoch {epoch + 1}/{cfg['epochs']}", mininterval=2,
-               disable=s.rank != 0)
-    for x, y in bar:
+    first_batch, (seen, total) = s.start_batch, s.partial_sums
+    s.start_batch, s.partial_sums = 0, (0, 0.0)
+    t0, seen_before = time.perf_counter(), seen
+    bar = tqdm(s.train_loader.epoch(epoch, start=first_batch), total=len(s.train_loader),
+               initial=first_batch, unit="batch", mininterval=2, disable=s.rank != 0,
+               desc=f"{run.name} epoch {epoch + 1}/{cfg['epochs']}")
+    for b, (x, y) in enumerate(bar, start=first_batch):
         if s.targets is not None:  # second round: one-hot and pseudo-label rows
             y = soft_targets(y, s.targets)
+        # RReLU/dropout noise per batch, so a run resumed mid-epoch draws the same noise.
+        mx.random.seed(batch_seed(cfg["seed"] * 100003 + s.rank, epoch, b) % (1 << 31))
         # dist: the initial weights must arrive before the first gradient leaves.
         first = (lambda: finish_initial_broadcast(s.trainer)) if sync_first else None
         batch_loss = sgd.step(s.net, s.trainer, loss_fn, x, y, s.ctxs,
@@ -474,15 +521,37 @@ def run_epoch(s: Session, epoch: int, sync_first: bool) -> dict[str, Any]:
         seen += len(x)
         total += batch_loss
         bar.set_postfix(loss=f"{total / seen:.3f}",
-                        img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                        img_s=f"{(seen - seen_before) / (time.perf_counter() - t0):.0f}")
+        signum = stop()
+        if signum is not None:
+            bar.close()
+            _stop_mid_epoch(s, epoch, b + 1, seen, total, signum)
+    ran = seen - seen_before
     row = {"epoch": epoch + 1, "lr": lr, "train_loss": total / max(1, seen),
-           "img_s": round(seen / (time.perf_counter() - t0), 1)}
+           "img_s": round(ran / (time.perf_counter() - t0), 1) if ran else None}
+    # A stop during validation saves the trained epoch as "every batch done": the rerun only
+    # validates, so the stop never waits for a whole validation pass.
     with s.average.swapped_in() if s.average is not None else contextlib.nullcontext():
-        probs, labels = evaluate(s.net, s.valid_loader, s.ctxs[0])
+        probs, labels = evaluate(s.net, s.valid_loader, s.ctxs[0], stop)
+    if probs is None:
+        _stop_mid_epoch(s, epoch, len(s.train_loader), seen, total, stop())
     if len(labels):
         row.update(valid_logloss=ndsb_log_loss(labels, probs),
                    valid_accuracy=accuracy(labels, probs))
     return row
+
+
+def _stop_mid_epoch(s: Session, epoch: int, batches: int, seen: int, total: float,
+                    signum: int) -> NoReturn:
+    """Save the state after ``batches`` batches of ``epoch`` and stop (:class:`Stopped`)."""
+    t0 = time.perf_counter()
+    checkpoint.save_partial(s.run.ckpt_dir, s.net, s.trainer,
+                            dict(s.spec, history=s.history, epoch=epoch, batch=batches,
+                                 seen=seen, loss_sum=total), s.average)
+    raise Stopped(f"{s.run.name} saved epoch {epoch + 1} after batch {batches} of "
+                  f"{len(s.train_loader)} in {time.perf_counter() - t0:.1f} s "
+                  f"({s.run.ckpt_dir}/{checkpoint.PARTIAL}.*); rerun to continue from there",
+                  signum)
 
 
 def finish(s: Session) -> dict[str, Any]:
@@ -513,20 +582,33 @@ def finish(s: Session) -> dict[str, Any]:
 
 
 def train(run: Run) -> dict[str, Any]:
-    """Train (or resume) ``run``; return the final metrics."""
+    """Train (or resume) ``run``; return the final metrics.
+
+    The first SIGTERM/SIGINT stops the run after the current batch with its mid-epoch state
+    saved (:class:`Stopped`; the rerun continues the epoch exactly); a second one at once.
+    """
     s = open_session(run)
+    dist = run.cfg["kvstore"].startswith("dist")
+    # dist workers keep the signals' default (an immediate stop; they resume from the last
+    # epoch): a worker that finished its batch alone would hang the others at the next sum.
+    stopping = contextlib.nullcontext(lambda: None) if dist else \
+        graceful_stop(f"train {run.name}")
     try:
-        sync_first = run.cfg["kvstore"].startswith("dist")  # see finish_initial_broadcast
-        for epoch in range(s.start, run.cfg["epochs"]):
-            row = run_epoch(s, epoch, sync_first)
-            sync_first = False
-            s.history.append(row)
-            print(f"{run.name} epoch {epoch + 1}: " + ", ".join(
-                f"{k} {_fmt(v)}" for k, v in row.items() if k != "epoch"))
-            if s.rank == 0:
-                checkpoint.save(run.ckpt_dir, epoch + 1, s.net, s.trainer,
-                                dict(s.spec, history=s.history), s.average)
-                _write_plot(run.plots_path, s.history)
+        with stopping as stop:
+            sync_first = dist  # see finish_initial_broadcast
+            for epoch in range(s.start, run.cfg["epochs"]):
+                row = run_epoch(s, epoch, sync_first, stop)
+                sync_first = False
+                s.history.append(row)
+                print(f"{run.name} epoch {epoch + 1}: " + ", ".join(
+                    f"{k} {_fmt(v)}" for k, v in row.items() if k != "epoch"))
+                if s.rank == 0:
+                    checkpoint.save(run.ckpt_dir, epoch + 1, s.net, s.trainer,
+                                    dict(s.spec, history=s.history), s.average)
+                    _write_plot(run.plots_path, s.history)
+                if stop() is not None and epoch + 1 < run.cfg["epochs"]:
+                    raise Stopped(f"{run.name} stopped after epoch {epoch + 1} (saved in "
+                                  f"{run.ckpt_dir}); rerun to continue", stop())
     finally:
         s.train_loader.close()
     if s.rank != 0:  # only rank 0 writes; its files may not exist yet, or not on this machine

@@ -9,6 +9,8 @@ import pytest
 
 # Tests share 2 cores with each other's subprocesses; set before any mxnet import.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Two MXNet engine threads, as the stages run (pipeline.lib.runtime.configure_threads).
+os.environ.setdefault("MXNET_CPU_WORKER_NTHREADS", "2")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 # As the stages do (pipeline.lib.runtime): AMX kernels on CPUs that have them, before oneDNN runs.
 from pipeline.lib.runtime import enable_amx  # noqa: E402

@@ -252,11 +252,11 @@ def make_kvstore(kind, ctxs):
     return kv
 
 
-def evaluate(net, loader, ctx):
+def evaluate(net, loader, ctx, *stop):
     if _rank[0] == int(os.environ.get("FAIL_RANK", -1)):
         raise RuntimeError(f"injected failure on rank {_rank[0]}")
     net.save_parameters(f"final.rank{_rank[0]}.params")
-    return _evaluate(net, loader, ctx)
+    return _evaluate(net, loader, ctx, *stop)
 
 
 train.make_kvstore, train.evaluate = make_kvstore, evaluate

@@ -15,9 +15,10 @@ checkpoint is reported with a warning and the previous one is used. The newest t
 kept. ``model.json`` + ``model.params`` are the final model, for prediction (the weight
 average when there is one: it is what validation scored).
 
-Randomness needs no saved generator state: shuffling, augmentation and MXNet's RNG are seeded
-from (seed, epoch[, batch]), so resuming at epoch e reproduces exactly what a run without the
-interruption would have done from there.
+Randomness needs no saved generator state: shuffling, augmentation and MXNet's RNG (the
+RReLU noise) are seeded from (seed, epoch[, batch]), so resuming at epoch e, or at batch b of
+epoch e from a mid-epoch checkpoint (``partial.*``, written when a run is asked to stop),
+reproduces exactly what a run without the interruption would have done from there.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import shutil
 import warnings
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipeline.lib.errors import PipelineError
 from pipeline.lib.fsutil import atomic_path, read_json, sha256, write_json
@@ -64,21 +67,93 @@ def save(directory: str | Path, epoch: int, net, trainer, record: dict[str, Any]
     directory = Path(directory)
     stem = _stem(directory, epoch)
     params, states = stem.with_suffix(".params"), stem.with_suffix(".states")
-    with atomic_path(params) as tmp:
-        net.save_parameters(str(tmp))
-    with atomic_path(states) as tmp:
-        trainer.save_states(str(tmp))
-    digests = {"params": sha256(params), "states": sha256(states)}
-    if average is not None:
-        ema = _ema_path(stem)
-        with atomic_path(ema) as tmp, average.swapped_in():
+    needed = _param_bytes(net)
+    try:
+        with atomic_path(params, needed=needed) as tmp:
             net.save_parameters(str(tmp))
-        digests["ema.params"] = sha256(ema)
-        record = dict(record, average_steps=average.steps)
-    record = dict(record, epoch=epoch, sha256=digests)
-    write_json(stem.with_suffix(".json"), record)
+        with atomic_path(states, needed=needed) as tmp:
+            trainer.save_states(str(tmp))
+        digests = {"params": sha256(params), "states": sha256(states)}
+        if average is not None:
+            ema = _ema_path(stem)
+            with atomic_path(ema, needed=needed) as tmp, average.swapped_in():
+                net.save_parameters(str(tmp))
+            digests["ema.params"] = sha256(ema)
+            record = dict(record, average_steps=average.steps)
+        record = dict(record, epoch=epoch, sha256=digests)
+        write_json(stem.with_suffix(".json"), record)
+    except BaseException:  # e.g. a full disk: no half-written epoch stays behind
+        for suffix in SUFFIXES:
+            stem.with_suffix(suffix).unlink(missing_ok=True)
+        raise
     _prune(directory)
+    clear_partial(directory)  # the epoch it belonged to is complete now
     return stem.with_suffix(".json")
+
+
+PARTIAL = "partial"  # the stem of a mid-epoch checkpoint (a graceful stop)
+
+
+def save_partial(directory: str | Path, net, trainer, record: dict[str, Any],
+                 average=None) -> Path:
+    """Write the mid-epoch state of a run that was asked to stop: ``partial.*``.
+
+    ``record`` holds the epoch in progress (0-based), the batches done and the running loss
+    sums; with the weights, the optimizer state and the weight average that is all a resumed
+    run needs to continue the epoch exactly (data order and randomness are derived from
+    (seed, epoch, batch)). Replaced by the next one, removed when the epoch completes.
+    """
+    directory = Path(directory)
+    stem = directory / PARTIAL
+    (directory / f"{PARTIAL}.json").unlink(missing_ok=True)  # invalid until rewritten
+    needed = _param_bytes(net)
+    digests = {}
+    try:
+        with atomic_path(stem.with_suffix(".params"), needed=needed) as tmp:
+            net.save_parameters(str(tmp))
+        digests["params"] = sha256(stem.with_suffix(".params"))
+        with atomic_path(stem.with_suffix(".states"), needed=needed) as tmp:
+            trainer.save_states(str(tmp))
+        digests["states"] = sha256(stem.with_suffix(".states"))
+        if average is not None:
+            with atomic_path(_ema_path(stem), needed=needed) as tmp, average.swapped_in():
+                net.save_parameters(str(tmp))
+            digests["ema.params"] = sha256(_ema_path(stem))
+            record = dict(record, average_steps=average.steps)
+        write_json(stem.with_suffix(".json"), dict(record, sha256=digests))
+    except BaseException:
+        clear_partial(directory)
+        raise
+    return stem.with_suffix(".json")
+
+
+def _param_bytes(net) -> int:
+    """About the size of one parameter file (and of the optimizer state, one buffer each)."""
+    return sum(int(np.prod(p.shape)) * 4 for p in net.collect_params().values())
+
+
+def partial(directory: str | Path) -> dict[str, Any] | None:
+    """The verified mid-epoch record (with ``_stem``), or None (none, or not intact)."""
+    directory = Path(directory)
+    stem = directory / PARTIAL
+    if not stem.with_suffix(".json").exists():
+        return None
+    try:
+        record = read_json(stem.with_suffix(".json"))
+        for kind, digest in record.get("sha256", {}).items():
+            path = stem.with_name(f"{stem.name}.{kind}")
+            if not path.exists() or sha256(path) != digest:
+                raise CheckpointError(f"{path} is missing or corrupt")
+    except (OSError, ValueError, CheckpointError) as exc:
+        warnings.warn(f"ignoring the mid-epoch checkpoint in {directory}: {exc}")
+        return None
+    record["_stem"] = str(stem)
+    return record
+
+
+def clear_partial(directory: str | Path) -> None:
+    for suffix in SUFFIXES:
+        (Path(directory) / PARTIAL).with_suffix(suffix).unlink(missing_ok=True)
 
 
 def _epochs(directory: Path) -> list[int]:
@@ -139,6 +214,7 @@ def truncate(directory: str | Path, epoch: int) -> None:
                 _stem(directory, later).with_suffix(suffix).unlink(missing_ok=True)
     for name in ("model.json", "model.params", "valid.npy", "valid.names.txt"):
         (directory / name).unlink(missing_ok=True)
+    clear_partial(directory)
 
 
 def latest(directory: str | Path) -> dict[str, Any] | None:

@@ -80,8 +80,10 @@ class BatchLoader:
         return [(c, batch_seed(self.seed, epoch, b) if self.transform is not None else None)
                 for b, c in enumerate(chunks)]
 
-    def epoch(self, epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        tasks = self._tasks(epoch)
+    def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The batches of ``epoch``, from batch ``start`` on (a run resumed mid-epoch): the
+        skipped ones are not decoded, and the rest are those of an uninterrupted epoch."""
+        tasks = self._tasks(epoch)[start:]
         _STATE.update(reader=self.reader, transform=self.transform)
         if self.workers <= 0:
             yield from map(_load_batch, tasks)

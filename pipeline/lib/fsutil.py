@@ -1,38 +1,176 @@
 """Atomic file output: every artifact is written to a temporary name and renamed into place.
 
 A crash (or ``kill -9``) therefore never leaves a half-written file under the final name;
-at worst a ``*.tmp-*`` file is left behind, which no stage ever reads.
+at worst a temporary file ``.{name}.tmp-{host}-{pid}-*`` is left behind, which no stage ever
+reads and :func:`remove_stale_temps` deletes on the stage's next run once its writer (that
+process on this host) is gone. A full disk while writing becomes :class:`OutOfSpaceError`
+("no space left on <folder> (needed about N MB, M MB free)"), with the temporary file removed
+and the previous file under the final name untouched.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline.lib.errors import PipelineError
+
+MB = 1 << 20
+
+
+class OutOfSpaceError(PipelineError, OSError):
+    """A write failed because the file system is full; the message says where and how much."""
+
+    def __init__(self, folder: str | os.PathLike, needed: int | None = None,
+                 written: int | None = None):
+        free = free_bytes(folder)
+        if needed is not None:
+            amount = f"needed about {_mb(needed)}, {_mb(free)} free"
+        elif written:
+            amount = f"needed more than the {_mb(written)} written, {_mb(free)} free"
+        else:
+            amount = f"{_mb(free)} free"
+        super().__init__(errno.ENOSPC, f"no space left on {folder} ({amount}): free some "
+                         "space or point the output elsewhere, then rerun")
+        self.folder = Path(folder)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _mb(n: int) -> str:
+    return f"{n / MB:.0f} MB" if n >= 10 * MB else f"{n / MB:.1f} MB"
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Bytes free for this user on the file system of ``path`` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def is_out_of_space(exc: BaseException, folder: str | os.PathLike) -> bool:
+    """Whether ``exc`` is a write that failed for lack of space in ``folder``.
+
+    ``OSError(ENOSPC)`` says so. Some writers only report a short write: numpy's ``tofile``
+    ("N requested and M written", no errno) and MXNet's streams (``MXNetError``
+    "FileStream.Write incomplete"); those count as a full disk when it is indeed (nearly) full.
+    """
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    short_write = (isinstance(exc, OSError) and exc.errno is None) or \
+        type(exc).__name__ == "MXNetError"
+    return short_write and "writ" in str(exc).lower() and free_bytes(folder) < 4 * MB
+
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def out_of_space(folder: str | os.PathLike, needed: int | None = None,
+                 written: Any = None) -> Iterator[None]:
+    """Turn a write failure for lack of space inside the block into :class:`OutOfSpaceError`.
+
+    ``written``: a callable returning the bytes written so far (for the message).
+    """
+    try:
+        yield
+    except OutOfSpaceError:
+        raise
+    except Exception as exc:
+        if not is_out_of_space(exc, folder):
+            raise
+        raise OutOfSpaceError(folder, needed, written() if written else None) from None
+
+
+def temp_prefix(path: str | os.PathLike) -> str:
+    """``.{name}.tmp-{host}-{pid}-``: whose temporary file this is, for stale-file cleanup."""
+    return f".{Path(path).name}.tmp-{_host()}-{os.getpid()}-"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
+
+
+_TEMP = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-")
+
+
+def remove_stale_temps(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Delete the temporary files in ``folder`` whose writer has died; return them.
+
+    Only files named by :func:`temp_prefix` on this host count: another host's files (a
+    shared file system) and a live process's are never touched.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    host, removed = _host(), []
+    for path in (folder.rglob(".*.tmp-*") if recursive else folder.glob(".*.tmp-*")):
+        match = _TEMP.match(path.name)
+        if not match or match["host"] != host or _alive(int(match["pid"])):
+            continue
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        except FileNotFoundError:  # another cleaner got there first
+            pass
+    return removed
+
+
+def sweep_stale(stage: str, *folders: str | os.PathLike | None, recursive: bool = False
+                ) -> list[Path]:
+    """:func:`remove_stale_temps` in each folder a stage writes to, saying what went."""
+    removed = [p for f in folders if f is not None
+               for p in remove_stale_temps(f, recursive=recursive)]
+    for path in removed:
+        print(f"{stage}: removed {path}, left by an earlier run that did not finish")
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "", needed: int | None = None
+                ) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
     ``suffix`` is kept at the end of the temporary name for writers that choose a format from
-    the extension (e.g. ``np.save`` appends ``.npy`` when it is missing).
+    the extension (e.g. ``np.save`` appends ``.npy`` when it is missing). ``needed``: the
+    bytes the file will take, if known, for the out-of-space message.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes 0600; final files get the usual mode
-        _fsync(tmp_path)
-        os.replace(tmp_path, path)
+        with out_of_space(path.parent, needed,
+                          lambda: tmp_path.stat().st_size if tmp_path.exists() else 0):
+            yield tmp_path
+            tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes 0600; final files: the usual
+            _fsync(tmp_path)
+            os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -67,7 +205,7 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    with atomic_path(path, suffix=".npy") as tmp:
+    with atomic_path(path, suffix=".npy", needed=int(np.asarray(array).nbytes)) as tmp:
         np.save(tmp, array)
 
 
