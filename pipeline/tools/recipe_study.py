@@ -1,0 +1,209 @@
+"""What each technique beyond the thesis' recipe buys, in out-of-fold log loss, over seeds.
+
+``python -m pipeline.tools.recipe_study --records R --out DIR --seeds 0 1 2`` trains the
+chosen nets on every fold once per seed and per *variant*, predicts with TTA and blends, all
+through the stages' own commands (``python -m pipeline.train`` / ``predict`` / ``pseudo`` /
+``ensemble`` with a params file per variant), so what is measured is what ``dvc repro`` runs:
+
+* ``base``: the recipe as configured (``--epochs``, ``--lr-steps``, ...);
+* ``ls``: ``train.label_smoothing`` = ``--label-smoothing``;
+* ``ema``: ``train.ema_half_life`` = ``--ema-half-life`` epochs;
+* ``pl``: a second round on pseudo-labels from the base variant's fold models of the same
+  seed (``pseudo.fraction`` = ``--pseudo-fraction``), blended with the base nets;
+
+and, free on top of the base runs, ``seeds`` (the ensemble of all seeds, averaged per net)
+and ``temperature`` (calibration, cross-fitted over folds). One line of JSON per (variant,
+seed) goes to ``DIR/results.jsonl`` (a rerun skips what is there, and training resumes), and
+a table of the paired differences against ``base`` (mean, standard deviation, how many seeds
+improved) is printed at the end: a technique's gain counts only where it holds over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+VARIANTS = ("base", "ls", "ema", "pl")
+
+
+def params_file(path: Path, args: argparse.Namespace, variant: str) -> Path:
+    """The repository's params.yaml with the study's settings for ``variant``."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    run = path.parent
+    train = params["train"]
+    train.update(epochs=args.epochs, lr_steps=args.lr_steps, batch_size=args.batch_size,
+                 workers=1, checkpoints=str(run / "checkpoints"), metrics=str(run / "metrics"),
+                 plots=str(run / "plots"))
+    if variant == "ls":
+        train["label_smoothing"] = args.label_smoothing
+    if variant == "ema":
+        train["ema_half_life"] = args.ema_half_life
+    params["tta"].update(n=args.tta_n, predictions=str(run / "predictions" / "round1"),
+                         work=str(run / "work"), checkpoints=str(run / "checkpoints"))
+    params["pseudo"].update(records=str(args.records), fraction=args.pseudo_fraction,
+                            out=str(run / "pseudo"), metrics=str(run / "metrics/pseudo.json"),
+                            predictions_dir=str(args.out / "base" / "predictions" / "round1"),
+                            second_round=str(run / "predictions" / "round2"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def sh(cmd: Sequence[str], log: Path) -> None:
+    with open(log, "a") as out:
+        out.write("$ " + " ".join(cmd) + "\n")
+        out.flush()
+        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    if code:
+        sys.exit(f"recipe_study: {' '.join(cmd)} failed (exit {code}); see {log}")
+
+
+def train_and_predict(args: argparse.Namespace, variant: str, seed: int, params: Path) -> None:
+    run = params.parent
+    py = [sys.executable, "-m"]
+    pseudo = ["--pseudo", str(run / "pseudo"), "--pseudo-fraction", str(args.pseudo_fraction)] \
+        if variant == "pl" else []
+    for net in args.nets:
+        for fold in args.folds:
+            common = ["--fold", str(fold), "--seed", str(seed), "--records", str(args.records),
+                      "--params", str(params)]
+            sh(py + ["pipeline.train", "--net", net, *common, *pseudo], run / "log.txt")
+            member = f"{net}-pl" if variant == "pl" else net
+            out = ["--predictions", str(run / "predictions" / "round2")] if variant == "pl" else []
+            sh(py + ["pipeline.predict", "--net", member, *common, "--metrics",
+                     str(run / "metrics"), *out], run / "log.txt")
+
+
+def blend(args: argparse.Namespace, run: Path, nets: Sequence[str], seeds: Sequence[int],
+          tag: str) -> dict[str, Any]:
+    metrics = run / f"ensemble-{tag}.json"
+    sh([sys.executable, "-m", "pipeline.ensemble", "--nets", *nets, "--folds",
+        *map(str, args.folds), "--seeds", *map(str, seeds), "--predictions-dir",
+        str(run / "predictions"), "--out-dir", str(run / f"blend-{tag}"), "--records",
+        str(args.records), "--metrics", str(metrics), "--calibration", "temperature",
+        "--params", str(run / "params.yaml")], run / "log.txt")
+    return json.loads(metrics.read_text())
+
+
+def study_seed(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
+    run = args.out / variant
+    params = params_file(run / "params.yaml", args, variant)
+    if variant == "pl":  # the targets come from the base runs of the same seed
+        sh([sys.executable, "-m", "pipeline.pseudo", "--nets", *args.nets, "--folds",
+            *map(str, args.folds), "--seeds", str(seed), "--params", str(params)],
+           run / "log.txt")
+    train_and_predict(args, variant, seed, params)
+    nets = list(args.nets)
+    if variant == "pl":  # both rounds side by side, as the ensemble stage blends them
+        link = run / "predictions" / "round1"
+        if not link.exists():
+            link.symlink_to(args.out / "base" / "predictions" / "round1")
+        nets += [f"{n}-pl" for n in args.nets]
+    metrics = blend(args, run, nets, [seed], f"seed{seed}")
+    return {"variant": variant, "seed": seed,
+            "oof": metrics["uncalibrated"]["logloss"],
+            "oof_calibrated": metrics["calibration"]["oof_logloss_after"],
+            "temperature": metrics["calibration"]["temperature"],
+            "models": {n: m["logloss"] for n, m in metrics["models"].items()},
+            "weights": metrics["weights"]}
+
+
+def summarize(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    base = {r["seed"]: r for r in rows if r["variant"] == "base"}
+    lines = ["| technique | seeds | OOF log loss (mean) | base (mean) | paired diff mean | "
+             "diff std | seeds better |", "|---|---|---|---|---|---|---|"]
+
+    def line(name: str, pairs: list[tuple[float, float]]) -> None:
+        if not pairs:
+            return
+        diffs = [v - b for v, b in pairs]
+        sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+        lines.append(f"| {name} | {len(pairs)} | {statistics.mean(v for v, _ in pairs):.4f} | "
+                     f"{statistics.mean(b for _, b in pairs):.4f} | "
+                     f"{statistics.mean(diffs):+.4f} | {sd:.4f} | "
+                     f"{sum(d < 0 for d in diffs)}/{len(diffs)} |")
+
+    line("temperature (cross-fitted)", [(r["oof_calibrated"], r["oof"]) for r in base.values()])
+    for variant in VARIANTS[1:]:
+        line(variant, [(r["oof"], base[r["seed"]]["oof"]) for r in rows
+                       if r["variant"] == variant and r["seed"] in base])
+        line(f"{variant} + temperature", [(r["oof_calibrated"], base[r["seed"]]["oof"])
+                                          for r in rows
+                                          if r["variant"] == variant and r["seed"] in base])
+    seeds_row = next((r for r in rows if r["variant"] == "seeds"), None)
+    if seeds_row:
+        one = statistics.mean(r["oof"] for r in base.values())
+        for k, value in sorted(seeds_row.get("curve", {}).items(), key=lambda kv: int(kv[0])):
+            if int(k) > 1:  # the mean over every k-subset of the seeds: the gain per extra seed
+                lines.append(f"| {k} seeds averaged (every {k}-subset) | {len(base)} | "
+                             f"{value:.4f} | {one:.4f} | {value - one:+.4f} | | |")
+    return lines
+
+
+def seed_curve(args: argparse.Namespace, seeds: Sequence[int]) -> dict[str, float]:
+    """Mean uncalibrated OOF log loss of blends of k seeds, over every k-subset, per k."""
+    from itertools import combinations
+
+    curve = {}
+    for k in range(2, len(seeds) + 1):
+        values = [blend(args, args.out / "base", args.nets, list(subset),
+                        "seeds-" + "-".join(map(str, subset)))["uncalibrated"]["logloss"]
+                  for subset in combinations(seeds, k)]
+        curve[str(k)] = statistics.mean(values)
+    return curve
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m pipeline.tools.recipe_study",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--records", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--nets", nargs="+", default=["ndsb_net1"])
+    p.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr-steps", type=int, nargs="*", default=[20, 26])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--tta-n", type=int, default=10)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--ema-half-life", type=float, default=2.0)
+    p.add_argument("--pseudo-fraction", type=float, default=0.25)
+    args = p.parse_args(argv)
+    args.out, args.records = args.out.resolve(), args.records.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    rows = [json.loads(x) for x in results.read_text().splitlines()] if results.exists() else []
+    done = {(r["variant"], r["seed"]) for r in rows}
+    order = ["base"] + [v for v in args.variants if v != "base"]
+    for seed in args.seeds:
+        for variant in order:
+            if (variant, seed) in done:
+                continue
+            row = study_seed(args, variant, seed)
+            rows.append(row)
+            with open(results, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    base_seeds = sorted(r["seed"] for r in rows if r["variant"] == "base")
+    if len(base_seeds) > 1:
+        metrics = blend(args, args.out / "base", args.nets, base_seeds, "all-seeds")
+        rows = [r for r in rows if r["variant"] != "seeds"] + [{
+            "variant": "seeds", "seeds": base_seeds, "oof": metrics["uncalibrated"]["logloss"],
+            "oof_calibrated": metrics["calibration"]["oof_logloss_after"],
+            "per_net": metrics.get("seeds", {}), "curve": seed_curve(args, base_seeds)}]
+    print("\n".join(summarize(rows, args)))
+    (args.out / "summary.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
