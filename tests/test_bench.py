@@ -40,6 +40,10 @@ def test_bench_prints_reference_fields_and_data_line():
 
     data = next(l for l in lines if l.get("what") == "data")
     assert _positive(data["img_s_per_worker"]) and _positive(data["per_worker_over_train"])
+    for line in lines:  # every line: which CPU, which precision, which day
+        assert line["cpu"] == head["cpu"] and line["cpu"].strip() and "precision" in line
+        assert len(line["date"]) == 10
+    assert data["precision"] is None  # no network in the data line
 
 
 def test_bench_precision_and_rrelu_impl_flags():
@@ -52,3 +56,19 @@ def test_bench_precision_and_rrelu_impl_flags():
     head = json.loads(done.stdout.splitlines()[0])
     assert head["precision"] == "float32" and head["rrelu_impl"] == "ops"
     assert _positive(head["train_img_s"])
+
+
+def test_every_tta_line_names_the_precision_of_its_variant():
+    cmd = [sys.executable, "-m", "pipeline.tools.bench", "--net", "tinynet_cifar", "--size", "16",
+           "--batch", "4", "--seconds", "0.05", "--threads", "1", "--what", "int8,tta",
+           "--precision", "float32", "--infer-precision", "float32", "--tta-views", "2",
+           "--tta-batch", "2", "--ingest-images", "20", "--calib-images", "8"]
+    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(l) for l in done.stdout.splitlines()]
+    tta = {l["variant"]: l["precision"] for l in lines if l.get("what") == "tta"}
+    assert tta["predict"] == "float32" and tta["fused"] == "float32" and tta["int8"] == "int8"
+    assert tta.get("bfloat16", "bfloat16") == "bfloat16"
+    int8 = next(l for l in lines if l.get("what") == "int8")
+    assert int8["precision"] == "int8" and int8["precisions"]["int8_img_s"] == "int8"

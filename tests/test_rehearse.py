@@ -34,7 +34,7 @@ def test_rehearsal_runs_every_stage_at_toy_size(tmp_path, capsys):
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in out.splitlines() if line.startswith('{"stage"')]
     assert [r["stage"] for r in rows] == R.stage_order(
-        {"models": {"nets": ["lenet"], "folds": [0, 1], "seeds": [0], "pseudo_nets": []}})
+        {"models": {"nets": ["lenet"], "folds": [0, 1], "seeds": [0], "pseudo_nets": ["lenet"]}})
     assert all(r["rc"] == 0 and r["seconds"] > 0 and r["peak_mib"] > 50 for r in rows)
     assert "| ingest |" in out and (tmp_path / "repo" / "submissions").is_dir()
     about = json.loads(next(x for x in out.splitlines() if x.startswith('{"rehearsal"')))

@@ -337,6 +337,10 @@ def run_probe(argv: list[str]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ the run
 
+# The precision of each TTA variant's network; "predict" runs in --infer-precision.
+VARIANT_PRECISION = {"fused": "float32", "int8": "int8", "bfloat16": "bfloat16"}
+
+
 def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
     """Yield the JSON records of every mode in ``args.what``."""
     import mxnet as mx
@@ -412,7 +416,12 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
             bf16 = hybridize(inference_copy(plain, args, "bfloat16", workdir), "static")
             bf16_rate = infer_rate(bf16, args.batch, args.size, args.seconds)
             variants["bfloat16"] = bf16
-        yield {"what": "int8", **common, "calib_mode": DEFAULT_CALIB_MODE,
+        yield {"what": "int8", **common, "precision": "int8",
+               # each rate's own precision (the line compares them)
+               "precisions": {"infer_img_s": "float32", "deterministic_img_s": "float32",
+                              "fused_img_s": "float32", "int8_img_s": "int8",
+                              **({"bf16_img_s": "bfloat16"} if bf16 else {})},
+               "calib_mode": DEFAULT_CALIB_MODE,
                "keep_fp32": list(DEFAULT_KEEP_FP32), "calib_images": len(calib),
                "infer_img_s": round(results["infer32"], 2),
                "deterministic_img_s": round(det_rate, 2),
@@ -431,7 +440,9 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
         images = random_batch(args.tta_batch, args.size, seed=1)[0]
         for variant, net in variants.items():
             views_s = tta_rate(net, images, args.tta_views, args.tta_batch, args.seconds)
-            yield {"what": "tta", "variant": variant, **common, "views": args.tta_views,
+            yield {"what": "tta", "variant": variant, **common,
+                   "precision": VARIANT_PRECISION.get(variant, args.infer_precision),
+                   "views": args.tta_views,
                    "tta_batch": args.tta_batch, "views_s": round(views_s, 1),
                    "img_s": round(views_s / args.tta_views, 3)}
 
@@ -538,8 +549,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         workdir = Path(args.workdir) if args.workdir else Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="ndsb-bench-")))
         workdir.mkdir(parents=True, exist_ok=True)
+        cpu, day = cpu_kind(), time.strftime("%Y-%m-%d", time.gmtime())
         for record in run(args, workdir):
-            print(json.dumps(record), flush=True)
+            print(json.dumps(stamp(record, cpu, day)), flush=True)
+
+
+def stamp(record: dict[str, Any], cpu: str, day: str) -> dict[str, Any]:
+    """Every line says which CPU and which precision it ran in, and when, so the figures of
+    different machines and sessions can be told apart. Lines without a network (ingest, data
+    loading) have precision None."""
+    return {**record, "cpu": record.get("cpu", cpu), "precision": record.get("precision"),
+            "date": day}
 
 
 if __name__ == "__main__":
