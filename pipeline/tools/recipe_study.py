@@ -10,6 +10,8 @@ through the stages' own commands (``python -m pipeline.train`` / ``predict`` / `
 * ``ema``: ``train.ema_half_life`` = ``--ema-half-life`` epochs;
 * ``pl``: a second round on pseudo-labels from the base variant's fold models of the same
   seed (``pseudo.fraction`` = ``--pseudo-fraction``), blended with the base nets;
+* ``bf16``: ``train.precision: bfloat16`` (is bfloat16 training as good as float32 on this
+  CPU? run the base with ``--base-precision float32``);
 
 and, free on top of the base runs, ``seeds`` (the ensemble of all seeds, averaged per net)
 and ``temperature`` (calibration, cross-fitted over folds). One line of JSON per (variant,
@@ -31,7 +33,7 @@ from typing import Any, Sequence
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = ("base", "ls", "ema", "pl")
+VARIANTS = ("base", "ls", "ema", "pl", "bf16")
 
 
 def params_file(path: Path, args: argparse.Namespace, variant: str) -> Path:
@@ -46,6 +48,10 @@ def params_file(path: Path, args: argparse.Namespace, variant: str) -> Path:
         train["label_smoothing"] = args.label_smoothing
     if variant == "ema":
         train["ema_half_life"] = args.ema_half_life
+    if args.base_precision:
+        train["precision"] = args.base_precision
+    if variant == "bf16":
+        train["precision"] = "bfloat16"
     params["tta"].update(n=args.tta_n, predictions=str(run / "predictions" / "round1"),
                          work=str(run / "work"), checkpoints=str(run / "checkpoints"))
     params["pseudo"].update(records=str(args.records), fraction=args.pseudo_fraction,
@@ -169,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--nets", nargs="+", default=["ndsb_net1"])
     p.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS[:4]), choices=VARIANTS)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr-steps", type=int, nargs="*", default=[20, 26])
     p.add_argument("--batch-size", type=int, default=16)
@@ -177,13 +183,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--ema-half-life", type=float, default=2.0)
     p.add_argument("--pseudo-fraction", type=float, default=0.25)
+    p.add_argument("--base-precision", choices=["float32", "bfloat16", "auto"],
+                   help="train.precision of every variant but bf16 (default: params.yaml's)")
     args = p.parse_args(argv)
     args.out, args.records = args.out.resolve(), args.records.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     rows = [json.loads(x) for x in results.read_text().splitlines()] if results.exists() else []
     done = {(r["variant"], r["seed"]) for r in rows}
-    order = ["base"] + [v for v in args.variants if v != "base"]
+    order = ["base"] + [v for v in args.variants if v != "base"]  # the others pair with it
     for seed in args.seeds:
         for variant in order:
             if (variant, seed) in done:
