@@ -58,8 +58,8 @@ MODES = ("train", "infer", "int8", "tta", "data", "ingest", "cost", "memory")
 DEFAULT_WHAT = "train,infer"
 TABLE_SIZES = {"ndsb_net2": 144}  # the thesis' input side where it is not 128
 HYBRIDIZE = {
-    "static": {"static_alloc": True, "static_shape": True},   # pipeline.train
-    "alloc": {"static_alloc": True},                           # pipeline.predict
+    "static": {"static_alloc": True, "static_shape": True},
+    "alloc": {"static_alloc": True},                           # pipeline.train, predict
     "plain": {},
     "none": None,
 }
@@ -143,7 +143,7 @@ def hybridize(net, mode: str):
 
 
 def train_rate(name: str, act: str, bn: bool, batch: int, size: int, seconds: float,
-               hybrid: str = "static", min_steps: int = 3, precision: str = "float32",
+               hybrid: str = "alloc", min_steps: int = 3, precision: str = "float32",
                rrelu_impl: str = "auto") -> float:
     """Training img/s: the training step of :mod:`pipeline.lib.sgd` on one fixed batch."""
     import mxnet as mx
@@ -504,8 +504,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the infer line's precision (as tta.precision, predict's default auto)")
     p.add_argument("--rrelu-impl", default="auto", choices=["auto", "native", "ops"],
                    help="RReLU's random graph: the native fused operator or MXNet operators")
-    p.add_argument("--hybridize", dest="hybrid_mode", default="static", choices=list(HYBRIDIZE),
-                   help="training graph: static (as pipeline.train), alloc, plain, none")
+    p.add_argument("--hybridize", dest="hybrid_mode", default="alloc", choices=list(HYBRIDIZE),
+                   help="training graph: alloc (as pipeline.train), static, plain, none")
     p.add_argument("--tta-views", type=int, default=100)
     p.add_argument("--tta-batch", type=int, default=2,
                    help="images per TTA forward (x views); predict's is tta.batch_size")
