@@ -18,10 +18,12 @@ import yaml
 
 from pipeline import ingest as I
 from pipeline import train as T
-from pipeline.lib import checkpoint, fsutil, params
+from pipeline.lib import checkpoint, fsutil
 from pipeline.lib.errors import Stopped, stage_errors
 from pipeline.tools.synth import generate
 from tests.conftest import ROOT
+from tests.test_train import config as train_config
+from tests.test_train import params_of
 
 NET = "lenet"
 
@@ -77,17 +79,9 @@ def records(ndsb) -> Path:
 
 
 def config(tmp: Path, **over) -> dict:
-    base = {"epochs": 2, "batch_size": 8, "lr_steps": [1], "workers": 0, "act": "rrelu",
-            "bn": True, "checkpoints": str(tmp / "ck"), "metrics": str(tmp / "m"),
-            "plots": str(tmp / "p")}
-    base.update(over)
-    return params.merge("train", T.DEFAULTS, base)
-
-
-def params_of(directory: Path, name: str = "model.params") -> dict[str, np.ndarray]:
-    import mxnet as mx
-
-    return {k: v.asnumpy() for k, v in mx.nd.load(str(directory / name)).items()}
+    """test_train's settings with the thesis' activation and BatchNorm, whose noise and running
+    statistics a resumed run must reproduce."""
+    return train_config(tmp, **{"act": "rrelu", "bn": True, **over})
 
 
 def assert_same_params(a: dict, b: dict) -> None:

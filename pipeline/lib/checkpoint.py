@@ -65,30 +65,10 @@ def save(directory: str | Path, epoch: int, net, trainer, record: dict[str, Any]
     weights (its step count in the record) so a resumed run continues the same average.
     """
     directory = Path(directory)
-    stem = _stem(directory, epoch)
-    params, states = stem.with_suffix(".params"), stem.with_suffix(".states")
-    needed = _param_bytes(net)
-    try:
-        with atomic_path(params, needed=needed) as tmp:
-            net.save_parameters(str(tmp))
-        with atomic_path(states, needed=needed) as tmp:
-            trainer.save_states(str(tmp))
-        digests = {"params": sha256(params), "states": sha256(states)}
-        if average is not None:
-            ema = _ema_path(stem)
-            with atomic_path(ema, needed=needed) as tmp, average.swapped_in():
-                net.save_parameters(str(tmp))
-            digests["ema.params"] = sha256(ema)
-            record = dict(record, average_steps=average.steps)
-        record = dict(record, epoch=epoch, sha256=digests)
-        write_json(stem.with_suffix(".json"), record)
-    except BaseException:  # e.g. a full disk: no half-written epoch stays behind
-        for suffix in SUFFIXES:
-            stem.with_suffix(suffix).unlink(missing_ok=True)
-        raise
+    path = _write(_stem(directory, epoch), net, trainer, dict(record, epoch=epoch), average)
     _prune(directory)
     clear_partial(directory)  # the epoch it belonged to is complete now
-    return stem.with_suffix(".json")
+    return path
 
 
 PARTIAL = "partial"  # the stem of a mid-epoch checkpoint (a graceful stop)
@@ -103,18 +83,23 @@ def save_partial(directory: str | Path, net, trainer, record: dict[str, Any],
     run needs to continue the epoch exactly (data order and randomness are derived from
     (seed, epoch, batch)). Replaced by the next one, removed when the epoch completes.
     """
-    directory = Path(directory)
-    stem = directory / PARTIAL
-    (directory / f"{PARTIAL}.json").unlink(missing_ok=True)  # invalid until rewritten
+    stem = Path(directory) / PARTIAL
+    stem.with_suffix(".json").unlink(missing_ok=True)  # invalid until rewritten
+    return _write(stem, net, trainer, record, average)
+
+
+def _write(stem: Path, net, trainer, record: dict[str, Any], average) -> Path:
+    """Weights, optimizer state and weight average at ``stem``, then the ``.json`` record with
+    their hashes (last: its presence means complete). On any failure (e.g. a full disk) every
+    file of ``stem`` is removed, so no half-written checkpoint stays behind."""
     needed = _param_bytes(net)
-    digests = {}
     try:
         with atomic_path(stem.with_suffix(".params"), needed=needed) as tmp:
             net.save_parameters(str(tmp))
-        digests["params"] = sha256(stem.with_suffix(".params"))
         with atomic_path(stem.with_suffix(".states"), needed=needed) as tmp:
             trainer.save_states(str(tmp))
-        digests["states"] = sha256(stem.with_suffix(".states"))
+        digests = {"params": sha256(stem.with_suffix(".params")),
+                   "states": sha256(stem.with_suffix(".states"))}
         if average is not None:
             with atomic_path(_ema_path(stem), needed=needed) as tmp, average.swapped_in():
                 net.save_parameters(str(tmp))
@@ -122,7 +107,8 @@ def save_partial(directory: str | Path, net, trainer, record: dict[str, Any],
             record = dict(record, average_steps=average.steps)
         write_json(stem.with_suffix(".json"), dict(record, sha256=digests))
     except BaseException:
-        clear_partial(directory)
+        for suffix in SUFFIXES:
+            stem.with_suffix(suffix).unlink(missing_ok=True)
         raise
     return stem.with_suffix(".json")
 
@@ -134,17 +120,12 @@ def _param_bytes(net) -> int:
 
 def partial(directory: str | Path) -> dict[str, Any] | None:
     """The verified mid-epoch record (with ``_stem``), or None (none, or not intact)."""
-    directory = Path(directory)
-    stem = directory / PARTIAL
+    stem = Path(directory) / PARTIAL
     if not stem.with_suffix(".json").exists():
         return None
     try:
-        record = read_json(stem.with_suffix(".json"))
-        for kind, digest in record.get("sha256", {}).items():
-            path = stem.with_name(f"{stem.name}.{kind}")
-            if not path.exists() or sha256(path) != digest:
-                raise CheckpointError(f"{path} is missing or corrupt")
-    except (OSError, ValueError, CheckpointError) as exc:
+        record = _verified(stem)
+    except CheckpointError as exc:
         warnings.warn(f"ignoring the mid-epoch checkpoint in {directory}: {exc}")
         return None
     record["_stem"] = str(stem)
@@ -180,7 +161,11 @@ def clear(directory: str | Path) -> None:
 
 def verify(directory: Path, epoch: int) -> dict[str, Any]:
     """The record of ``epoch`` if its files exist and match their hashes; else raise."""
-    stem = _stem(directory, epoch)
+    return _verified(_stem(directory, epoch))
+
+
+def _verified(stem: Path) -> dict[str, Any]:
+    """The record at ``stem`` if its files exist and match their hashes; else CheckpointError."""
     try:
         record = read_json(stem.with_suffix(".json"))
     except (OSError, ValueError) as exc:
