@@ -291,6 +291,30 @@ def test_a_second_signal_stops_at_once(records, tmp_path):
     assert not (tmp_path / "ck" / f"{NET}--fold0" / "partial.json").exists()
 
 
+FORKED_CHILD = r"""
+import os, signal, sys, time
+from pipeline.lib.signals import graceful_stop
+with graceful_stop("parent") as stopped:
+    pid = os.fork()
+    if pid == 0:          # a data-loader worker: forked inside the block
+        time.sleep(60)
+        os._exit(0)
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGTERM)   # what Pool.terminate() does
+    _, status = os.waitpid(pid, 0)
+    print(os.WIFSIGNALED(status) and os.WTERMSIG(status), stopped())
+"""
+
+
+def test_a_forked_worker_dies_of_sigterm_silently_and_the_parent_goes_on():
+    out = subprocess.run([sys.executable, "-c", FORKED_CHILD],
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(int(signal.SIGTERM)), "None"]
+    assert "received" not in out.stderr
+
+
 def test_sigterm_to_the_trainer_process_exits_143_and_the_rerun_finishes_the_same(
         records, tmp_path):
     """The real thing: a trainer process, SIGTERM once its first epoch is saved."""

@@ -22,15 +22,19 @@ def graceful_stop(what: str) -> Iterator[Callable[[], int | None]]:
     """Yield a function returning the number of the first stop signal received, or None.
 
     Outside the main thread (where handlers cannot be installed) signals keep their default
-    action and the function always returns None.
+    action and the function always returns None. Processes forked inside the block (data
+    loader workers) inherit the handler; in them it restores the default action and re-raises,
+    so terminating a worker pool stops its workers at once and silently.
     """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield lambda: None
         return
 
+    owner = os.getpid()
+
     def handler(signum: int, _frame) -> None:
-        if received:  # the second signal: stop now
+        if received or os.getpid() != owner:  # the second signal, or a forked child: stop now
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
