@@ -31,7 +31,9 @@ so small inputs work (48-64 px for the samples; LeNet needs >= 16 px; AlexNet is
 
 Prediction with RReLU: the training graph draws (and discards) noise at inference too; call
 ``nets.set_deterministic(net)`` before ``hybridize()`` (or build with
-``act_kw={'deterministic': True}``) for the same outputs at leaky-ReLU speed.
+``act_kw={'deterministic': True}``) for the same outputs at leaky-ReLU speed, and
+``nets.fold_batchnorm(net)`` (after loading the parameters) to merge every batch norm into
+the convolution before it (:mod:`nets.fold`).
 """
 from __future__ import annotations
 
@@ -41,13 +43,15 @@ from mxnet.gluon import HybridBlock
 
 from .activations import ACTIVATIONS, make_activation, set_deterministic
 from .build import build, nominal_input
+from .fold import fold_batchnorm
 from .init import default_initializer, initialize
 from .maxdepth import build_maxdepth
 from .precision import set_precision
 from .tables import TABLES
 
 __all__ = ["get_model", "list_models", "default_initializer", "initialize", "ACTIVATIONS",
-           "make_activation", "set_deterministic", "set_precision", "build", "TABLES"]
+           "make_activation", "set_deterministic", "set_precision", "fold_batchnorm", "build",
+           "TABLES"]
 
 _COMMON = ("act_kw", "pool", "dropout", "width")
 

@@ -182,9 +182,14 @@ def copy_params(src, dst, workdir: Path) -> None:
 
 
 def inference_copy(ref, args: argparse.Namespace, precision: str, workdir: Path):
-    """Deterministic-activation net in ``precision`` with ``ref``'s weights (not hybridized)."""
-    net = build_net(args.net, args.act, args.bn, deterministic=True, precision=precision)
+    """``ref``'s weights in the net :mod:`pipeline.predict` runs (not yet hybridized):
+    deterministic activations, batch norm folded, ``precision``."""
+    import nets
+
+    net = build_net(args.net, args.act, args.bn, deterministic=True)
     copy_params(ref, net, workdir)
+    nets.fold_batchnorm(net)
+    nets.set_precision(net, precision)
     return net
 
 
@@ -365,23 +370,26 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
             if args.act == "rrelu":
                 native_used = args.rrelu_impl != "ops" and native.status()["native_ops"]
                 line["rrelu_impl"] = "native" if native_used else "ops"
-        # Inference as pipeline.predict runs it: RReLU's deterministic graph, in the precision
-        # of tta.precision (--infer-precision); the int8 line compares every variant to fp32.
+        # Inference as pipeline.predict runs it: RReLU's deterministic graph, batch norm
+        # folded, in the precision of tta.precision (--infer-precision); the int8 line
+        # compares every variant to this fp32 net. `plain` (not folded) holds the weights.
         plain = hybridize(build_net(args.net, args.act, args.bn, deterministic=True), "alloc")
+        plain(mx.nd.zeros((1, 1, args.size, args.size)))  # every shape known: all BN fold
+        predict32 = hybridize(inference_copy(plain, args, "float32", workdir), "alloc")
         if "infer" in what:
-            served = plain
+            served = predict32
             if args.infer_precision != "float32":
                 served = hybridize(inference_copy(plain, args, "bfloat16", workdir), "alloc")
             results["infer"] = infer_rate(served, args.batch, args.size, args.seconds)
             line["infer_img_s"] = round(results["infer"], 2)
             line["infer_precision"] = args.infer_precision
-            if served is plain:
+            if served is predict32:
                 results["infer32"] = results["infer"]
         if "int8" in what and "infer32" not in results:
-            results["infer32"] = infer_rate(plain, args.batch, args.size, args.seconds)
+            results["infer32"] = infer_rate(predict32, args.batch, args.size, args.seconds)
         yield dict(line, env=env)
 
-    variants = {"predict": plain} if what & {"tta", "int8"} else {}
+    variants = {"predict": predict32} if what & {"tta", "int8"} else {}
     records = None
     if what & {"int8", "data", "ingest"}:
         folder = synthetic_folder(workdir, args.ingest_images)
@@ -404,8 +412,9 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
         calib = calibration_images(records, args.calib_images)
         from pipeline.lib.quantize import DEFAULT_CALIB_MODE, DEFAULT_KEEP_FP32, quantize
 
-        # predict's default INT8 net (tta.calib_mode, tta.int8_keep_fp32 defaults)
-        quantized = quantize(det, calib, DEFAULT_CALIB_MODE, DEFAULT_KEEP_FP32)
+        # predict's default INT8 net (tta.calib_mode, tta.int8_keep_fp32 defaults), quantized
+        # from predict's fp32 net as predict does
+        quantized = quantize(predict32, calib, DEFAULT_CALIB_MODE, DEFAULT_KEEP_FP32)
         quantized.hybridize(static_alloc=True, static_shape=True)
         int8_rate = infer_rate(quantized, args.batch, args.size, args.seconds)
         variants.update(fused=fused, int8=quantized)
