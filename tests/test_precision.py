@@ -130,3 +130,31 @@ def test_cast_round_trip_keeps_bfloat16_values():
     x = nd.array([1.0, -2.5, 3.140625, 1e-3])
     y = to_dtype(nd, to_dtype(nd, x, "bfloat16"), "float32").asnumpy()
     np.testing.assert_allclose(y, x.asnumpy(), rtol=2 ** -8)
+
+
+def test_bf16_round_is_round_to_nearest_even_like_amp_cast():
+    from pipeline.tools.bf16_grads import bf16_round
+
+    x = np.random.default_rng(0).normal(0, 3, 5000).astype(np.float32)
+    x[:3] = [1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8)]  # ties: to even
+    ours = bf16_round(x)
+    theirs = to_dtype(nd, nd.array(x), "bfloat16").astype("float32").asnumpy()
+    np.testing.assert_array_equal(ours, theirs)
+    assert ours[0] == 1.0 and ours[1] == 1 + 4 * 2 ** -8 and ours[2] == -1.0
+
+
+@needs_bf16
+def test_bf16_gradient_study_compares_every_parameter(capsys):
+    from pipeline.tools import bf16_grads
+
+    bf16_grads.main(["--net", "tinynet_cifar", "--size", "28", "--classes", "5", "--batch", "4",
+                     "--batches", "1"])
+    rows = [__import__("json").loads(line) for line in capsys.readouterr().out.splitlines()]
+    params = {r["param"]: r for r in rows if "param" in r}
+    net = nets.get_model("tinynet_cifar", classes=5, act="rrelu", bn=True, in_channels=1)
+    assert set(params) == {"logits"} | set(net.collect_params().keys())
+    # bf16 arithmetic: close to float32 but not identical; the input-only yardstick is smaller
+    assert 0 < params["logits"]["rel"] < 0.05 and params["logits"]["cos"] > 0.99
+    assert params["logits"]["input_rel"] < params["logits"]["rel"]
+    kinds = {r["kind"] for r in rows if "kind" in r}
+    assert {"weight", "gamma", "beta", "running_mean", "running_var"} <= kinds
