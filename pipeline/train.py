@@ -14,8 +14,8 @@ and every fold in ``models.folds``; ``--fold -1`` trains on all labelled images)
   machines: ``kvstore: dist_sync`` under :mod:`pipeline.tools.launch`; each worker trains on its own
   shard of the records and the gradients are summed by MXNet's parameter server.
 * Precision (``precision``, default ``auto``): ``bfloat16`` runs the convolutions in bfloat16
-  with float32 master weights (:mod:`nets.precision`); ``auto`` picks it where it is fast and
-  its accuracy was validated on this kind of CPU, float32 elsewhere
+  with float32 master weights (:mod:`nets.precision`); ``auto`` picks it where its kernels are
+  fast (AVX512-BF16 or AMX), float32 elsewhere
   (:mod:`pipeline.lib.precision`; the measurements are in BENCHMARKS.md). The requested
   precision is part of the checkpoint's fingerprint; the one used is recorded in it.
 * Every epoch: train loss, validation log loss and accuracy go to ``plots/train--{run}.tsv``
@@ -189,7 +189,7 @@ def build(run: Run, classes: int, ctxs: list):
     except ValueError as err:  # unknown net or keyword: the registry lists the valid ones
         raise TrainingError(f"--net / train.net_kwargs: {err}") from None
     try:
-        precision = resolve_precision(run.cfg["precision"], ctxs, training=True)
+        precision = resolve_precision(run.cfg["precision"], ctxs)
     except ValueError as err:
         raise TrainingError(f"train.precision: {err}") from err
     set_precision(net, precision)

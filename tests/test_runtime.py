@@ -29,20 +29,18 @@ def test_no_amx_cpu_sets_nothing(monkeypatch):
     assert "DNNL_MAX_CPU_ISA" not in os.environ
 
 
-@pytest.mark.parametrize("flags,permitted,infer,train", [
-    ({"avx512_bf16"}, False, True, False),              # AMD Zen 4: fast; training not validated
-    ({"avx512_bf16", "amx_bf16"}, True, True, True),    # Sapphire Rapids with AMX enabled
-    ({"avx512_bf16", "amx_bf16"}, False, False, False), # ... without: slower than float32
-    ({"avx2", "fma"}, False, False, False),
+@pytest.mark.parametrize("flags,permitted,fast", [
+    ({"avx512_bf16"}, False, True),                # AMD Zen 4: AVX512-BF16 kernels
+    ({"avx512_bf16", "amx_bf16"}, True, True),     # Sapphire Rapids with AMX enabled
+    ({"avx512_bf16", "amx_bf16"}, False, False),   # ... without: slower than float32
+    ({"avx2", "fma"}, False, False),
 ])
-def test_auto_precision_follows_the_usable_kernels(monkeypatch, flags, permitted, infer, train):
+def test_auto_precision_follows_the_usable_kernels(monkeypatch, flags, permitted, fast):
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
     monkeypatch.setattr(precision, "amx_permitted", lambda: permitted)
-    assert precision.native_bfloat16() is infer
-    name = {True: "bfloat16", False: "float32"}
-    assert precision.resolve_precision("auto") == name[infer]
-    assert precision.resolve_precision("auto", training=True) == name[train]
-    assert precision.resolve_precision("float32", training=True) == "float32"
+    assert precision.native_bfloat16() is fast
+    assert precision.resolve_precision("auto") == ("bfloat16" if fast else "float32")
+    assert precision.resolve_precision("float32") == "float32"
 
 
 @pytest.mark.skipif(not HAS_AMX, reason="CPU without AMX")

@@ -1,8 +1,10 @@
 """What ``auto`` precision means on this machine (``train.precision``, ``tta.precision``).
 
-bfloat16 where its kernels are fast on this CPU and, for training, where its accuracy was
-validated on this kind of CPU; float32 elsewhere. The CPU facts come from
-:mod:`pipeline.lib.runtime`; how a network runs in the resolved precision is
+bfloat16 where its kernels are fast on this CPU, float32 elsewhere, for training and inference
+alike (float32 master weights). On CPUs with AVX512-BF16 and no AMX, bf16 training matched
+float32 log loss within the seed spread on 121-class synthetic sets (BENCHMARKS.md, issue 15);
+on very small sets it cost a little, so ``train.precision: float32`` stays available. The CPU facts
+come from :mod:`pipeline.lib.runtime`; how a network runs in the resolved precision is
 :mod:`nets.precision`'s business.
 """
 from __future__ import annotations
@@ -31,22 +33,8 @@ def native_bfloat16() -> bool:
     return "avx512_bf16" in flags
 
 
-def bfloat16_training_validated() -> bool:
-    """Whether bfloat16 *training* matched float32 accuracy on this kind of CPU.
-
-    Validated with AMX kernels only; with AVX512-BF16 kernels and no AMX it lost accuracy, so
-    ``auto`` trains in float32 there (BENCHMARKS.md, "bf16 training accuracy"). bf16
-    inference stayed within the noise on both kinds and remains ``auto``.
-    """
-    return "amx_bf16" in cpu_flags()
-
-
-def resolve_precision(requested: str, ctxs: Iterable[Any] = (), training: bool = False
-                      ) -> str:
+def resolve_precision(requested: str, ctxs: Iterable[Any] = ()) -> str:
     """``auto`` -> ``bfloat16`` where it runs fast (all contexts CPU), else ``float32``.
-
-    For ``training``, ``auto`` also needs bf16 training validated on this kind of CPU
-    (:func:`bfloat16_training_validated`).
 
     An explicit ``bfloat16`` on a GPU context or without oneDNN raises ``ValueError``: MXNet
     1.9.1 has no bfloat16 kernels there.
@@ -60,8 +48,7 @@ def resolve_precision(requested: str, ctxs: Iterable[Any] = (), training: bool =
         raise ValueError(f"precision must be one of {requests}, got {requested!r}")
     on_cpu = all(getattr(c, "device_type", "cpu") == "cpu" for c in ctxs)
     if requested == "auto":
-        fast = native_bfloat16() and (not training or bfloat16_training_validated())
-        return "bfloat16" if on_cpu and fast else "float32"
+        return "bfloat16" if on_cpu and native_bfloat16() else "float32"
     if requested == "bfloat16":
         if not on_cpu:
             raise ValueError("precision bfloat16 runs on CPU contexts only (MXNet 1.9.1)")

@@ -506,8 +506,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--what", type=_csv(str), default=_csv(str)(DEFAULT_WHAT),
                    help=f"comma list of {','.join(MODES)} or 'all' (default {DEFAULT_WHAT})")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="training precision (as train.precision; auto = bfloat16 where AMX runs "
-                        "it); pass float32 to compare with the fp32 reference")
+                   help="training precision (as train.precision; auto = bfloat16 where its "
+                        "kernels are fast); pass float32 to compare with the fp32 reference")
     p.add_argument("--infer-precision", default="auto",
                    choices=["auto", "float32", "bfloat16"],
                    help="the infer line's precision (as tta.precision, predict's default auto)")
@@ -548,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.amx = enable_amx()
     from pipeline.lib.precision import resolve_precision
 
-    args.precision = resolve_precision(args.precision, training=True)
+    args.precision = resolve_precision(args.precision)
     args.infer_precision = resolve_precision(args.infer_precision)
     if args.probe:
         probe = probe_train if args.probe == "train" else probe_tta
