@@ -65,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "ema_half_life": 0.0,      # epochs; > 0: validate and publish a moving average of weights
     "seed": 0,
     "ctx": "cpu",
-    "precision": "auto",       # float32 | bfloat16 | auto (bf16 where validated and fast)
+    "precision": "auto",       # float32 | bfloat16 | auto (bf16 where its kernels are fast)
     "kvstore": "device",
     "workers": 1,
     "prefetch": 4,

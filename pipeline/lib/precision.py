@@ -2,9 +2,9 @@
 
 bfloat16 where its kernels are fast on this CPU, float32 elsewhere, for training and inference
 alike (float32 master weights). On CPUs with AVX512-BF16 and no AMX, bf16 training matched
-float32 log loss within the seed spread on 121-class synthetic sets (BENCHMARKS.md, issue 15);
-on very small sets it cost a little, so ``train.precision: float32`` stays available. The CPU facts
-come from :mod:`pipeline.lib.runtime`; how a network runs in the resolved precision is
+float32 log loss within the seed spread on 121-class synthetic sets (BENCHMARKS.md, issue
+15); on very small sets it cost a little, so ``train.precision: float32`` stays available. The
+CPU facts come from :mod:`pipeline.lib.runtime`; how a network runs in the resolved precision is
 :mod:`nets.precision`'s business.
 """
 from __future__ import annotations
