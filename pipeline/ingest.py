@@ -35,13 +35,14 @@ import numpy as np
 
 from pipeline.lib import params as params_mod
 from pipeline.lib.errors import PipelineError, stage_errors
-from pipeline.lib.fsutil import (MB, OutOfSpaceError, free_bytes, out_of_space,
+from pipeline.lib.fsutil import (OutOfSpaceError, free_bytes, out_of_space,
                                  sweep_stale, temp_prefix, write_json)
 from pipeline.lib.images import decode, fit_square, whiten
 from pipeline.lib.names import duplicates
 from pipeline.lib.records import BAD_FILES, META, META_VERSION, rec_paths
 from pipeline.lib.runtime import available_cpus
-from pipeline.lib.submission import IMAGE_COLUMN, SAMPLE_SUBMISSION, read_header
+from pipeline.lib.submission import (IMAGE_COLUMN, SAMPLE_SUBMISSION, SubmissionError,
+                                     read_header)
 
 DEFAULTS: dict[str, Any] = {
     "root": "data/sample/ndsb",
@@ -109,9 +110,8 @@ def read_sample_header(path: Path) -> list[str]:
     """
     try:
         header = read_header(path)
-    except UnicodeDecodeError as exc:
-        raise IngestError(f"{path}: not a UTF-8 CSV file ({exc.reason} at byte {exc.start})"
-                          ) from None
+    except SubmissionError as exc:
+        raise IngestError(str(exc)) from None
     if not header or header[0].strip().lower() != IMAGE_COLUMN:
         raise IngestError(f"{path}: first column must be '{IMAGE_COLUMN}', got {header[:1]}")
     classes = [c.strip() for c in header[1:]]

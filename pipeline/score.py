@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 
 from pipeline.lib import params
 from pipeline.lib.errors import PipelineError, stage_errors
@@ -30,7 +29,7 @@ from pipeline.lib.fsutil import sweep_stale, write_json
 from pipeline.lib.metrics import evaluate
 from pipeline.lib.names import duplicates, examples
 from pipeline.lib.submission import (EXAMPLES, IMAGE_COLUMN, SubmissionError, check_submission,
-                                     open_text, read_csv, read_sample)
+                                     read_csv, read_sample, read_table)
 
 DEFAULTS: dict[str, Any] = {
     "submission": "submissions/submission.csv.gz",
@@ -66,11 +65,12 @@ def score(submission: str | os.PathLike, labels: str | os.PathLike
 
 def _read_labels(path: str | os.PathLike, classes: list[str], row_of: Mapping[str, int]
                  ) -> tuple[list[str], np.ndarray]:
-    with open_text(Path(path)) as fh:
-        table = pd.read_csv(fh, dtype=str, keep_default_na=False)
+    table = read_table(path, dtype=str, keep_default_na=False)
     if list(table.columns[:2]) != [IMAGE_COLUMN, "class"]:
         raise SubmissionError(f"{path}: labels need columns 'image,class', "
                               f"got {list(table.columns)}")
+    if table.empty:
+        raise SubmissionError(f"{path}: no labelled images below the 'image,class' header")
     images, names = table[IMAGE_COLUMN].tolist(), table["class"].tolist()
     class_idx = {c: k for k, c in enumerate(classes)}
     problems = []

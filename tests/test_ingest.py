@@ -126,7 +126,7 @@ def test_sample_submission_problems_are_ingest_errors(ndsb_folder, tmp_path):
     with pytest.raises(IngestError, match="first column must be 'image'"):
         run(ndsb_folder, tmp_path / "rec")
     sample.write_bytes("image,diatom,cop\xe9pod,amphipod\n".encode("latin-1"))
-    with pytest.raises(IngestError, match="not a UTF-8 CSV file"):
+    with pytest.raises(IngestError, match="cannot read as CSV: not UTF-8 text"):
         run(ndsb_folder, tmp_path / "rec")
 
 

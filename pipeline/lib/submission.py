@@ -16,6 +16,7 @@ import csv
 import gzip
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -55,10 +56,50 @@ def open_text(path: Path):
     return open(path, encoding="utf-8-sig", newline="")
 
 
+# What a file that is not a readable CSV raises while being read: a damaged gzip body (zlib,
+# EOF), another text encoding, a row with more fields than the first (pandas), a malformed
+# quote (csv). A damaged gzip header is an OSError (gzip.BadGzipFile).
+UNREADABLE = (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error,
+              pd.errors.ParserError)
+
+
+def unreadable(path: str | os.PathLike, exc: BaseException) -> SubmissionError:
+    """The one-line error for a file that cannot be read as CSV (see :data:`UNREADABLE`)."""
+    if isinstance(exc, UnicodeDecodeError):
+        why = f"not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+    elif isinstance(exc, (zlib.error, EOFError, OSError)) and not isinstance(
+            exc, FileNotFoundError):
+        why = f"damaged or truncated file ({exc})"
+    else:
+        why = str(exc).strip().replace("\n", " ")
+    return SubmissionError(f"{path}: cannot read as CSV: {why}")
+
+
 def read_header(path: str | os.PathLike) -> list[str]:
-    """The first CSV row of ``path`` (.csv or .csv.gz), unmodified (duplicates kept)."""
-    with open_text(Path(path)) as fh:
-        return next(csv.reader(fh), None) or []
+    """The first CSV row of ``path`` (.csv or .csv.gz), unmodified (duplicates kept).
+
+    Raises :class:`SubmissionError` if it cannot be read as CSV."""
+    try:
+        with open_text(Path(path)) as fh:
+            return next(csv.reader(fh), None) or []
+    except FileNotFoundError:
+        raise
+    except UNREADABLE as exc:
+        raise unreadable(path, exc) from None
+
+
+def read_table(path: str | os.PathLike, **kwargs: Any) -> pd.DataFrame:
+    """``pandas.read_csv`` of ``path`` (.csv or .csv.gz, see :func:`open_text`); an empty
+    file gives an empty frame. Raises :class:`SubmissionError` if it cannot be read as CSV."""
+    try:
+        with open_text(Path(path)) as fh:
+            return pd.read_csv(fh, **kwargs)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except FileNotFoundError:
+        raise
+    except UNREADABLE as exc:
+        raise unreadable(path, exc) from None
 
 
 def read_csv(path: str | os.PathLike) -> tuple[list[str], pd.DataFrame]:
@@ -72,12 +113,7 @@ def read_csv(path: str | os.PathLike) -> tuple[list[str], pd.DataFrame]:
     header = read_header(path)
     if not header:
         return [], pd.DataFrame()
-    with open_text(Path(path)) as fh:
-        try:
-            rows = pd.read_csv(fh, header=None, skiprows=1, dtype={0: str}, low_memory=False)
-        except pd.errors.EmptyDataError:
-            rows = pd.DataFrame()
-    return header, rows
+    return header, read_table(path, header=None, skiprows=1, dtype={0: str}, low_memory=False)
 
 
 def read_sample(path: str | os.PathLike) -> tuple[list[str], list[str] | None]:
@@ -105,8 +141,8 @@ def check_submission(path: str | os.PathLike, classes: Sequence[str] | None = No
         return [f"file not found: {path}"]
     try:
         header, rows = read_csv(path)
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error, pd.errors.ParserError) as exc:
-        return [f"cannot read as CSV: {exc}"]
+    except SubmissionError as exc:
+        return [str(exc).split(": ", 1)[1]]  # the message without the path prefix
     return check_frame(header, rows, classes, images)
 
 
