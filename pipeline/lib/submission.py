@@ -67,8 +67,7 @@ def unreadable(path: str | os.PathLike, exc: BaseException) -> SubmissionError:
     """The one-line error for a file that cannot be read as CSV (see :data:`UNREADABLE`)."""
     if isinstance(exc, UnicodeDecodeError):
         why = f"not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
-    elif isinstance(exc, (zlib.error, EOFError, OSError)) and not isinstance(
-            exc, FileNotFoundError):
+    elif isinstance(exc, (zlib.error, EOFError, OSError)):
         why = f"damaged or truncated file ({exc})"
     else:
         why = str(exc).strip().replace("\n", " ")
@@ -142,7 +141,7 @@ def check_submission(path: str | os.PathLike, classes: Sequence[str] | None = No
     try:
         header, rows = read_csv(path)
     except SubmissionError as exc:
-        return [str(exc).split(": ", 1)[1]]  # the message without the path prefix
+        return [str(exc).removeprefix(f"{path}: ")]
     return check_frame(header, rows, classes, images)
 
 
