@@ -28,7 +28,6 @@ params.yaml. Writes ``{valid,test}--ensemble.npy`` (+ ``.names.txt``) and the me
 """
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,30 +36,18 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 
-from pipeline.lib import params
-from pipeline.lib.errors import PipelineError, stage_errors
+from pipeline.lib import stage
+from pipeline.lib.errors import PipelineError
 from pipeline.lib.fsutil import sweep_stale, write_json
 from pipeline.lib.metrics import apply_temperature, clip_normalize, summary
 from pipeline.lib.names import duplicates
 from pipeline.lib.predictions import (SPLITS, align_rows, load_predictions, prediction_files,
                                       save_predictions)
 from pipeline.lib.records import load_meta
-from pipeline.lib.runs import member_name, pseudo_name
+from pipeline.lib.runs import ENSEMBLE, member_name, pseudo_name
 
-ENSEMBLE_NAME = "ensemble"
 CALIBRATIONS = ("temperature", "none")
 
-DEFAULTS: dict[str, Any] = {
-    "nets": [],
-    "folds": None,  # null: every fold in meta.json; K: folds 0..K-1; or an explicit list
-    "seeds": None,  # null: one model per net ({net}); a list: {net}-seed{s}, averaged per net
-    "calibration": "none",  # temperature | none
-    "pseudo_nets": [],  # nets whose second round {net}-pl is blended too
-    "predictions_dir": "predictions/models",
-    "out_dir": "predictions",
-    "records": "data/records",
-    "metrics": "metrics/ensemble.json",
-}
 
 
 class EnsembleError(PipelineError, ValueError):
@@ -346,50 +333,33 @@ def ensemble(nets: Sequence[str], folds: int | Sequence[int] | None,
         metrics["uncalibrated"] = metrics["ensemble"]
         metrics["ensemble"] = summary(y, valid_blend)
     sweep_stale("ensemble", out_dir, Path(metrics_path).parent)
-    save_predictions(out_dir, "valid", ENSEMBLE_NAME, None, valid_blend, valid_order)
-    save_predictions(out_dir, "test", ENSEMBLE_NAME, None, test_blend, test_order)
+    save_predictions(out_dir, "valid", ENSEMBLE, None, valid_blend, valid_order)
+    save_predictions(out_dir, "test", ENSEMBLE, None, test_blend, test_order)
     write_json(metrics_path, metrics)
     return metrics
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.ensemble",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nets", nargs="*", help="nets to blend (default: params ensemble.nets)")
-    parser.add_argument("--folds", type=int, nargs="+",
-                        help="the folds to use, listed (default: every fold in meta.json)")
-    parser.add_argument("--seeds", type=int, nargs="*",
-                        help="seeds of the models grid: blend NET-seedS, averaged per net")
-    parser.add_argument("--pseudo_nets", "--pseudo-nets", nargs="*",
-                        help="nets whose second round (NET-pl) is blended too")
-    parser.add_argument("--calibration", choices=CALIBRATIONS,
-                        help="temperature: fitted out of fold (default: params)")
-    parser.add_argument("--predictions-dir", help="directory of the per-model prediction files")
-    parser.add_argument("--out-dir", help="directory for the ensemble predictions")
-    parser.add_argument("--records", help="records folder written by ingest (its meta.json)")
-    parser.add_argument("--metrics", help="metrics JSON to write")
-    parser.add_argument("--params", default=params.PARAMS_FILE, help="params file to read")
-    return parser
+def _run(cfg, args) -> str:
+    paths, models = cfg.paths, cfg.models
+    metrics = ensemble(models.nets, models.folds, paths.models(1).parent, paths.records,
+                       paths.metrics_file("ensemble"), paths.ensemble, models.seeds,
+                       cfg.ensemble.calibration, models.pseudo_nets)
+    weights = ", ".join(f"{net} {w:.3f}" for net, w in metrics["weights"].items())
+    lines = [f"ensemble OOF logloss {metrics['ensemble']['logloss']:.5f} "
+             f"accuracy {metrics['ensemble']['accuracy']:.4f}; weights: {weights}"]
+    if "calibration" in metrics:
+        c = metrics["calibration"]
+        lines.append(f"calibration: temperature {c['temperature']:.3f}; OOF log loss "
+                     f"{c['oof_logloss_before']:.5f} -> {c['oof_logloss_after']:.5f} "
+                     "(cross-fitted)")
+    for net, seeds in metrics.get("seeds", {}).items():
+        lines.append(f"{net}: {len(seeds['members'])} seeds, mean single-seed OOF log loss "
+                     f"{seeds['mean_single']:.5f} -> averaged {seeds['averaged']:.5f}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = vars(_parser().parse_args(argv))
-    with stage_errors("ensemble"):
-        cfg = params.section("ensemble", DEFAULTS, args.pop("params"))
-        cfg.update({k: v for k, v in args.items() if v is not None})  # CLI overrides params
-        metrics = ensemble(cfg["nets"], cfg["folds"], cfg["predictions_dir"], cfg["records"],
-                           cfg["metrics"], cfg["out_dir"], cfg["seeds"], cfg["calibration"],
-                           cfg["pseudo_nets"])
-    weights = ", ".join(f"{net} {w:.3f}" for net, w in metrics["weights"].items())
-    print(f"ensemble OOF logloss {metrics['ensemble']['logloss']:.5f} "
-          f"accuracy {metrics['ensemble']['accuracy']:.4f}; weights: {weights}")
-    if "calibration" in metrics:
-        c = metrics["calibration"]
-        print(f"calibration: temperature {c['temperature']:.3f}; OOF log loss "
-              f"{c['oof_logloss_before']:.5f} -> {c['oof_logloss_after']:.5f} (cross-fitted)")
-    for net, seeds in metrics.get("seeds", {}).items():
-        print(f"{net}: {len(seeds['members'])} seeds, mean single-seed OOF log loss "
-              f"{seeds['mean_single']:.5f} -> averaged {seeds['averaged']:.5f}")
+    stage.run("ensemble", ("ensemble", "models", "paths"), _run, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

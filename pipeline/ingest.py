@@ -23,7 +23,6 @@ and listed in ``bad_files.json`` instead. The same input always gives byte-ident
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from dataclasses import dataclass
@@ -33,8 +32,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from pipeline.lib import params as params_mod
-from pipeline.lib.errors import PipelineError, stage_errors
+from pipeline.lib import stage
+from pipeline.lib.errors import PipelineError
 from pipeline.lib.fsutil import (OutOfSpaceError, free_bytes, out_of_space,
                                  sweep_stale, temp_prefix, write_json)
 from pipeline.lib.images import decode, fit_square, whiten
@@ -44,19 +43,6 @@ from pipeline.lib.runtime import available_cpus
 from pipeline.lib.submission import (IMAGE_COLUMN, SAMPLE_SUBMISSION, SubmissionError,
                                      read_header)
 
-DEFAULTS: dict[str, Any] = {
-    "root": "data/sample/ndsb",
-    "records": "data/records",
-    "size": 64,
-    "background": 255,
-    "format": "png",
-    "jpeg_quality": 95,
-    "folds": 3,
-    "seed": 0,
-    "skip_bad": False,
-    "whiten_background": False,
-    "workers": 0,  # 0 = every available CPU
-}
 
 # Files that operating systems write next to the images (lower-cased name -> how the summary
 # calls it); they are skipped like dotfiles. Everything under a __MACOSX folder is a macOS zip
@@ -455,17 +441,16 @@ def _bad_message(bad: list[dict[str, str]]) -> str:
 
 # ---------------------------------------------------------------- CLI
 
+def _run(cfg, args) -> None:
+    d = cfg.data
+    settings = Settings(size=d.size, background=d.background, format=d.format,
+                        jpeg_quality=d.jpeg_quality, whiten_background=d.whiten_background)
+    ingest(d.root, cfg.paths.records, settings, folds=d.folds, seed=d.seed,
+           skip_bad=d.skip_bad, workers=d.workers)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default=params_mod.PARAMS_FILE)
-    args = parser.parse_args(argv)
-    with stage_errors("ingest"):
-        p = params_mod.section("data", DEFAULTS, args.params)
-        settings = Settings(size=p["size"], background=p["background"], format=p["format"],
-                            jpeg_quality=p["jpeg_quality"],
-                            whiten_background=p["whiten_background"])
-        ingest(p["root"], p["records"], settings, folds=p["folds"], seed=p["seed"],
-               skip_bad=p["skip_bad"], workers=p["workers"])
+    stage.run("ingest", ("data", "paths"), _run, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

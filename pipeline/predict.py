@@ -39,7 +39,6 @@ decision, so the speed and the log-loss cost can be read off the same file.
 """
 from __future__ import annotations
 
-import argparse
 import signal
 import time
 from dataclasses import dataclass
@@ -48,38 +47,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.lib import params as params_mod
-from pipeline.lib import quantize as quantize_defaults
-from pipeline.lib.errors import PipelineError, Stopped, stage_errors
-from pipeline.lib.runs import artifact_name, member_name, run_name
-from pipeline.lib.runtime import configure_threads
+from pipeline.lib import stage
+from pipeline.lib.errors import PipelineError, Stopped
+from pipeline.lib.runs import artifact_name, member_name, run_name, training_round
+from pipeline.lib.settings import Paths, TTASection
 from pipeline.lib.signals import graceful_stop
 
-DEFAULTS: dict[str, Any] = {
-    "n": 100,
-    "method": "random",      # random | halton | stratified (pipeline.lib.augment.METHODS)
-    "mean": "probs",         # probs | logits | geometric
-    "seed": 0,
-    "ranges": {},            # narrower augment ranges for TTA; {} = the training ranges
-    "batch_size": 4,         # images warped together (batch_size * n views)
-    "max_views": 128,        # views per forward pass: bounds the activation memory
-    "precision": "auto",     # float32 | bfloat16 | auto (pipeline.lib.precision)
-    # INT8 (pipeline.lib.quantize): True, False, or auto = used where the validation guard
-    # finds it within int8_tolerance of fp32.
-    "int8": params_mod.Choice("auto", (True, False, "auto")),
-    "int8_tolerance": 0.01,  # auto: largest validation log-loss increase INT8 may cost
-    "int8_guard_views": 10,  # auto: views of the validation images the guard compares on
-    "calib_images": 256,     # INT8 calibration views, from the fold's training records
-    "calib_mode": quantize_defaults.DEFAULT_CALIB_MODE,  # quantize.CALIB_MODES
-    "int8_keep_fp32": list(quantize_defaults.DEFAULT_KEEP_FP32),  # quantize.KEEP_FP32
-    "int8_granularity": quantize_defaults.OPTION_DEFAULTS["int8_granularity"],
-    "chunk_images": 256,     # images per resumable chunk (rounded up to whole batches)
-    "work": "predictions/work",  # chunk store of runs in progress (pipeline.lib.chunks)
-    "checkpoints": "checkpoints",
-    "predictions": "predictions/models/round1",
-}
-# Keys that say where files go, not what is computed: outside the chunks' fingerprint.
-PATH_KEYS = ("work", "checkpoints", "predictions")
 INFERENCE = "inference.json"   # the INT8 decision, kept beside the chunks it applies to
 
 
@@ -87,34 +60,12 @@ class PredictError(PipelineError, ValueError):
     """Invalid TTA settings or inputs."""
 
 
-def check_settings(cfg: dict[str, Any]) -> None:
-    """Refuse bad ``tta`` settings before any work, naming every problem at once."""
-    from pipeline.lib.augment import METHODS
-    from pipeline.lib.tta import MEANS
-
-    problems = []
-    for key in ("n", "int8_guard_views"):
-        if cfg[key] < 0:
-            problems.append(f"tta.{key} must be >= 0, got {cfg[key]}")
-    for key in ("batch_size", "max_views", "chunk_images", "calib_images"):
-        if cfg[key] < 1:
-            problems.append(f"tta.{key} must be >= 1, got {cfg[key]}")
-    if cfg["method"] not in METHODS:
-        problems.append(f"tta.method must be one of {list(METHODS)}, got {cfg['method']!r}")
-    if cfg["mean"] not in MEANS:
-        problems.append(f"tta.mean must be one of {list(MEANS)}, got {cfg['mean']!r}")
-    if not 0 <= cfg["int8_tolerance"]:
-        problems.append(f"tta.int8_tolerance must be >= 0, got {cfg['int8_tolerance']}")
-    if problems:
-        raise PredictError("; ".join(problems))
-
-
-def inference_precision(cfg: dict[str, Any]) -> str:
+def inference_precision(requested: str) -> str:
     """``tta.precision`` resolved for this machine: the float path, used unless INT8 is."""
     from pipeline.lib.precision import resolve_precision
 
     try:
-        return resolve_precision(cfg["precision"])
+        return resolve_precision(requested)
     except ValueError as err:
         raise PredictError(f"tta.precision: {err}") from err
 
@@ -131,7 +82,7 @@ class Split:
     bounds: list[tuple[int, int]]
 
 
-def splits(meta: dict[str, Any], records: Path, fold: int, cfg: dict[str, Any]) -> list[Split]:
+def splits(meta: dict[str, Any], records: Path, fold: int, cfg: TTASection) -> list[Split]:
     from pipeline.lib.chunks import chunk_bounds
     from pipeline.lib.records import RecordReader, fold_indices
     from pipeline.lib.tta import tta_curve_points
@@ -141,23 +92,28 @@ def splits(meta: dict[str, Any], records: Path, fold: int, cfg: dict[str, Any]) 
     if len(valid_idx):
         out.append(Split("valid", RecordReader(records, "train"), valid_idx,
                          [meta["train"][i]["name"] for i in valid_idx],
-                         [0] + tta_curve_points(cfg["n"]), []))
+                         [0] + tta_curve_points(cfg.n), []))
     test = RecordReader(records, "test")
     out.append(Split("test", test, np.arange(len(test)), [r["name"] for r in meta["test"]],
                      [], []))
     for s in out:
-        s.bounds = chunk_bounds(len(s.indices), cfg["chunk_images"], cfg["batch_size"])
+        s.bounds = chunk_bounds(len(s.indices), cfg.chunk_images, cfg.batch_size)
     return out
 
 
-def work_settings(net_name: str, fold: int, cfg: dict[str, Any], precision: str,
+def work_settings(net_name: str, fold: int, cfg: TTASection, precision: str,
                   model_dir: Path, records: Path) -> dict[str, Any]:
     """What the chunks' numbers depend on (their fingerprint): the checkpoint and the records
-    by content, the TTA settings, and the float precision as resolved on this machine."""
+    by content, the TTA settings, and the float precision as resolved on this machine.
+
+    Not the scratch folder, and not the INT8 keys when INT8 is off (changing them then
+    changes nothing, so finished chunks are kept). ``chunk_images`` is in: it sets where the
+    chunks begin and end."""
     from pipeline.lib.fsutil import sha256
     from pipeline.lib.records import META
 
-    settings = {k: v for k, v in cfg.items() if k not in PATH_KEYS}
+    skip = {"work"} | (set(TTASection.INT8_KEYS) if cfg.int8 is False else set())
+    settings = {k: v for k, v in cfg.as_dict().items() if k not in skip}
     settings.update(net=net_name, fold=fold, precision=precision,
                     model=sha256(model_dir / "model.json"), records=sha256(records / META))
     return settings
@@ -179,7 +135,7 @@ def prepare_net(net, precision: str):
 
 
 def inference_net(net_name: str, fold: int, model_dir: Path, spec: dict[str, Any],
-                  records: Path, meta: dict[str, Any], cfg: dict[str, Any], precision: str,
+                  records: Path, meta: dict[str, Any], cfg: TTASection, plan, precision: str,
                   store) -> tuple[Any, dict[str, Any]]:
     """The net predict runs and the metrics that describe it.
 
@@ -193,9 +149,7 @@ def inference_net(net_name: str, fold: int, model_dir: Path, spec: dict[str, Any
     from pipeline.lib.fsutil import read_json, write_json
     from pipeline.lib.quantize import int8_net
     from pipeline.lib.records import RecordReader, fold_indices, labels
-    from pipeline.lib.tta import tta_matrices
-
-    mode = cfg["int8"]
+    mode = cfg.int8
     if mode is False:
         return prepare_net(load_model(model_dir)[0], precision), {"int8": False,
                                                                   "int8_used": False}
@@ -208,18 +162,19 @@ def inference_net(net_name: str, fold: int, model_dir: Path, spec: dict[str, Any
         raise PredictError(f"tta.int8 needs training records to calibrate on; "
                            f"{run_name(net_name, fold)} has none (set tta.int8: false)")
     fp32 = prepare_net(load_model(model_dir)[0], "float32")
-    ranges = cfg["ranges"] or spec["augment"]
-    matrices = tta_matrices(ranges, cfg["n"], spec["size"], cfg["method"], cfg["seed"])
     t0 = time.perf_counter()
-    qnet, calib = int8_net(fp32, RecordReader(records, "train"), train_idx, matrices, cfg)
+    qnet, calib = int8_net(fp32, RecordReader(records, "train"), train_idx, plan.matrices,
+                           cfg.calib_images, cfg.calib_mode, cfg.int8_keep_fp32,
+                           cfg.int8_granularity, cfg.seed)
     quantize_seconds = round(time.perf_counter() - t0, 2)
     if about is not None:
         return qnet, about
     about = {"int8": mode, "int8_used": True, "int8_calibration": calib,
              "quantize_seconds": quantize_seconds}
     if mode == "auto":
-        guard = int8_guard(fp32, qnet, spec, RecordReader(records, "train"), valid_idx,
-                           labels(meta)[valid_idx], cfg)
+        guard = int8_guard(fp32, qnet, plan, len(spec["classes"]),
+                           RecordReader(records, "train"), valid_idx, labels(meta)[valid_idx],
+                           min(cfg.int8_guard_views, cfg.n), cfg.int8_tolerance)
         about["int8_guard"] = guard
         if guard["decision"] != "int8":
             print(f"{run_name(net_name, fold)}: {guard['reason']}")
@@ -230,22 +185,21 @@ def inference_net(net_name: str, fold: int, model_dir: Path, spec: dict[str, Any
     return prepare_net(load_model(model_dir)[0], precision), about
 
 
-def int8_guard(fp32, qnet, spec: dict[str, Any], reader, valid_idx: np.ndarray, y: np.ndarray,
-               cfg: dict[str, Any]) -> dict[str, Any]:
-    """Compare INT8 with fp32 on the validation images (first ``int8_guard_views`` views;
-    0 = the plain images): log loss of each and the decision with its reason."""
+def int8_guard(fp32, qnet, plan, classes: int, reader, valid_idx: np.ndarray, y: np.ndarray,
+               views: int, tol: float) -> dict[str, Any]:
+    """Compare INT8 with fp32 on the validation images under the first ``views`` views of
+    ``plan`` (the very views predict uses; 0 = the plain images): log loss of each and the
+    decision with its reason."""
     from pipeline.lib.metrics import ndsb_log_loss
     from pipeline.lib.tta import predict_split
 
-    views = min(cfg["int8_guard_views"], cfg["n"])
-    tol = cfg["int8_tolerance"]
     if len(valid_idx) == 0:
         return {"views": views, "images": 0, "decision": "float",
                 "reason": "no validation images to check INT8 on: predicting without it"}
-    guard_cfg = dict(cfg, n=views)
+    guard = plan.first(views)
     loss = {}
     for name, net in (("fp32", fp32), ("int8", qnet)):
-        probs, _ = predict_split(net, spec, reader, valid_idx, guard_cfg, f"int8 guard ({name})")
+        probs, _ = predict_split(net, guard, reader, valid_idx, classes, f"int8 guard ({name})")
         loss[name] = ndsb_log_loss(y, probs)
     delta = loss["int8"] - loss["fp32"]
     ok = delta <= tol
@@ -257,8 +211,8 @@ def int8_guard(fp32, qnet, spec: dict[str, Any], reader, valid_idx: np.ndarray, 
             "decision": "int8" if ok else "float", "reason": reason}
 
 
-def compute_chunks(net, spec: dict[str, Any], split: Split, todo: list[int], store,
-                   cfg: dict[str, Any], desc: str, stop=None) -> tuple[int, int] | None:
+def compute_chunks(net, plan, split: Split, todo: list[int], store, desc: str, stop=None
+                   ) -> tuple[int, int] | None:
     """Predict the chunks ``todo`` of ``split`` and write each as soon as it is done.
 
     A chunk stopped part-way (``stop()`` became true) is saved as a partial chunk, completed
@@ -271,14 +225,13 @@ def compute_chunks(net, spec: dict[str, Any], split: Split, todo: list[int], sto
     bounds = [(split.bounds[i][0] + (len(parts[i][0]["probs"]) if parts[i] else 0),
                split.bounds[i][1]) for i in todo]
     bar = tqdm(total=sum(b - a for a, b in bounds), unit="img", desc=desc, mininterval=2)
-    views = max(cfg["n"], 1)
-    chunks = predict_chunks(net, spec, split.reader, split.indices, bounds, cfg,
-                            split.prefixes, bar.update, stop)
+    chunks = predict_chunks(net, plan, split.reader, split.indices, bounds, split.prefixes,
+                            bar.update, stop)
     stopped = None
     for i, (probs, curve, seconds) in zip(todo, chunks):
         start, end = split.bounds[i]
         arrays = {"probs": probs, **{f"curve{n}": c for n, c in curve.items()}}
-        info = {"seconds": round(seconds, 4), "views": len(probs) * views}
+        info = {"seconds": round(seconds, 4), "views": len(probs) * plan.views}
         if parts[i]:  # the rows an earlier, stopped run saved come first
             before, was = parts[i]
             arrays = {k: np.concatenate([before[k], a]) for k, a in arrays.items()}
@@ -314,15 +267,16 @@ def assemble(split: Split, store) -> tuple[np.ndarray, dict[int, np.ndarray], di
     return (np.concatenate(probs), {n: np.concatenate(c) for n, c in curve.items()}, speed)
 
 
-def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
-            metrics_dir: str | Path = "metrics", shard: tuple[int, int] = (0, 1),
-            merge_only: bool = False) -> dict[str, Any]:
+def predict(net_name: str, fold: int, cfg: TTASection, paths: Paths,
+            shard: tuple[int, int] = (0, 1), merge_only: bool = False) -> dict[str, Any]:
     """Write the valid and test predictions of one trained model; return validation metrics.
 
     The validation images have labels, so their log loss is measured without TTA and with the
     first n of the T views (n = 1, 2, 5, 10, ..., T): the effect of TTA, per model, every run.
     With ``shard=(s, K)``, K > 1, only that shard's chunks are computed and nothing else is
-    written; ``merge_only`` computes nothing and fails if any chunk is missing.
+    written; ``merge_only`` computes nothing and fails if any chunk is missing. The model
+    comes from ``paths.checkpoints``, the predictions go to its training round's folder
+    (``paths.models(round)``).
     """
     from pipeline.lib.checkpoint import load_spec, run_dir
     from pipeline.lib.chunks import (
@@ -331,23 +285,27 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
     from pipeline.lib.metrics import accuracy, ndsb_log_loss
     from pipeline.lib.predictions import save_predictions
     from pipeline.lib.records import labels, load_meta
+    from pipeline.lib.tta import plan as tta_plan
 
-    check_settings(cfg)
+    records, metrics_dir = Path(paths.records), Path(paths.metrics)
+    predictions = paths.models(training_round(net_name))
     meta = load_meta(records)
-    model_dir = run_dir(cfg["checkpoints"], net_name, fold)
+    model_dir = run_dir(paths.checkpoints, net_name, fold)
     spec = load_spec(model_dir)  # the net is loaded only if there are chunks to compute
     name = run_name(net_name, fold)
     if spec["classes"] != meta["classes"] or spec["size"] != meta["size"]:
         raise PredictError(f"{name} was trained on other records "
                            "(classes or size differ from meta.json); retrain it")
-    precision = inference_precision(cfg)
-    store = ChunkStore(cfg["work"], net_name, fold,
+    precision = inference_precision(cfg.precision)
+    plan = tta_plan(cfg.ranges or spec["augment"], cfg.n, spec["size"], cfg.method, cfg.seed,
+                    cfg.mean, cfg.batch_size, cfg.max_views)
+    store = ChunkStore(cfg.work, net_name, fold,
                        work_settings(net_name, fold, cfg, precision, model_dir, records))
     s, k = shard
     parts = splits(meta, records, fold, cfg)
     with store.lock(s, k):
         sweep_stale(f"predict {name}", store.model_dir, recursive=True)
-        sweep_stale(f"predict {name}", cfg["predictions"], metrics_dir)
+        sweep_stale(f"predict {name}", predictions, metrics_dir)
         if k == 1 and not merge_only:
             removed = store.remove_others()
             if removed:
@@ -372,18 +330,19 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
         about = None
         if any(todo.values()):
             net, about = inference_net(net_name, fold, model_dir, spec, records, meta, cfg,
-                                       precision, store)
+                                       plan, precision, store)
             with graceful_stop(f"predict {name}") as stop:
                 for p in parts:
                     stopped = todo[p.name] and compute_chunks(
-                        net, spec, p, todo[p.name], store, cfg, f"{p.name} {name}", stop)
+                        net, plan, p, todo[p.name], store, f"{p.name} {name}", stop)
                     if stop():
                         where = (f"chunk {stopped[0]} of {p.name} saved after {stopped[1]} "
-                                 "images" if stopped else f"{p.name} chunks complete")
+                                 "images" if stopped else
+                                 f"stopped between {p.name} chunks, the finished ones kept")
                         raise Stopped(f"{name}: {signal.Signals(stop()).name}: {where}; "
                                       f"the work so far is in {store.dir}; rerun the same "
                                       "command to resume", stop())
-        elif cfg["int8"] is not False and (store.dir / INFERENCE).exists():
+        elif cfg.int8 is not False and (store.dir / INFERENCE).exists():
             about = read_json(store.dir / INFERENCE)
         if k > 1:
             print(f"{name}: shard {s}/{k} done ({sum(len(v) for v in mine.values())} chunks); "
@@ -392,15 +351,15 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
             return {"shard": f"{s}/{k}", "chunks": sum(len(v) for v in mine.values()),
                     "computed": sum(len(v) for v in todo.values())}
         if about is None:
-            about = {"int8": cfg["int8"], "int8_used": False}
-        metrics: dict[str, Any] = {"net": net_name, "fold": fold, "tta_n": cfg["n"],
-                                   "tta_mean": cfg["mean"], "tta_method": cfg["method"],
+            about = {"int8": cfg.int8, "int8_used": False}
+        metrics: dict[str, Any] = {"net": net_name, "fold": fold, "tta_n": cfg.n,
+                                   "tta_mean": cfg.mean, "tta_method": cfg.method,
                                    "precision": "int8" if about["int8_used"] else precision}
         metrics.update(about)
         metrics["chunks"] = {"total": sum(len(p.bounds) for p in parts), "resumed": done}
         for p in parts:
             probs, curve, speed = assemble(p, store)
-            save_predictions(cfg["predictions"], p.name, net_name, fold, probs, p.names)
+            save_predictions(predictions, p.name, net_name, fold, probs, p.names)
             if p.name == "valid":
                 y = labels(meta)[p.indices]
                 metrics.update(valid_images=len(y), valid_logloss=ndsb_log_loss(y, probs),
@@ -417,40 +376,38 @@ def predict(net_name: str, fold: int, records: Path, cfg: dict[str, Any],
     return metrics
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="TTA predictions of one trained model (resumable; optionally sharded).")
-    parser.add_argument("--net", required=True)
+def _arguments(parser) -> None:
+    parser.add_argument("--net", required=True, help="a net, or NET-pl for its second round")
     parser.add_argument("--fold", type=int, required=True)
     parser.add_argument("--seed", type=int,
                         help="the model trained with this seed of the models grid (NET-seedS)")
-    parser.add_argument("--records", default="data/records")
-    parser.add_argument("--metrics", default="metrics", help="folder for predict--*.json")
-    parser.add_argument("--predictions", metavar="DIR",
-                        help="folder for the prediction files (default: tta.predictions)")
-    parser.add_argument("--params", default=params_mod.PARAMS_FILE)
     parser.add_argument("--shard", metavar="S/K",
                         help="compute only shard S of K (0 <= S < K) and stop; e.g. "
                              "$SLURM_ARRAY_TASK_ID/8")
     parser.add_argument("--merge", action="store_true",
                         help="compute nothing: assemble the shards' chunks, fail if any is "
                              "missing")
-    args = parser.parse_args(argv)
-    configure_threads()
-    with stage_errors("predict"):
-        from pipeline.lib.chunks import parse_shard
 
-        shard = parse_shard(args.shard) if args.shard else (0, 1)
-        if args.merge and shard[1] > 1:
-            raise PredictError("--merge assembles all shards: use it without --shard")
-        cfg = params_mod.section("tta", DEFAULTS, args.params)
-        if args.predictions:
-            cfg["predictions"] = args.predictions
-        metrics = predict(member_name(args.net, args.seed), args.fold, Path(args.records), cfg,
-                          args.metrics, shard, args.merge)
-    if "valid_logloss" in metrics:
-        curve = ", ".join(f"n={n} {v:.4f}" for n, v in metrics["valid_logloss_by_n"].items())
-        print(f"valid log loss: no TTA {metrics['valid_logloss_no_tta']:.4f}, {curve}")
+
+def _run(cfg, args) -> str | None:
+    from pipeline.lib.chunks import parse_shard
+
+    shard = parse_shard(args.shard) if args.shard else (0, 1)
+    if args.merge and shard[1] > 1:
+        raise PredictError("--merge assembles all shards: use it without --shard")
+    if args.seed is not None and args.seed < 0:
+        raise PredictError(f"--seed must be >= 0, got {args.seed}")
+    metrics = predict(member_name(args.net, args.seed), args.fold, cfg.tta, cfg.paths, shard,
+                      args.merge)
+    if "valid_logloss" not in metrics:
+        return None
+    curve = ", ".join(f"n={n} {v:.4f}" for n, v in metrics["valid_logloss_by_n"].items())
+    return f"valid log loss: no TTA {metrics['valid_logloss_no_tta']:.4f}, {curve}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    stage.run("predict", ("tta", "paths"), _run, argv, doc=__doc__, arguments=_arguments,
+              threads=True)
 
 
 if __name__ == "__main__":

@@ -17,37 +17,23 @@ folds would carry every labelled image into every fold's targets.)
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.lib import params
-from pipeline.lib.errors import PipelineError, stage_errors
+from pipeline.lib import stage
+from pipeline.lib.errors import PipelineError
 from pipeline.lib.fsutil import sweep_stale, write_json
 from pipeline.lib.metrics import apply_temperature, clip_normalize
 from pipeline.lib.names import duplicates
 from pipeline.lib.predictions import (align_rows, load_predictions, prediction_files,
                                       save_predictions)
 from pipeline.lib.records import load_meta
-from pipeline.lib.runs import member_name
+from pipeline.lib.runs import PSEUDO_TARGETS, member_name
 
-PSEUDO_NAME = "pseudo"
 
-DEFAULTS: dict[str, Any] = {
-    "nets": [],             # the first-round nets whose test predictions make the targets
-    "folds": None,          # null: every fold in meta.json; or a list
-    "seeds": None,          # null: one model per net; a list: {net}-seed{s}
-    "predictions_dir": "predictions/models/round1",
-    "records": "data/records",
-    "out": "predictions/pseudo",
-    "temperature": 1.0,
-    "fraction": 0.25,       # read by the second-round train stages (train --pseudo-fraction)
-    "metrics": "metrics/pseudo.json",
-    "second_round": "predictions/models/round2",  # read by the second-round predict stages
-}
 
 
 class PseudoError(PipelineError, ValueError):
@@ -111,7 +97,7 @@ def pseudo(nets: Sequence[str], folds: Sequence[int] | None, seeds: Sequence[int
         raise PseudoError(str(exc)) from None
     sweep_stale("pseudo", out, Path(metrics_path).parent if metrics_path else None)
     for k, t in targets.items():
-        save_predictions(out, "test", PSEUDO_NAME, k, t, test_order)
+        save_predictions(out, "test", PSEUDO_TARGETS, k, t, test_order)
     top = {k: t.argmax(axis=1) for k, t in targets.items()}
     metrics = {
         "members": members, "folds": folds, "temperature": temperature, "fraction": fraction,
@@ -129,32 +115,19 @@ def pseudo(nets: Sequence[str], folds: Sequence[int] | None, seeds: Sequence[int
     return metrics
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.pseudo",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nets", nargs="*", help="first-round nets (DVC: models.nets)")
-    parser.add_argument("--folds", type=int, nargs="*", help="folds (default: all)")
-    parser.add_argument("--seeds", type=int, nargs="*", help="seeds of the models grid")
-    # The rest of the models grid, passed along by DVC's ${models}: not used here.
-    parser.add_argument("--pseudo_nets", "--pseudo-nets", nargs="*", help=argparse.SUPPRESS)
-    parser.add_argument("--params", default=params.PARAMS_FILE, help="params file to read")
-    return parser
+def _run(cfg, args) -> str:
+    paths = cfg.paths
+    metrics = pseudo(cfg.models.nets, cfg.models.folds, cfg.models.seeds, paths.models(1),
+                     paths.records, paths.pseudo, cfg.pseudo.temperature, cfg.pseudo.fraction,
+                     paths.metrics_file("pseudo"))
+    confidence = ", ".join(f"fold {k} {v:.3f}" for k, v in metrics["mean_max_probability"].items())
+    return (f"pseudo-labels of {metrics['test_images']} test images from "
+            f"{len(metrics['members'])} model(s) per fold; mean top probability: {confidence}; "
+            f"fold agreement {metrics['fold_agreement']:.3f}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    with stage_errors("pseudo"):
-        cfg = params.section("pseudo", DEFAULTS, args.params)
-        for key in ("nets", "folds", "seeds"):
-            if getattr(args, key) is not None:
-                cfg[key] = getattr(args, key)
-        metrics = pseudo(cfg["nets"], cfg["folds"], cfg["seeds"], cfg["predictions_dir"],
-                         cfg["records"], cfg["out"], cfg["temperature"], cfg["fraction"],
-                         cfg["metrics"])
-    confidence = ", ".join(f"fold {k} {v:.3f}" for k, v in metrics["mean_max_probability"].items())
-    print(f"pseudo-labels of {metrics['test_images']} test images from {len(metrics['members'])} "
-          f"model(s) per fold; mean top probability: {confidence}; fold agreement "
-          f"{metrics['fold_agreement']:.3f}")
+    stage.run("pseudo", ("pseudo", "models", "paths"), _run, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

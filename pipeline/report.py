@@ -12,7 +12,6 @@ against ``--root``).
 """
 from __future__ import annotations
 
-import argparse
 import html
 import math
 import os
@@ -23,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.lib.errors import stage_errors
+from pipeline.lib import stage
+from pipeline.lib.settings import PARAMS_FILE
 from pipeline.lib.figures import (plot_activations, plot_confusion, plot_image_grid,
                                   plot_learning_curves, plot_mistakes, plot_per_class, plot_tta,
                                   plot_weights)
@@ -32,7 +32,7 @@ from pipeline.lib.results import (Oof, ReportSettings, activation_summary, class
                                   confident_mistakes, confusion_matrix, confusion_pairs,
                                   ensemble_summary, learning_curves, load_meta, load_oof,
                                   per_class_logloss, read_records, run_specs, sample_indices,
-                                  settings, technique_summary, train_metrics, tta_curves)
+                                  from_settings, technique_summary, train_metrics, tta_curves)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -177,15 +177,21 @@ def report(cfg: ReportSettings) -> list[Path]:
     return written + [index, cfg.confusion]
 
 
+def _arguments(parser) -> None:
+    parser.add_argument("--root", default=".", help="project folder whose outputs the paths "
+                        "section points at (default: here)")
+
+
+def _run(cfg, args) -> str:
+    where = from_settings(cfg, Path(args.root).resolve())
+    written = report(where)
+    return f"report: {len(written)} files -> {where.out / 'index.html'}, {where.confusion}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Static HTML report of a run (reports/).")
-    parser.add_argument("--root", default=".", help="project folder (outputs and params.yaml)")
-    parser.add_argument("--params", help="params file (default: ROOT/params.yaml, optional)")
-    args = parser.parse_args(argv)
-    with stage_errors("report"):
-        cfg = settings(args.root, args.params)
-        written = report(cfg)
-    print(f"report: {len(written)} files -> {cfg.out / 'index.html'}, {cfg.confusion}")
+    stage.run("report", ("report", "paths"), _run, argv, doc="Static HTML report of a run.",
+              arguments=_arguments, params_optional=True,
+              params_in=lambda args: os.path.join(args.root, PARAMS_FILE))
 
 
 if __name__ == "__main__":

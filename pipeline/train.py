@@ -26,7 +26,6 @@ and every fold in ``models.folds``; ``--fold -1`` trains on all labelled images)
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -42,42 +41,17 @@ from typing import Any, Callable, NoReturn, Sequence
 import numpy as np
 
 from pipeline.lib import checkpoint
-from pipeline.lib import params as params_mod
-from pipeline.lib.errors import PipelineError, Stopped, stage_errors
+from pipeline.lib import stage
+from pipeline.lib.errors import PipelineError, Stopped
 from pipeline.lib.fsutil import sha256, sweep_stale, write_json, write_text
 from pipeline.lib.predictions import prediction_files
-from pipeline.lib.runs import artifact_name, member_name, pseudo_name, run_name
-from pipeline.lib.runtime import configure_threads
+from pipeline.lib.runs import PSEUDO_TARGETS, artifact_name, member_name, pseudo_name, run_name
+from pipeline.lib.settings import Paths, TrainSection
 from pipeline.lib.signals import graceful_stop
 
-DEFAULTS: dict[str, Any] = {
-    "net_kwargs": {},          # {net name: {kwarg: value}} passed to nets.get_model
-    "act": "rrelu",
-    "bn": True,
-    "epochs": 10,
-    "batch_size": 32,
-    "lr": 0.01,
-    "momentum": 0.9,
-    "wd": 0.0001,
-    "lr_steps": [7, 9],
-    "lr_factor": 0.1,
-    "label_smoothing": 0.0,    # eps in [0, 1): targets (1 - eps) one-hot + eps / classes
-    "ema_half_life": 0.0,      # epochs; > 0: validate and publish a moving average of weights
-    "seed": 0,
-    "ctx": "cpu",
-    "precision": "auto",       # float32 | bfloat16 | auto (bf16 where its kernels are fast)
-    "kvstore": "device",
-    "workers": 1,
-    "prefetch": 4,
-    "augment": {},             # pipeline.lib.augment.AffineRanges fields; {} = defaults
-    "checkpoints": "checkpoints",
-    "metrics": "metrics",
-    "plots": "plots",
-}
 
 # Keys that may change without invalidating a checkpoint (a run can be extended or moved).
-RESUMABLE_KEYS = ("epochs", "workers", "prefetch", "checkpoints", "metrics", "plots", "ctx",
-                  "kvstore")
+RESUMABLE_KEYS = ("epochs", "workers", "prefetch", "ctx", "kvstore")
 
 
 class TrainingError(PipelineError, RuntimeError):
@@ -106,14 +80,14 @@ def parse_ctx(spec: str) -> list:
     return [mx.Context(kind, d) for d in devices]
 
 
-def fingerprint(net: str, fold: int, cfg: dict[str, Any], meta: dict[str, Any],
+def fingerprint(net: str, fold: int, settings: dict[str, Any], meta: dict[str, Any],
                 architecture: str = "") -> str:
     """Hash of everything that makes a checkpoint's state meaningful for this run.
 
     ``architecture`` (the built network's ``repr``: every layer and its settings) makes an
     edited network table start afresh instead of loading parameters of another shape.
     """
-    relevant = {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS}
+    relevant = {k: v for k, v in settings.items() if k not in RESUMABLE_KEYS}
     data = {k: meta[k] for k in ("classes", "size", "background", "folds", "seed", "files")}
     blob = json.dumps([net, fold, relevant, data, architecture], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -125,8 +99,8 @@ class Run:
 
     net: str
     fold: int
-    cfg: dict[str, Any]
-    records: Path
+    cfg: TrainSection
+    paths: Paths
     # A seed of the models grid: replaces train.seed and names the run {net}-seed{s}--fold{k}.
     seed: int | None = None
     # Second round: the pseudo stage's folder of soft test targets, and the fraction of every
@@ -135,40 +109,54 @@ class Run:
     pseudo_fraction: float = 0.25
     member: str = field(init=False)
     name: str = field(init=False)
+    # What the second round's weights depend on beyond train (its fingerprint): the fraction
+    # and the targets' hash, so new targets start a new second round.
+    pseudo_info: dict[str, Any] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.member = member_name(pseudo_name(self.net) if self.pseudo else self.net, self.seed)
         if self.seed is not None:
-            self.cfg = dict(self.cfg, seed=int(self.seed))
+            self.cfg = self.cfg.replace(seed=int(self.seed))
         if self.pseudo is not None:
             f = self.pseudo_fraction
             if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f < 1:
-                raise TrainingError(f"--pseudo-fraction (pseudo.fraction) must be in (0, 1) "
-                                    f"for a second round, got {f!r}")
-            npy, _ = prediction_files(self.pseudo, "test", "pseudo", self.fold)
+                raise TrainingError(f"pseudo.fraction must be in (0, 1) for a second round, "
+                                    f"got {f!r}")
+            npy, _ = prediction_files(self.pseudo, "test", PSEUDO_TARGETS, self.fold)
             if not npy.is_file():
                 raise TrainingError(f"{npy} not found: run the pseudo stage first "
                                     "(python -m pipeline.pseudo)")
-            # The targets' hash is part of the fingerprint: new targets, a new second round.
-            self.cfg = dict(self.cfg, pseudo={"fraction": float(f), "targets": sha256(npy)})
+            self.pseudo_info = {"fraction": float(f), "targets": sha256(npy)}
         self.name = run_name(self.member, self.fold)
 
     @property
+    def settings(self) -> dict[str, Any]:
+        """The settings the weights depend on, as recorded in the checkpoint and hashed."""
+        out = self.cfg.as_dict()
+        if self.pseudo_info is not None:
+            out["pseudo"] = self.pseudo_info
+        return out
+
+    @property
+    def records(self) -> Path:
+        return Path(self.paths.records)
+
+    @property
     def ckpt_dir(self) -> Path:
-        return checkpoint.run_dir(self.cfg["checkpoints"], self.member, self.fold)
+        return checkpoint.run_dir(self.paths.checkpoints, self.member, self.fold)
 
     @property
     def metrics_path(self) -> Path:
-        return Path(self.cfg["metrics"]) / f"{artifact_name('train', self.member, self.fold)}.json"
+        return Path(self.paths.metrics) / f"{artifact_name('train', self.member, self.fold)}.json"
 
     @property
     def plots_path(self) -> Path:
-        return Path(self.cfg["plots"]) / f"{artifact_name('train', self.member, self.fold)}.tsv"
+        return Path(self.paths.plots) / f"{artifact_name('train', self.member, self.fold)}.tsv"
 
 
 def model_kwargs(run: Run, classes: int) -> dict[str, Any]:
-    kw = dict(classes=classes, act=run.cfg["act"], bn=run.cfg["bn"], in_channels=1)
-    kw.update(run.cfg["net_kwargs"].get(run.net, {}))
+    kw = dict(classes=classes, act=run.cfg.act, bn=run.cfg.bn, in_channels=1)
+    kw.update(run.cfg.net_kwargs.get(run.net, {}))
     return kw
 
 
@@ -189,7 +177,7 @@ def build(run: Run, classes: int, ctxs: list):
     except ValueError as err:  # unknown net or keyword: the registry lists the valid ones
         raise TrainingError(f"--net / train.net_kwargs: {err}") from None
     try:
-        precision = resolve_precision(run.cfg["precision"], ctxs)
+        precision = resolve_precision(run.cfg.precision, ctxs)
     except ValueError as err:
         raise TrainingError(f"train.precision: {err}") from err
     set_precision(net, precision)
@@ -197,7 +185,7 @@ def build(run: Run, classes: int, ctxs: list):
         from nets.activations import set_rrelu_impl
 
         set_rrelu_impl(net, "ops")  # the native RReLU operator is CPU-only
-    mx.random.seed(run.cfg["seed"])
+    mx.random.seed(run.cfg.seed)
     nets.initialize(net, ctx=ctxs)  # MSRA with the activation's own slope (thesis §5.5)
     # static_shape stays off: with it and more than one MXNet engine thread (what the stages
     # configure), a net's first training step does not update the BatchNorm running
@@ -310,26 +298,11 @@ class Session:
     origin: str = "trained from scratch"  # how this run's weights came about (metrics)
 
 
-def check_settings(cfg: dict[str, Any]) -> None:
-    """Raise one :class:`TrainingError` naming every out-of-range training option."""
-    problems = []
-    eps = cfg["label_smoothing"]
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < 1:
-        problems.append(f"train.label_smoothing must be in [0, 1), got {eps!r}")
-    half = cfg["ema_half_life"]
-    if not isinstance(half, (int, float)) or isinstance(half, bool) or half < 0:
-        problems.append(f"train.ema_half_life must be >= 0 epochs (0: off), got {half!r}")
-    if not isinstance(cfg["epochs"], int) or cfg["epochs"] < 1:
-        problems.append(f"train.epochs must be an integer >= 1, got {cfg['epochs']!r}")
-    if problems:
-        raise TrainingError("; ".join(problems))
-
-
 def pseudo_targets(run: Run, meta: dict[str, Any]) -> np.ndarray:
     """The fold's soft targets, rows in the order of the test records (``meta.json``)."""
     from pipeline.lib.predictions import align_rows, load_predictions
 
-    probs, names = load_predictions(run.pseudo, "test", "pseudo", run.fold)
+    probs, names = load_predictions(run.pseudo, "test", PSEUDO_TARGETS, run.fold)
     if probs.shape[1] != len(meta["classes"]):
         raise TrainingError(f"pseudo-labels of fold {run.fold}: {probs.shape[1]} columns, "
                             f"meta.json has {len(meta['classes'])} classes: rerun pseudo")
@@ -349,23 +322,22 @@ def open_session(run: Run) -> Session:
     from pipeline.lib.records import RecordReader, fold_indices, load_meta
 
     cfg = run.cfg
-    check_settings(cfg)
     meta = load_meta(run.records)
-    ctxs = parse_ctx(cfg["ctx"])
-    kv = make_kvstore(cfg["kvstore"], ctxs)
+    ctxs = parse_ctx(cfg.ctx)
+    kv = make_kvstore(cfg.kvstore, ctxs)
     rank, n_workers = (kv.rank, kv.num_workers) if not isinstance(kv, str) else (0, 1)
-    ranges = AffineRanges.from_dict(cfg["augment"])
+    ranges = AffineRanges.from_dict(cfg.augment)
 
     train_idx, valid_idx = fold_indices(meta, run.fold)
     train_idx = shard(train_idx, rank, n_workers)
     reader = RecordReader(run.records, "train")
     transform = build_train_transform(ranges, meta["size"], background=meta["background"])
-    batch = max(1, cfg["batch_size"] // len(ctxs)) * len(ctxs)
+    batch = cfg.batch_size  # a multiple of the devices (TrainSection.problems)
     targets = None
     if run.pseudo is None:
         train_loader = BatchLoader(reader, train_idx, batch, transform, shuffle=True,
-                                   seed=cfg["seed"] + rank, workers=cfg["workers"],
-                                   prefetch=cfg["prefetch"], drop_last=len(train_idx) >= batch)
+                                   seed=cfg.seed + rank, workers=cfg.workers,
+                                   prefetch=cfg.prefetch, drop_last=len(train_idx) >= batch)
     else:
         targets = pseudo_targets(run, meta)
         per_batch = round(batch * run.pseudo_fraction)
@@ -375,28 +347,28 @@ def open_session(run: Run) -> Session:
                                 "(raise train.batch_size or change the fraction)")
         train_loader = MixedBatchLoader(MixedReader(reader, RecordReader(run.records, "test")),
                                         train_idx, batch, per_batch, transform,
-                                        seed=cfg["seed"] + rank, workers=cfg["workers"],
-                                        prefetch=cfg["prefetch"])
+                                        seed=cfg.seed + rank, workers=cfg.workers,
+                                        prefetch=cfg.prefetch)
     valid_loader = BatchLoader(reader, valid_idx, 2 * batch, None, workers=0)
 
     net, kwargs, precision = build(run, len(meta["classes"]), ctxs)
-    trainer = sgd.make_trainer(net, cfg["lr"], cfg["momentum"], cfg["wd"], kvstore=kv)
+    trainer = sgd.make_trainer(net, cfg.lr, cfg.momentum, cfg.wd, kvstore=kv)
     spec = {"net": run.net, "kwargs": kwargs, "classes": meta["classes"], "size": meta["size"],
             "input": {"invert": True, "scale": 1 / 255, "background": meta["background"]},
             "augment": ranges.to_dict(), "fold": run.fold,
-            "fingerprint": fingerprint(run.net, run.fold, cfg, meta,
+            "fingerprint": fingerprint(run.net, run.fold, run.settings, meta,
                                        f"{repr(net)}\nprecision={precision}"),
             "precision": precision,
             # Randomness is derived, not stored: this is all it takes to replay any epoch.
-            "rng": {"seed": cfg["seed"],
+            "rng": {"seed": cfg.seed,
                     "shuffle": "numpy default_rng([seed + rank, epoch])",
                     "augment": "numpy SeedSequence([seed + rank, epoch, batch])",
                     "mxnet": "mx.random.seed(SeedSequence([seed * 100003 + rank, epoch, "
                              "batch]))"},
-            "train": {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS}}
+            "train": {k: v for k, v in run.settings.items() if k not in RESUMABLE_KEYS}}
     average = None
-    if cfg["ema_half_life"]:
-        average = sgd.WeightAverage(net, cfg["ema_half_life"] * max(1, len(train_loader)))
+    if cfg.ema_half_life:
+        average = sgd.WeightAverage(net, cfg.ema_half_life * max(1, len(train_loader)))
     session = Session(run, meta, ctxs, rank, n_workers, train_idx, valid_idx, train_loader,
                       valid_loader, net, trainer, spec, average, targets)
     if rank == 0:
@@ -417,7 +389,7 @@ def _resume(s: Session) -> None:
     A mid-epoch checkpoint (a graceful stop) of the epoch that comes next continues it.
     ``s.origin`` says what happened, for the log and the metrics.
     """
-    name, wanted = s.run.name, s.run.cfg["epochs"]
+    name, wanted = s.run.name, s.run.cfg.epochs
     resumed = checkpoint.latest(s.run.ckpt_dir)
     if resumed is not None and resumed.get("fingerprint") != s.spec["fingerprint"]:
         print(f"train {name}: settings changed since the checkpoint; starting afresh")
@@ -492,20 +464,20 @@ def run_epoch(s: Session, epoch: int, sync_first: bool,
     from pipeline.lib.metrics import accuracy, ndsb_log_loss
 
     cfg, run = s.run.cfg, s.run
-    lr = lr_at(epoch, cfg["lr"], cfg["lr_steps"], cfg["lr_factor"])
+    lr = lr_at(epoch, cfg.lr, cfg.lr_steps, cfg.lr_factor)
     s.trainer.set_learning_rate(lr)
-    loss_fn = sgd.loss_function(cfg["label_smoothing"])
+    loss_fn = sgd.loss_function(cfg.label_smoothing)
     first_batch, (seen, total) = s.start_batch, s.partial_sums
     s.start_batch, s.partial_sums = 0, (0, 0.0)
     t0, seen_before = time.perf_counter(), seen
     bar = tqdm(s.train_loader.epoch(epoch, start=first_batch), total=len(s.train_loader),
                initial=first_batch, unit="batch", mininterval=2, disable=s.rank != 0,
-               desc=f"{run.name} epoch {epoch + 1}/{cfg['epochs']}")
+               desc=f"{run.name} epoch {epoch + 1}/{cfg.epochs}")
     for b, (x, y) in enumerate(bar, start=first_batch):
         if s.targets is not None:  # second round: one-hot and pseudo-label rows
             y = soft_targets(y, s.targets)
         # RReLU/dropout noise per batch, so a run resumed mid-epoch draws the same noise.
-        mx.random.seed(batch_seed(cfg["seed"] * 100003 + s.rank, epoch, b) % (1 << 31))
+        mx.random.seed(batch_seed(cfg.seed * 100003 + s.rank, epoch, b) % (1 << 31))
         # dist: the initial weights must arrive before the first gradient leaves.
         first = (lambda: finish_initial_broadcast(s.trainer)) if sync_first else None
         batch_loss = sgd.step(s.net, s.trainer, loss_fn, x, y, s.ctxs,
@@ -561,7 +533,7 @@ def finish(s: Session) -> dict[str, Any]:
     run, cfg = s.run, s.run.cfg
     final = checkpoint.latest(run.ckpt_dir)
     if final is None:
-        raise TrainingError(f"{run.name}: no checkpoint written (train.epochs = {cfg['epochs']})")
+        raise TrainingError(f"{run.name}: no checkpoint written (train.epochs = {cfg.epochs})")
     checkpoint.finalize(run.ckpt_dir, final)
     # The published weights (the average, with one): what validation scored, what predict uses.
     s.net.load_parameters(str(run.ckpt_dir / "model.params"), ctx=s.ctxs)
@@ -574,7 +546,7 @@ def finish(s: Session) -> dict[str, Any]:
     metrics = dict(history[-1])
     # The settings the weights were trained with (DVC shows params as asked; these are as used).
     metrics.update(net=run.net, member=run.member, fold=run.fold, epochs=len(history),
-                   precision=s.spec["precision"], seed=cfg["seed"], origin=s.origin,
+                   precision=s.spec["precision"], seed=cfg.seed, origin=s.origin,
                    train_images=int(len(s.train_idx)), valid_images=int(len(s.valid_idx)),
                    chance_logloss=math.log(len(s.meta["classes"])))
     write_json(run.metrics_path, metrics)
@@ -588,7 +560,7 @@ def train(run: Run) -> dict[str, Any]:
     saved (:class:`Stopped`; the rerun continues the epoch exactly); a second one at once.
     """
     s = open_session(run)
-    dist = run.cfg["kvstore"].startswith("dist")
+    dist = run.cfg.kvstore.startswith("dist")
     # dist workers keep the signals' default (an immediate stop; they resume from the last
     # epoch): a worker that finished its batch alone would hang the others at the next sum.
     stopping = contextlib.nullcontext(lambda: None) if dist else \
@@ -596,7 +568,7 @@ def train(run: Run) -> dict[str, Any]:
     try:
         with stopping as stop:
             sync_first = dist  # see finish_initial_broadcast
-            for epoch in range(s.start, run.cfg["epochs"]):
+            for epoch in range(s.start, run.cfg.epochs):
                 row = run_epoch(s, epoch, sync_first, stop)
                 sync_first = False
                 s.history.append(row)
@@ -606,7 +578,7 @@ def train(run: Run) -> dict[str, Any]:
                     checkpoint.save(run.ckpt_dir, epoch + 1, s.net, s.trainer,
                                     dict(s.spec, history=s.history), s.average)
                     _write_plot(run.plots_path, s.history)
-                if stop() is not None and epoch + 1 < run.cfg["epochs"]:
+                if stop() is not None and epoch + 1 < run.cfg.epochs:
                     raise Stopped(f"{run.name} stopped after epoch {epoch + 1} (saved in "
                                   f"{run.ckpt_dir}); rerun to continue", stop())
     finally:
@@ -616,31 +588,32 @@ def train(run: Run) -> dict[str, Any]:
     return finish(s)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train one network on one fold.")
+def _arguments(parser) -> None:
     parser.add_argument("--net", required=True)
     parser.add_argument("--fold", type=int, required=True, help="-1: all labelled images")
     parser.add_argument("--seed", type=int, help="a seed of the models grid: replaces "
                         "train.seed and names the run NET-seedS--foldK")
-    parser.add_argument("--pseudo", type=Path, metavar="DIR",
-                        help="second round: mix the pseudo stage's soft test targets in DIR "
-                             "into every batch; the run is NET-pl")
-    parser.add_argument("--pseudo-fraction", type=float, default=0.25,
-                        help="share of every batch that is pseudo-labelled (pseudo.fraction)")
-    parser.add_argument("--records", default="data/records")
-    parser.add_argument("--params", default=params_mod.PARAMS_FILE)
-    args = parser.parse_args(argv)
-    configure_threads()
+    parser.add_argument("--pseudo", action="store_true",
+                        help="second round: mix the pseudo stage's soft test targets into "
+                             "pseudo.fraction of every batch; the run is NET-pl")
+
+
+def _run(cfg, args) -> str:
+    if args.seed is not None and args.seed < 0:
+        raise TrainingError(f"--seed must be >= 0, got {args.seed}")
+    run = Run(args.net, args.fold, cfg.train, cfg.paths, args.seed,
+              cfg.paths.pseudo if args.pseudo else None, cfg.pseudo.fraction)
+    return json.dumps(train(run))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     try:
-        with stage_errors("train"):
-            cfg = params_mod.section("train", DEFAULTS, args.params)
-            metrics = train(Run(args.net, args.fold, cfg, Path(args.records), args.seed,
-                                args.pseudo, args.pseudo_fraction))
+        stage.run("train", ("train", "paths", "pseudo"), _run, argv, doc=__doc__,
+                  arguments=_arguments, threads=True)
     except BaseException as exc:
         if os.environ.get("DMLC_ROLE") == "worker":
             _abort_worker(exc)
         raise
-    print(json.dumps(metrics))
 
 
 def _abort_worker(exc: BaseException) -> NoReturn:

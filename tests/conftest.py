@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -52,20 +53,38 @@ def ndsb_folder(tmp_path: Path) -> Path:
     return root
 
 
+def where(tmp: Path, records: Path) -> "Paths":
+    """The paths section of a test run: ``records``, and ck/, m/, p/, pred/ under ``tmp``."""
+    from pipeline.lib.settings import Paths
+
+    return Paths.of(records=str(records), checkpoints=str(tmp / "ck"), metrics=str(tmp / "m"),
+                    plots=str(tmp / "p"), predictions=str(tmp / "pred"))
+
+
+def write_params(path: Path, paths: "Paths", **sections: Any) -> Path:
+    """A params file with ``paths`` and the given sections (typed sections or dicts)."""
+    import yaml
+
+    data = {"paths": paths.as_dict()}
+    for name, section in sections.items():
+        data[name] = section if isinstance(section, dict) else section.as_dict()
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def train_lenet(base: Path, per_class: int = 10, test: int = 7, size: int = 32,
                 max_size: int = 80) -> tuple[Path, Path]:
     """(records, checkpoints) of a lenet trained for one epoch on a tiny synthetic 3-class
     NDSB folder under ``base``: the trained model that predict, INT8 and TTA tests share."""
     from pipeline import train as T
     from pipeline.ingest import Settings, ingest
-    from pipeline.lib import params
+    from pipeline.lib.settings import TrainSection
     from pipeline.tools.synth import generate
 
     generate(base / "ndsb", classes=3, per_class=per_class, test=test, seed=4,
              max_size=max_size)
     ingest(base / "ndsb", base / "records", Settings(size=size), folds=2, workers=1)
-    cfg = params.merge("train", T.DEFAULTS, {
-        "epochs": 1, "batch_size": 8, "workers": 0, "act": "leaky", "bn": True,
-        "checkpoints": str(base / "ck"), "metrics": str(base / "m"), "plots": str(base / "p")})
-    T.train(T.Run("lenet", 0, cfg, base / "records"))
+    cfg = TrainSection.of(epochs=1, batch_size=8, workers=0, act="leaky", bn=True,
+                          lr_steps=[1])
+    T.train(T.Run("lenet", 0, cfg, where(base, base / "records")))
     return base / "records", base / "ck"

@@ -141,12 +141,12 @@ def test_checkpoint_on_a_full_disk_fails_cleanly_and_loses_nothing(records, smal
                                                                    capsys):
     disk = small_fs(24)
     cfg = config(disk, epochs=1, metrics=str(tmp_path / "m"), plots=str(tmp_path / "p"))
-    T.train(T.Run(NET, 0, cfg, records))  # epoch 1 fits
+    T.train(T.Run(NET, 0, cfg, where(disk, records)))  # epoch 1 fits
     run_dir = disk / "ck" / f"{NET}--fold0"
     kept = sorted(p.name for p in run_dir.iterdir())
     filler = fill(disk, leave=256 << 10)
     cfg_path = tmp_path / "params.yaml"
-    cfg_path.write_text(yaml.safe_dump({"train": dict(cfg, epochs=2)}))
+    cfg_path.write_text(yaml.safe_dump({"train": cfg.replace(epochs=2)}))
     argv = ["--net", NET, "--fold", "0", "--records", str(records), "--params", str(cfg_path)]
     with pytest.raises(SystemExit) as err:
         T.main(argv)
@@ -208,20 +208,20 @@ def test_sigterm_mid_epoch_saves_and_the_rerun_equals_an_uninterrupted_run(
         records, tmp_path, monkeypatch, capsys, ema):
     full = config(tmp_path / "full", epochs=3, ema_half_life=ema)
     steps = _signal_after(monkeypatch, 0)  # counts the steps, never signals
-    T.train(T.Run(NET, 0, full, records))
+    T.train(T.Run(NET, 0, full, where(tmp_path / "full", records)))
     per_epoch = len(steps) // 3
     assert per_epoch >= 3
     monkeypatch.undo()
     cut = config(tmp_path / "cut", epochs=3, ema_half_life=ema)
     _signal_after(monkeypatch, per_epoch + 2)  # epoch 2, after its 2nd batch
     with pytest.raises(Stopped, match=rf"saved epoch 2 after batch 2 of {per_epoch}") as err:
-        T.train(T.Run(NET, 0, cut, records))
+        T.train(T.Run(NET, 0, cut, where(tmp_path / "cut", records)))
     assert err.value.signum == signal.SIGTERM
     run_dir = tmp_path / "cut" / "ck" / f"{NET}--fold0"
     assert (run_dir / "partial.json").exists() and checkpoint.latest(run_dir)["epoch"] == 1
     monkeypatch.undo()
     capsys.readouterr()
-    metrics = T.train(T.Run(NET, 0, cut, records))
+    metrics = T.train(T.Run(NET, 0, cut, where(tmp_path / "cut", records)))
     assert "resumed in epoch 2 after batch 2" in capsys.readouterr().out
     assert metrics["origin"] == "resumed in epoch 2 after batch 2"
     assert not (run_dir / "partial.json").exists()  # the epoch completed
@@ -237,7 +237,7 @@ def test_sigterm_mid_epoch_saves_and_the_rerun_equals_an_uninterrupted_run(
 def test_sigterm_during_validation_keeps_the_trained_epoch(records, tmp_path, monkeypatch,
                                                            capsys):
     full = config(tmp_path / "full", epochs=2)
-    T.train(T.Run(NET, 0, full, records))
+    T.train(T.Run(NET, 0, full, where(tmp_path / "full", records)))
     cut = config(tmp_path / "cut", epochs=2)
     evaluate, calls = T.evaluate, []
 
@@ -249,10 +249,10 @@ def test_sigterm_during_validation_keeps_the_trained_epoch(records, tmp_path, mo
 
     monkeypatch.setattr(T, "evaluate", signalling_evaluate)
     with pytest.raises(Stopped, match=r"saved epoch 1 after batch (\d+) of \1"):
-        T.train(T.Run(NET, 0, cut, records))
+        T.train(T.Run(NET, 0, cut, where(tmp_path / "cut", records)))
     monkeypatch.undo()
     capsys.readouterr()
-    T.train(T.Run(NET, 0, cut, records))
+    T.train(T.Run(NET, 0, cut, where(tmp_path / "cut", records)))
     assert "resumed in epoch 1 after batch" in capsys.readouterr().out
     assert_same_params(params_of(tmp_path / "full" / "ck" / f"{NET}--fold0"),
                        params_of(tmp_path / "cut" / "ck" / f"{NET}--fold0"))
@@ -278,7 +278,7 @@ tmp = Path(sys.argv[2])
 cfg = params.merge("train", T.DEFAULTS, {"epochs": 2, "batch_size": 8, "workers": 0,
                    "checkpoints": str(tmp / "ck"), "metrics": str(tmp / "m"),
                    "plots": str(tmp / "p")})
-T.train(T.Run("lenet", 0, cfg, Path(sys.argv[1])))
+T.train(T.Run("lenet", 0, cfg, where(disk, Path(sys.argv[1]))))
 """
 
 
@@ -403,5 +403,5 @@ def test_train_removes_the_temporaries_of_a_killed_run(records, tmp_path, capsys
     run_dir.mkdir(parents=True)
     stale = run_dir / f".epoch-0001.params.tmp-{fsutil._host()}-{_dead_pid()}-abc"
     stale.write_bytes(b"half a checkpoint")
-    T.train(T.Run(NET, 0, cfg, records))
+    T.train(T.Run(NET, 0, cfg, where(tmp_path, records)))
     assert not stale.exists() and f"removed {stale}" in capsys.readouterr().out

@@ -10,7 +10,8 @@ import pytest
 from pipeline import pseudo as P
 from pipeline import train as T
 from pipeline.ingest import Settings, ingest
-from pipeline.lib import params
+from pipeline.lib.settings import TrainSection
+from tests.conftest import where
 from pipeline.lib.data import MixedBatchLoader, MixedReader, soft_targets
 from pipeline.lib.predictions import load_predictions, save_predictions
 from pipeline.lib.records import RecordReader, load_meta
@@ -100,12 +101,11 @@ def test_mixed_batches_hold_the_fraction_and_replay_exactly(records):
     np.testing.assert_allclose(soft, [[0, 0, 1], [1 / 3, 1 / 3, 1 / 3], [1, 0, 0]])
 
 
-def config(tmp: Path, **over) -> dict:
+def config(tmp: Path, **over) -> TrainSection:
     base = {"epochs": 2, "batch_size": 8, "lr_steps": [1], "workers": 0, "act": "leaky",
-            "bn": False, "checkpoints": str(tmp / "ck"), "metrics": str(tmp / "m"),
-            "plots": str(tmp / "p")}
+            "bn": False}
     base.update(over)
-    return params.merge("train", T.DEFAULTS, base)
+    return TrainSection.of(**base)
 
 
 def test_second_round_trains_as_its_own_net_and_follows_its_targets(records, tmp_path):
@@ -114,7 +114,7 @@ def test_second_round_trains_as_its_own_net_and_follows_its_targets(records, tmp
     names = [t["name"] for t in meta["test"]]
     uniform = np.full((len(names), 3), 1 / 3, np.float32)
     save_predictions(pl, "test", "pseudo", 0, uniform, names)
-    run = T.Run(NET, 0, config(tmp_path), records, seed=1, pseudo=pl, pseudo_fraction=0.25)
+    run = T.Run(NET, 0, config(tmp_path), where(tmp_path, records), seed=1, pseudo=pl, pseudo_fraction=0.25)
     assert run.name == f"{NET}-pl-seed1--fold0"
     metrics = T.train(run)
     assert metrics["member"] == f"{NET}-pl-seed1" and np.isfinite(metrics["valid_logloss"])
@@ -124,14 +124,14 @@ def test_second_round_trains_as_its_own_net_and_follows_its_targets(records, tmp
     # New targets: a new second round, not a resumed one.
     save_predictions(pl, "test", "pseudo", 0, np.eye(3, dtype=np.float32)[
         np.arange(len(names)) % 3], names)
-    again = T.Run(NET, 0, config(tmp_path), records, seed=1, pseudo=pl, pseudo_fraction=0.25)
+    again = T.Run(NET, 0, config(tmp_path), where(tmp_path, records), seed=1, pseudo=pl, pseudo_fraction=0.25)
     assert T.train(again)["origin"] == "trained from scratch"
     spec = json.loads((tmp_path / "ck" / run.name / "model.json").read_text())
     assert spec["fingerprint"] != first
     with pytest.raises(T.TrainingError, match="must be in \\(0, 1\\)"):
-        T.Run(NET, 0, config(tmp_path), records, pseudo=pl, pseudo_fraction=0.0)
+        T.Run(NET, 0, config(tmp_path), where(tmp_path, records), pseudo=pl, pseudo_fraction=0.0)
     with pytest.raises(T.TrainingError, match="run the pseudo stage first"):
-        T.Run(NET, 1, config(tmp_path), records, pseudo=pl)
+        T.Run(NET, 1, config(tmp_path), where(tmp_path, records), pseudo=pl)
     with pytest.raises(T.TrainingError, match="must leave room"):
-        T.train(T.Run(NET, 0, config(tmp_path, batch_size=2), records, pseudo=pl,
+        T.train(T.Run(NET, 0, config(tmp_path, batch_size=2), where(tmp_path, records), pseudo=pl,
                       pseudo_fraction=0.1))

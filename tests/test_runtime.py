@@ -17,7 +17,7 @@ HAS_AMX = "amx_bf16" in runtime.cpu_flags()
 
 def test_user_isa_setting_wins(monkeypatch):
     monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")
-    assert runtime.enable_amx() is False
+    assert runtime._enable_amx() is False
     assert os.environ["DNNL_MAX_CPU_ISA"] == "AVX512_CORE"
 
 
@@ -25,7 +25,7 @@ def test_no_amx_cpu_sets_nothing(monkeypatch):
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     assert runtime.request_amx() is False
-    assert runtime.enable_amx() is False
+    assert runtime._enable_amx() is False
     assert "DNNL_MAX_CPU_ISA" not in os.environ
 
 
@@ -37,7 +37,7 @@ def test_no_amx_cpu_sets_nothing(monkeypatch):
 ])
 def test_auto_precision_follows_the_usable_kernels(monkeypatch, flags, permitted, fast):
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
-    monkeypatch.setattr(precision, "amx_permitted", lambda: permitted)
+    monkeypatch.setattr(precision, "enable_amx", lambda: permitted)
     assert precision.native_bfloat16() is fast
     assert precision.resolve_precision("auto") == ("bfloat16" if fast else "float32")
     assert precision.resolve_precision("float32") == "float32"
@@ -66,3 +66,13 @@ def test_enable_amx_runs_amx_kernels_and_leaves_no_variable_behind():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "144.0" in done.stdout  # 16 channels x 3x3 ones
     assert "avx512_core_amx" in done.stdout  # oneDNN's verbose names the AMX kernel
+
+
+def test_enable_amx_answers_once_per_process(monkeypatch):
+    """Resolving a precision never depends on an earlier call's side effect: enable_amx is
+    idempotent, so precision asks it directly."""
+    calls = []
+    monkeypatch.setattr(runtime, "_AMX_ENABLED", [])
+    monkeypatch.setattr(runtime, "_enable_amx", lambda: calls.append(1) or True)
+    assert runtime.enable_amx() is True and runtime.enable_amx() is True
+    assert len(calls) == 1

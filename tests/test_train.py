@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from pipeline import train as T
 from pipeline.ingest import Settings, ingest
-from pipeline.lib import checkpoint, params
+from pipeline.lib import checkpoint
+from pipeline.lib.settings import SettingsError, TrainSection
 from pipeline.tools.synth import generate
-from tests.conftest import ROOT
+from tests.conftest import ROOT, where, write_params
 
 NET = "lenet"
 
@@ -32,12 +32,12 @@ def records(tmp_path_factory) -> Path:
     return base / "records"
 
 
-def config(tmp: Path, **over) -> dict:
+def config(tmp: Path, **over) -> TrainSection:
+    """Fast train settings; the run's files go under ``tmp`` (:func:`where`)."""
     base = {"epochs": 2, "batch_size": 8, "lr_steps": [1], "workers": 0, "act": "leaky",
-            "bn": False, "checkpoints": str(tmp / "ck"), "metrics": str(tmp / "m"),
-            "plots": str(tmp / "p")}
+            "bn": False}
     base.update(over)
-    return params.merge("train", T.DEFAULTS, base)
+    return TrainSection.of(**base)
 
 
 def params_of(directory: Path, name: str = "model.params") -> dict[str, np.ndarray]:
@@ -75,7 +75,7 @@ def test_unsupported_kvstores_are_refused():
 
 def test_train_writes_metrics_plots_checkpoint_and_oof(records, tmp_path):
     cfg = config(tmp_path)
-    metrics = T.train(T.Run(NET, 0, cfg, records))
+    metrics = T.train(T.Run(NET, 0, cfg, where(tmp_path, records)))
     run_dir = tmp_path / "ck" / f"{NET}--fold0"
     spec = json.loads((run_dir / "model.json").read_text())
     assert spec["net"] == NET and spec["classes"] == json.loads(
@@ -95,19 +95,19 @@ def test_train_writes_metrics_plots_checkpoint_and_oof(records, tmp_path):
 
 def test_rerun_of_finished_run_changes_nothing(records, tmp_path):
     cfg = config(tmp_path)
-    T.train(T.Run(NET, 0, cfg, records))
+    T.train(T.Run(NET, 0, cfg, where(tmp_path, records)))
     before = params_of(tmp_path / "ck" / f"{NET}--fold0")
-    T.train(T.Run(NET, 0, cfg, records))
+    T.train(T.Run(NET, 0, cfg, where(tmp_path, records)))
     after = params_of(tmp_path / "ck" / f"{NET}--fold0")
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
 def test_resume_equals_uninterrupted_run(records, tmp_path):
     full = config(tmp_path / "full", epochs=3)
-    T.train(T.Run(NET, 0, full, records))
+    T.train(T.Run(NET, 0, full, where(tmp_path / "full", records)))
     part = config(tmp_path / "part", epochs=3)
-    T.train(T.Run(NET, 0, dict(part, epochs=1), records))  # "interrupted" after epoch 1
-    T.train(T.Run(NET, 0, part, records))                   # resumes at epoch 2
+    T.train(T.Run(NET, 0, part.replace(epochs=1), where(tmp_path / "part", records)))  # "interrupted" after epoch 1
+    T.train(T.Run(NET, 0, part, where(tmp_path / "part", records)))                   # resumes at epoch 2
     a, b = (params_of(tmp_path / d / "ck" / f"{NET}--fold0") for d in ("full", "part"))
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
@@ -115,7 +115,7 @@ def test_resume_equals_uninterrupted_run(records, tmp_path):
 
 def test_corrupt_latest_checkpoint_falls_back_with_warning(records, tmp_path):
     cfg = config(tmp_path, epochs=2)
-    T.train(T.Run(NET, 0, cfg, records))
+    T.train(T.Run(NET, 0, cfg, where(tmp_path, records)))
     run_dir = tmp_path / "ck" / f"{NET}--fold0"
     latest = run_dir / "epoch-0002.params"
     latest.write_bytes(latest.read_bytes()[:100])  # truncated, as by a full disk
@@ -123,27 +123,27 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(records, tmp_path):
         record = checkpoint.latest(run_dir)
     assert record["epoch"] == 1
     with pytest.warns(UserWarning):
-        T.train(T.Run(NET, 0, cfg, records))  # redoes epoch 2 from epoch 1
+        T.train(T.Run(NET, 0, cfg, where(tmp_path, records)))  # redoes epoch 2 from epoch 1
     assert checkpoint.latest(run_dir)["epoch"] == 2
 
 
 def test_precision_is_recorded_and_part_of_the_fingerprint(records, tmp_path, capsys):
     from pipeline.lib.precision import native_bfloat16
 
-    T.train(T.Run(NET, 0, config(tmp_path, epochs=1, precision="float32"), records))
+    T.train(T.Run(NET, 0, config(tmp_path, epochs=1, precision="float32"), where(tmp_path, records)))
     run_dir = tmp_path / "ck" / f"{NET}--fold0"
     assert json.loads((run_dir / "model.json").read_text())["precision"] == "float32"
     if native_bfloat16():
-        T.train(T.Run(NET, 0, config(tmp_path, epochs=1, precision="bfloat16"), records))
+        T.train(T.Run(NET, 0, config(tmp_path, epochs=1, precision="bfloat16"), where(tmp_path, records)))
         assert "starting afresh" in capsys.readouterr().out
         assert json.loads((run_dir / "model.json").read_text())["precision"] == "bfloat16"
-    with pytest.raises(T.TrainingError, match="precision"):
-        T.train(T.Run(NET, 0, config(tmp_path, epochs=1, precision="half"), records))
+    with pytest.raises(SettingsError, match="train.precision: one of float32, bfloat16, auto"):
+        config(tmp_path, epochs=1, precision="half")
 
 
 def test_changed_settings_start_afresh(records, tmp_path, capsys):
-    T.train(T.Run(NET, 0, config(tmp_path, epochs=1), records))
-    T.train(T.Run(NET, 0, config(tmp_path, epochs=1, lr=0.02), records))
+    T.train(T.Run(NET, 0, config(tmp_path, epochs=1), where(tmp_path, records)))
+    T.train(T.Run(NET, 0, config(tmp_path, epochs=1, lr=0.02), where(tmp_path, records)))
     assert "starting afresh" in capsys.readouterr().out
 
 
@@ -151,12 +151,12 @@ def test_two_contexts_equal_one_context_with_same_global_batch(records, tmp_path
     # float32: in bfloat16 each half batch rounds differently, which is not what this tests.
     one = config(tmp_path / "one", epochs=1, ctx="cpu", precision="float32")
     two = config(tmp_path / "two", epochs=1, ctx="cpu:0,1", precision="float32")
-    T.train(T.Run(NET, 0, one, records))
-    T.train(T.Run(NET, 0, two, records))
+    T.train(T.Run(NET, 0, one, where(tmp_path / "one", records)))
+    T.train(T.Run(NET, 0, two, where(tmp_path / "two", records)))
     a, b = (params_of(tmp_path / d / "ck" / f"{NET}--fold0") for d in ("one", "two"))
     import mxnet as mx
 
-    initial = T.build(T.Run(NET, 0, one, records), 3, T.parse_ctx("cpu"))[0]
+    initial = T.build(T.Run(NET, 0, one, where(tmp_path / "one", records)), 3, T.parse_ctx("cpu"))[0]
     initial(mx.nd.zeros((1, 1, 32, 32)))  # finish deferred initialization
     moved = 0.0
     for key in a:
@@ -170,7 +170,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(records, tmp_
     # a sane first epoch, then the schedule multiplies the rate by 1e30: the loss diverges
     cfg = config(tmp_path, epochs=3, lr=0.01, lr_steps=[1], lr_factor=1e30)
     with pytest.raises(T.TrainingError, match="loss became"):
-        T.train(T.Run(NET, 0, cfg, records))
+        T.train(T.Run(NET, 0, cfg, where(tmp_path, records)))
     run_dir = tmp_path / "ck" / f"{NET}--fold0"
     assert checkpoint.latest(run_dir)["epoch"] == 1
     assert not (run_dir / "model.json").exists()  # no final model from a diverged run
@@ -179,9 +179,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(records, tmp_
 @pytest.mark.slow
 def test_kill_9_then_rerun_resumes_and_finishes(records, tmp_path):
     cfg = config(tmp_path, epochs=12, workers=1)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": cfg}))
+    write_params(tmp_path / "params.yaml", where(Path("."), records), train=cfg)
     cmd = [sys.executable, "-m", "pipeline.train", "--net", NET, "--fold", "0",
-           "--records", str(records), "--params", str(tmp_path / "params.yaml")]
+           "--params", str(tmp_path / "params.yaml")]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     log = open(tmp_path / "first-run.log", "wb")  # a file, not a pipe: output never blocks
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -208,17 +208,17 @@ def test_kill_9_then_rerun_resumes_and_finishes(records, tmp_path):
 def test_fingerprint_follows_architecture_and_settings_not_epochs():
     meta = {"classes": ["a", "b"], "size": 32, "background": 255, "folds": 2, "seed": 0,
             "files": {}}
-    cfg = params.merge("train", T.DEFAULTS, {})
+    cfg = TrainSection().as_dict()
     base = T.fingerprint("lenet", 0, cfg, meta, "Conv(16)")
-    assert base == T.fingerprint("lenet", 0, dict(cfg, epochs=99), meta, "Conv(16)")
+    assert base == T.fingerprint("lenet", 0, dict(cfg, epochs=99, workers=3), meta, "Conv(16)")
     assert base != T.fingerprint("lenet", 0, cfg, meta, "Conv(32)")
     assert base != T.fingerprint("lenet", 0, dict(cfg, lr=0.5), meta, "Conv(16)")
     assert base != T.fingerprint("lenet", 1, cfg, meta, "Conv(16)")
 
 
 def test_restart_with_new_settings_replaces_longer_old_run(records, tmp_path):
-    T.train(T.Run(NET, 0, config(tmp_path, epochs=3), records))
-    metrics = T.train(T.Run(NET, 0, config(tmp_path, epochs=2, lr=0.02), records))
+    T.train(T.Run(NET, 0, config(tmp_path, epochs=3), where(tmp_path, records)))
+    metrics = T.train(T.Run(NET, 0, config(tmp_path, epochs=2, lr=0.02), where(tmp_path, records)))
     run_dir = tmp_path / "ck" / f"{NET}--fold0"
     spec = json.loads((run_dir / "model.json").read_text())
     assert spec["epoch"] == 2 and len(spec["history"]) == 2 and metrics["epochs"] == 2
@@ -228,12 +228,12 @@ def test_restart_with_new_settings_replaces_longer_old_run(records, tmp_path):
 
 def test_fewer_epochs_than_the_checkpoint_never_keep_the_longer_run(records, tmp_path, capsys):
     """Asking for fewer epochs uses that epoch if kept (same weights), else starts afresh."""
-    T.train(T.Run(NET, 0, config(tmp_path / "ref", epochs=2), records))
+    T.train(T.Run(NET, 0, config(tmp_path / "ref", epochs=2), where(tmp_path / "ref", records)))
     reference = params_of(tmp_path / "ref" / "ck" / f"{NET}--fold0")
 
-    T.train(T.Run(NET, 0, config(tmp_path, epochs=3), records))
+    T.train(T.Run(NET, 0, config(tmp_path, epochs=3), where(tmp_path, records)))
     capsys.readouterr()
-    metrics = T.train(T.Run(NET, 0, config(tmp_path, epochs=2), records))  # epoch 2 is kept
+    metrics = T.train(T.Run(NET, 0, config(tmp_path, epochs=2), where(tmp_path, records)))  # epoch 2 is kept
     assert "using its epoch 2" in capsys.readouterr().out
     assert metrics["epochs"] == 2 and metrics["origin"] == "epoch 2 of an earlier 3-epoch run"
     run_dir = tmp_path / "ck" / f"{NET}--fold0"
@@ -242,8 +242,8 @@ def test_fewer_epochs_than_the_checkpoint_never_keep_the_longer_run(records, tmp
     got = params_of(run_dir)
     assert all(np.array_equal(reference[k], got[k]) for k in reference)
 
-    T.train(T.Run(NET, 0, config(tmp_path, epochs=4), records))  # keeps epochs 3 and 4
-    metrics = T.train(T.Run(NET, 0, config(tmp_path, epochs=1), records))
+    T.train(T.Run(NET, 0, config(tmp_path, epochs=4), where(tmp_path, records)))  # keeps epochs 3 and 4
+    metrics = T.train(T.Run(NET, 0, config(tmp_path, epochs=1), where(tmp_path, records)))
     assert "no longer kept; starting afresh" in capsys.readouterr().out
     assert metrics["epochs"] == 1 and metrics["origin"] == "trained from scratch"
     assert json.loads((run_dir / "model.json").read_text())["epoch"] == 1
@@ -253,8 +253,8 @@ def test_fewer_epochs_than_the_checkpoint_never_keep_the_longer_run(records, tmp
 def test_a_seed_of_the_grid_names_the_run_and_replaces_train_seed(records, tmp_path):
     from pipeline.lib.runs import RunNameError, member_name, parse_member
 
-    run = T.Run(NET, 0, config(tmp_path, epochs=1), records, seed=3)
-    assert run.name == f"{NET}-seed3--fold0" and run.cfg["seed"] == 3
+    run = T.Run(NET, 0, config(tmp_path, epochs=1), where(tmp_path, records), seed=3)
+    assert run.name == f"{NET}-seed3--fold0" and run.cfg.seed == 3
     metrics = T.train(run)
     assert (metrics["seed"], metrics["net"], metrics["member"]) == (3, NET, f"{NET}-seed3")
     spec = json.loads((tmp_path / "ck" / f"{NET}-seed3--fold0" / "model.json").read_text())
@@ -271,7 +271,7 @@ def test_a_seed_of_the_grid_names_the_run_and_replaces_train_seed(records, tmp_p
 def test_weight_average_is_validated_published_and_resumed(records, tmp_path):
     """ema_half_life: validation and model.params use the average; resuming continues it."""
     full = config(tmp_path / "full", epochs=3, ema_half_life=1.0)
-    metrics = T.train(T.Run(NET, 0, full, records))
+    metrics = T.train(T.Run(NET, 0, full, where(tmp_path / "full", records)))
     run_dir = tmp_path / "full" / "ck" / f"{NET}--fold0"
     record = json.loads((run_dir / "epoch-0003.json").read_text())
     assert "ema.params" in record["sha256"] and record["average_steps"] > 0
@@ -283,8 +283,8 @@ def test_weight_average_is_validated_published_and_resumed(records, tmp_path):
     assert metrics["valid_logloss"] == pytest.approx(record["history"][-1]["valid_logloss"])
 
     part = config(tmp_path / "part", epochs=3, ema_half_life=1.0)
-    T.train(T.Run(NET, 0, dict(part, epochs=1), records))
-    T.train(T.Run(NET, 0, part, records))
+    T.train(T.Run(NET, 0, part.replace(epochs=1), where(tmp_path / "part", records)))
+    T.train(T.Run(NET, 0, part, where(tmp_path / "part", records)))
     resumed = params_of(tmp_path / "part" / "ck" / f"{NET}--fold0")
     for key in published:
         np.testing.assert_allclose(published[key], resumed[key], rtol=1e-5, atol=1e-6)
@@ -301,9 +301,9 @@ def test_label_smoothing_trains_and_bad_options_are_refused(records, tmp_path):
     logp = np.log(np.exp([2.0, 0.0, -1.0]) / np.exp([2.0, 0.0, -1.0]).sum())
     assert plain == pytest.approx(-logp[0], rel=1e-5)
     assert smooth == pytest.approx(-(0.8 * logp[0] + 0.1 * logp[1] + 0.1 * logp[2]), rel=1e-5)
-    metrics = T.train(T.Run(NET, 0, config(tmp_path, epochs=1, label_smoothing=0.1), records))
+    cfg = config(tmp_path, epochs=1, label_smoothing=0.1)
+    metrics = T.train(T.Run(NET, 0, cfg, where(tmp_path, records)))
     assert math.isfinite(metrics["valid_logloss"])
-    with pytest.raises(T.TrainingError) as err:
-        T.train(T.Run(NET, 0, config(tmp_path, label_smoothing=1.0, ema_half_life=-1),
-                      records))
-    assert "label_smoothing" in str(err.value) and "ema_half_life" in str(err.value)
+    with pytest.raises(SettingsError) as err:
+        config(tmp_path, label_smoothing=1.0, ema_half_life=-1)
+    assert "train.label_smoothing" in str(err.value) and "ema_half_life" in str(err.value)

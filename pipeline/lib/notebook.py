@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pipeline.lib import params as params_mod
+from pipeline.lib import settings as params_mod
 from pipeline.lib import results
 
 ROOT_VARIABLE = "NDSB_ROOT"

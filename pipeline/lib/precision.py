@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from pipeline.lib.runtime import amx_permitted, cpu_flags
+from pipeline.lib.runtime import cpu_flags, enable_amx
 
 
 def native_bfloat16() -> bool:
     """Whether bfloat16 runs fast here: MXNet with oneDNN on a CPU with usable bf16 kernels.
 
-    On AMX CPUs that means AMX enabled for this process
-    (:func:`pipeline.lib.runtime.enable_amx`): without it oneDNN 2.4 falls back to its
+    On AMX CPUs that means AMX enabled for this process (asked here through
+    :func:`pipeline.lib.runtime.enable_amx`, idempotent, so the answer does not depend on
+    what ran before): without it oneDNN 2.4 falls back to its
     AVX512-BF16 kernels, which on such a CPU trained slower than float32. On CPUs with
     AVX512-BF16 and no AMX those kernels are the fast path. BENCHMARKS.md has the measurements
     per CPU kind.
@@ -29,7 +30,7 @@ def native_bfloat16() -> bool:
         return False
     flags = cpu_flags()
     if "amx_bf16" in flags:
-        return amx_permitted()
+        return enable_amx()
     return "avx512_bf16" in flags
 
 

@@ -224,28 +224,19 @@ def quantize(net, calib: np.ndarray, mode: str = "naive", keep_fp32: Sequence[st
     return qnet
 
 
-# Default of the INT8 key predict's cfg may lack (``tta.int8_granularity``).
-OPTION_DEFAULTS: dict[str, Any] = {"int8_granularity": "tensor-wise"}
-
-
-def int8_net(net, reader, train_idx: Sequence[int], matrices: np.ndarray,
-             cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def int8_net(net, reader, train_idx: Sequence[int], matrices: np.ndarray, calib_images: int,
+             calib_mode: str, keep_fp32: Sequence[str], granularity: str, seed: int
+             ) -> tuple[Any, dict[str, Any]]:
     """(INT8 net, calibration summary for the metrics) of ``net``, calibrated on
-    ``cfg['calib_images']`` TTA views of the training records ``train_idx``.
-
-    Reads ``calib_images``, ``calib_mode``, ``int8_keep_fp32`` and ``seed`` from ``cfg``, and
-    ``int8_granularity`` when present (:data:`OPTION_DEFAULTS` otherwise).
-    """
-    granularity = cfg.get("int8_granularity", OPTION_DEFAULTS["int8_granularity"])
-    keep_fp32 = cfg["int8_keep_fp32"]
-    if not isinstance(keep_fp32, (list, tuple)):
+    ``calib_images`` TTA views (``matrices``) of the training records ``train_idx``, chosen
+    with ``seed``; the ``keep_fp32`` layers stay float32 (:data:`KEEP_FP32`)."""
+    if isinstance(keep_fp32, str) or not isinstance(keep_fp32, (list, tuple)):
         raise QuantizeError(f"tta.int8_keep_fp32 must be a list (e.g. [first_conv]), "
                             f"got {keep_fp32!r}")
-    check_options(cfg["calib_mode"], granularity)
-    records, transforms = calibration_plan(train_idx, cfg["calib_images"], len(matrices),
-                                           cfg["seed"])
+    check_options(calib_mode, granularity)
+    records, transforms = calibration_plan(train_idx, calib_images, len(matrices), seed)
     calib = calibration_inputs(reader, records, transforms, matrices)
-    qnet = quantize(net, calib, cfg["calib_mode"], keep_fp32, granularity)
+    qnet = quantize(net, calib, calib_mode, keep_fp32, granularity)
     return qnet, {"calib_views": len(calib), "calib_records": int(len(np.unique(records))),
-                  "calib_mode": cfg["calib_mode"], "keep_fp32": list(keep_fp32),
+                  "calib_mode": calib_mode, "keep_fp32": list(keep_fp32),
                   "int8_granularity": granularity}

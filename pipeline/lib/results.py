@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.lib import params as params_mod
+from pipeline.lib import settings as settings_mod
 from pipeline.lib import records, runs
 from pipeline.lib.errors import PipelineError
 from pipeline.lib.fsutil import read_json
@@ -29,24 +29,7 @@ from pipeline.lib.images import decode
 from pipeline.lib.metrics import ndsb_log_loss, per_class_log_loss
 from pipeline.lib.predictions import load_predictions, prediction_files
 
-# The keys of the ``report`` section of params.yaml and their defaults.
-DEFAULTS: dict[str, Any] = {
-    "records": "data/records",
-    "checkpoints": "checkpoints",
-    "plots": "plots",
-    "metrics": "metrics",
-    "predictions": "predictions",
-    "ensemble_metrics": "metrics/ensemble.json",
-    "out": "reports",
-    "confusion": "plots/confusion.csv",
-    "samples_per_class": 6,
-    "mistakes": 12,
-    "seed": 0,
-}
-SECTION = "report"
-ENSEMBLE = "ensemble"
-_PATHS = ("records", "checkpoints", "plots", "metrics", "predictions", "ensemble_metrics",
-          "out", "confusion")
+ENSEMBLE = runs.ENSEMBLE
 _CURVE_COLUMNS = ["net", "fold", "epoch", "lr", "train_loss", "valid_logloss", "valid_accuracy",
                   "img_s"]
 _NEEDS_ENSEMBLE = "run the pipeline up to the ensemble stage first (dvc repro ensemble)"
@@ -79,22 +62,31 @@ class ReportSettings:
 
 def settings(root: str | os.PathLike = ".", params_file: str | os.PathLike | None = None
              ) -> ReportSettings:
-    """The ``report`` section of ``root/params.yaml`` (defaults if that file is absent), its
-    paths resolved against ``root``.
+    """The ``report`` and ``paths`` sections of ``root/params.yaml`` (defaults if that file
+    is absent), the paths resolved against ``root``.
 
     Resolving against ``root`` lets notebooks point at a project that is not the current
-    directory (``NDSB_ROOT``). An explicit ``params_file`` must exist; an unknown or ill-typed
-    key is a :class:`pipeline.lib.params.ParamsError`.
+    directory (``NDSB_ROOT``). An explicit ``params_file`` must exist; a bad setting anywhere
+    in it is a :class:`pipeline.lib.settings.SettingsError`.
     """
     root = Path(root).resolve()
-    if params_file is None and not (root / params_mod.PARAMS_FILE).exists():
-        cfg = dict(DEFAULTS)
+    if params_file is None and not (root / settings_mod.PARAMS_FILE).exists():
+        file = None
     else:
-        path = Path(params_file) if params_file is not None else root / params_mod.PARAMS_FILE
-        cfg = params_mod.section(SECTION, DEFAULTS, path)
-    paths = {key: root / cfg[key] for key in _PATHS}
-    return ReportSettings(root=root, samples_per_class=int(cfg["samples_per_class"]),
-                          mistakes=int(cfg["mistakes"]), seed=int(cfg["seed"]), **paths)
+        file = Path(params_file) if params_file is not None else root / settings_mod.PARAMS_FILE
+    return from_settings(settings_mod.load(("report", "paths"), file), root)
+
+
+def from_settings(cfg: Any, root: Path) -> ReportSettings:
+    """:class:`ReportSettings` of loaded ``report`` and ``paths`` sections under ``root``."""
+    paths, report = cfg.paths, cfg.report
+    return ReportSettings(
+        root=root, records=root / paths.records, checkpoints=root / paths.checkpoints,
+        plots=root / paths.plots, metrics=root / paths.metrics,
+        predictions=root / paths.predictions,
+        ensemble_metrics=root / paths.metrics_file(ENSEMBLE), out=root / paths.reports,
+        confusion=root / paths.confusion, samples_per_class=report.samples_per_class,
+        mistakes=report.mistakes, seed=report.seed)
 
 
 # ------------------------------------------------------------------- records and images

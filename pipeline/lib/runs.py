@@ -63,11 +63,21 @@ def member_name(net: str, seed: int | None = None) -> str:
 
 
 PSEUDO_SUFFIX = "-pl"
+# The stems of the pseudo-label targets (test--pseudo--fold{k}) and of the blend
+# ({split}--ensemble), which the ensemble, pseudo, train and submit stages share.
+PSEUDO_TARGETS = "pseudo"
+ENSEMBLE = "ensemble"
 
 
 def pseudo_name(net: str) -> str:
     """``{net}-pl``: the net trained a second round on pseudo-labels, as a net of its own."""
     return f"{check_part('net', net)}{PSEUDO_SUFFIX}"
+
+
+def training_round(member: str) -> int:
+    """1 for a first-round member, 2 for a second round on pseudo-labels (``{net}-pl``)."""
+    net, _ = parse_member(member)
+    return 2 if net.endswith(PSEUDO_SUFFIX) else 1
 
 
 def parse_member(member: str) -> tuple[str, int | None]:

@@ -109,8 +109,15 @@ def request_amx() -> bool:
                                and amx_permitted())
 
 
+_AMX_ENABLED: list[bool] = []  # the result of the first enable_amx() in this process
+
+
 def enable_amx() -> bool:
     """Let MXNet's oneDNN use AMX on CPUs that have it; True when it will.
+
+    Idempotent: the first call decides and later calls return its answer, so any code that
+    needs to know (:func:`pipeline.lib.precision.native_bfloat16`) calls it instead of
+    relying on an earlier call's side effect.
 
     A ``DNNL_MAX_CPU_ISA`` / ``MKLDNN_MAX_CPU_ISA`` the user set wins (the permission is still
     requested, so a user's AMX setting works). Otherwise the variable is set, oneDNN is made to
@@ -118,6 +125,12 @@ def enable_amx() -> bool:
     not run in this process yet: stages call this first thing, through
     :func:`configure_threads`.
     """
+    if not _AMX_ENABLED:
+        _AMX_ENABLED.append(_enable_amx())
+    return _AMX_ENABLED[0]
+
+
+def _enable_amx() -> bool:
     granted = request_amx()
     if any(v in os.environ for v in ISA_VARIABLES):
         return granted and AMX_ISA in (os.environ.get(ISA_VARIABLES[0])

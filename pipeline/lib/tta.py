@@ -13,7 +13,8 @@ Averaging over the views (``mean``): ``probs`` (arithmetic mean of probabilities
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -26,13 +27,46 @@ class TTAError(PipelineError, ValueError):
     """Invalid TTA settings."""
 
 
+_IDENTITY = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+
+
+@dataclass(frozen=True)
+class TTAPlan:
+    """Everything a TTA pass needs, built once per model (:func:`plan`): the views' forward
+    pixel matrices, how their outputs are averaged, images warped together and views per
+    forward pass. ``views`` is 1 for the plain image (``tta.n: 0``)."""
+
+    matrices: np.ndarray
+    mean: str
+    batch_size: int
+    max_views: int
+
+    @property
+    def views(self) -> int:
+        return len(self.matrices)
+
+    def first(self, n: int) -> "TTAPlan":
+        """The same plan with the first ``n`` views only (0: the plain image)."""
+        matrices = self.matrices[:n] if n > 0 else _IDENTITY.copy()
+        return TTAPlan(matrices, self.mean, self.batch_size, self.max_views)
+
+
+def plan(ranges: Mapping[str, Any], n: int, size: int, method: str, seed: int, mean: str,
+         batch_size: int, max_views: int) -> TTAPlan:
+    """The plan of ``n`` views drawn by ``method`` from ``ranges`` (a model's training ranges
+    when TTA has none of its own) for ``size`` px inputs."""
+    if mean not in MEANS:
+        raise TTAError(f"tta.mean must be one of {MEANS}, got {mean!r}")
+    return TTAPlan(tta_matrices(ranges, n, size, method, seed), mean, batch_size, max_views)
+
+
 def tta_matrices(ranges: dict[str, Any], n: int, size: int, method: str, seed: int
                  ) -> np.ndarray:
     """(n, 2, 3) forward pixel matrices; n = 0 gives the single identity transform."""
     from pipeline.lib.augment import AffineRanges, sample_matrices
 
     if n == 0:
-        return np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+        return _IDENTITY.copy()
     rng = np.random.default_rng(seed)
     return sample_matrices(AffineRanges.from_dict(ranges), n, size, rng, method=method)
 
@@ -90,9 +124,9 @@ def _forward(net, views, max_views: int) -> np.ndarray:
                            for i in range(0, views.shape[0], max_views)]).astype(np.float64)
 
 
-def predict_chunks(net, spec: dict[str, Any], reader, indices: Sequence[int],
-                   bounds: Sequence[tuple[int, int]], cfg: dict[str, Any],
-                   prefixes: Sequence[int] = (), progress=None, stop=None
+def predict_chunks(net, plan: TTAPlan, reader, indices: Sequence[int],
+                   bounds: Sequence[tuple[int, int]], prefixes: Sequence[int] = (),
+                   progress=None, stop=None
                    ) -> Iterator[tuple[np.ndarray, dict[int, np.ndarray], float]]:
     """TTA over the chunks ``bounds`` (ascending ``[start, stop)`` positions in ``indices``,
     batch-aligned as :func:`pipeline.lib.chunks.chunk_bounds` makes them): for each chunk
@@ -105,17 +139,15 @@ def predict_chunks(net, spec: dict[str, Any], reader, indices: Sequence[int],
     batches) and the iteration ends."""
     from pipeline.lib.data import BatchLoader
 
-    ranges = cfg["ranges"] or spec["augment"]
-    matrices = tta_matrices(ranges, cfg["n"], spec["size"], cfg["method"], cfg["seed"])
     indices = np.asarray(indices, dtype=np.int64)
     if not bounds:
         return
     positions = np.concatenate([np.arange(a, b) for a, b in bounds])
     # Records are decoded in this process: next to the views' forward passes decoding costs
     # little, and without a worker process a signal can never strand a pending batch.
-    with BatchLoader(reader, indices[positions], cfg["batch_size"], workers=0) as loader:
-        batches = predict_batches(net, (x for x, _ in loader.epoch(0)), matrices, cfg["mean"],
-                                  prefixes, max_views=cfg["max_views"])
+    with BatchLoader(reader, indices[positions], plan.batch_size, workers=0) as loader:
+        batches = predict_batches(net, (x for x, _ in loader.epoch(0)), plan.matrices,
+                                  plan.mean, prefixes, max_views=plan.max_views)
         for start, end in bounds:
             if stop is not None and stop():
                 return
@@ -137,7 +169,7 @@ def predict_chunks(net, spec: dict[str, Any], reader, indices: Sequence[int],
                 return
             if rows != end - start:
                 raise TTAError(f"chunk [{start}, {end}) is not aligned to tta.batch_size "
-                               f"{cfg['batch_size']}")
+                               f"{plan.batch_size}")
             yield _chunk(probs, curve, t0)
 
 
@@ -148,27 +180,25 @@ def _chunk(probs: list[np.ndarray], curve: dict[int, list[np.ndarray]], t0: floa
             time.perf_counter() - t0)
 
 
-def predict_split(net, spec: dict[str, Any], reader, indices: Sequence[int], cfg: dict[str, Any],
+def predict_split(net, plan: TTAPlan, reader, indices: Sequence[int], classes: int,
                   desc: str, prefixes: Sequence[int] = (), stats: dict[str, float] | None = None
                   ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """TTA probabilities (N, K) of the records ``indices`` in one pass, and the probabilities
-    with only the first n views for each n in ``prefixes``. ``stats``, if given, receives the
-    wall time and the views/s of the pass."""
+    """TTA probabilities (N, ``classes``) of the records ``indices`` in one pass, and the
+    probabilities with only the first n views for each n in ``prefixes``. ``stats``, if given,
+    receives the wall time and the views/s of the pass."""
     from tqdm import tqdm
 
-    n_views = max(cfg["n"], 1)
     bar = tqdm(total=len(indices), unit="img", desc=desc, mininterval=2)
     t0 = time.perf_counter()
-    k = len(spec["classes"])
-    out, curve = np.zeros((0, k), np.float32), {n: np.zeros((0, k), np.float32)
-                                                  for n in prefixes}
-    for out, curve, _ in predict_chunks(net, spec, reader, indices, [(0, len(indices))]
-                                        if len(indices) else [], cfg, prefixes, bar.update):
+    out, curve = np.zeros((0, classes), np.float32), {n: np.zeros((0, classes), np.float32)
+                                                        for n in prefixes}
+    for out, curve, _ in predict_chunks(net, plan, reader, indices, [(0, len(indices))]
+                                        if len(indices) else [], prefixes, bar.update):
         pass
     bar.close()
     seconds = time.perf_counter() - t0
-    views_s = len(indices) * n_views / max(seconds, 1e-9)
-    print(f"{desc}: {len(indices)} images x {n_views} views in {seconds:.1f} s "
+    views_s = len(indices) * plan.views / max(seconds, 1e-9)
+    print(f"{desc}: {len(indices)} images x {plan.views} views in {seconds:.1f} s "
           f"({len(indices) / max(seconds, 1e-9):.1f} img/s, {views_s:.0f} views/s)")
     if stats is not None:
         stats.update(seconds=round(seconds, 3), views_per_s=round(views_s, 1))

@@ -312,18 +312,19 @@ def probe_train(args: argparse.Namespace) -> dict[str, Any]:
 def probe_tta(args: argparse.Namespace) -> dict[str, Any]:
     """Peak RSS of 100-fold TTA over the first ``args.images`` test records, as predict runs."""
     from pipeline.lib.records import RecordReader
-    from pipeline.lib.tta import predict_split
-    from pipeline.predict import DEFAULTS
+    from pipeline.lib.settings import TTASection
+    from pipeline.lib.tta import plan, predict_split
 
     net = hybridize(build_net(args.net, args.act, args.bn, deterministic=True,
                               precision=args.precision), "alloc")
     reader = RecordReader(args.records, "test")
     n = min(args.images, len(reader))
-    spec = {"size": args.size, "augment": {}, "classes": list(range(CLASSES))}
-    cfg = dict(DEFAULTS, n=args.tta_views, batch_size=args.tta_batch)
+    tta = TTASection()  # predict's defaults but the views and batch asked for
+    views = plan({}, args.tta_views, args.size, tta.method, tta.seed, tta.mean, args.tta_batch,
+                 tta.max_views)
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
-        probs, _ = predict_split(net, spec, reader, np.arange(n), cfg, "bench tta")
+        probs, _ = predict_split(net, views, reader, np.arange(n), CLASSES, "bench tta")
     seconds = time.perf_counter() - start
     assert probs.shape == (n, CLASSES)
     return {"what": "memory", "kind": "tta", "precision": args.precision, "images": n,

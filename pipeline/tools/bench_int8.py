@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.lib import params as params_mod
+from pipeline.lib import settings as params_mod
 from pipeline.lib import quantize as Q
 from pipeline.lib.runs import run_name
 
@@ -134,15 +134,20 @@ class Model:
         ``warm``: predict a few images untimed first, so graph building is not timed."""
         import contextlib
 
+        from pipeline.lib.tta import plan as tta_plan
         from pipeline.lib.tta import predict_split
 
         stats: dict[str, float] = {}
         with contextlib.redirect_stdout(sys.stderr):
+            c = self.tta_cfg
+            plan = tta_plan(c["ranges"] or self.spec["augment"], n, self.spec["size"],
+                            c["method"], c["seed"], c["mean"], c["batch_size"], c["max_views"])
+            classes = len(self.spec["classes"])
             if warm:
-                predict_split(net, self.spec, self.reader, self.valid_idx[:WARM_IMAGES],
-                              dict(self.tta_cfg, n=n), self.name)
-            probs, _ = predict_split(net, self.spec, self.reader, self.valid_idx,
-                                     dict(self.tta_cfg, n=n), self.name, stats=stats)
+                predict_split(net, plan, self.reader, self.valid_idx[:WARM_IMAGES], classes,
+                              self.name)
+            probs, _ = predict_split(net, plan, self.reader, self.valid_idx, classes,
+                                     self.name, stats=stats)
         return probs, stats["views_per_s"]
 
     def quantize(self, v: dict[str, Any]):
@@ -252,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pipeline.lib.runtime import configure_threads
 
     configure_threads()
-    tta = params_mod.load(a.params).get("tta") or {}
+    tta = params_mod.read_file(a.params).get("tta") or {}
     tta_cfg = {"method": "random", "mean": "probs", "seed": 0, "ranges": tta.get("ranges") or {},
                "batch_size": 4, "max_views": 128, "calib_n": a.calib_n}
     variants = [v for v in a.variants.split(",") if v]

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.lib import params as params_mod
+from pipeline.lib import settings as params_mod
 from pipeline.lib.metrics import clip_normalize
 
 POINTS = (1, 2, 5, 10, 20, 50, 100)
@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_threads()
     ranges = None
     if args.ranges == "tta":
-        ranges = (params_mod.load(args.params).get("tta") or {}).get("ranges") or None
+        ranges = (params_mod.read_file(args.params).get("tta") or {}).get("ranges") or None
     models = [(net, fold) for net, fold in discover(args.checkpoints)
               if (not args.nets or net in args.nets) and (not args.folds or fold in args.folds)]
     if not models:
