@@ -191,7 +191,7 @@ def _run(cfg, args) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     stage.run("report", ("report", "paths"), _run, argv, doc="Static HTML report of a run.",
               arguments=_arguments, params_optional=True,
-              params_in=lambda args: os.path.join(args.root, PARAMS_FILE))
+              params_in=lambda args: os.path.normpath(os.path.join(args.root, PARAMS_FILE)))
 
 
 if __name__ == "__main__":

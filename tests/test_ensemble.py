@@ -179,11 +179,15 @@ def test_main_takes_nets_from_cli_or_params(project, monkeypatch) -> None:
     root, meta = project
     monkeypatch.chdir(root)
     write_net(root / "predictions" / "models", meta, "only", good, 1)
-    Path("params.yaml").write_text("ensemble:\n  nets: []\n  records: .\n"
-                                   "  metrics: m/ensemble.json\n")
-    with pytest.raises(SystemExit, match="^ensemble failed: need a list of distinct nets"):
+    Path("params.yaml").write_text("models:\n  nets: []\n  seeds: [0]\n  pseudo_nets: []\n"
+                                   "paths:\n  records: .\n  metrics: m\n")
+    with pytest.raises(SystemExit, match="^ensemble failed: params.yaml: models.nets: a "
+                                         "non-empty list"):
         main([])
-    main(["--nets", "only"])
+    with pytest.raises(SystemExit, match="test--only-seed0--fold0"):  # the grid names seeds
+        main(["--set", "models.nets=[only]", "--set", "models.folds=[0, 1]"])
+    main(["--set", "models.nets=[only]", "--set", "models.folds=[0, 1]", "--set",
+          "models.seeds=[1]"])
     assert json.loads(Path("m/ensemble.json").read_text())["weights"] == {"only": 1.0}
 
 

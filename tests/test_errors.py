@@ -45,7 +45,7 @@ def project(tmp_path: Path) -> Path:
     ("ingest", [], "data.root data/sample/ndsb is not a folder"),
     ("train", ["--net", "tinynet", "--fold", "0"], "run the ingest stage first"),
     ("predict", ["--net", "tinynet", "--fold", "0"], "run the ingest stage first"),
-    ("ensemble", ["--nets", "tinynet", "--folds", "0"], "run the ingest stage first"),
+    ("ensemble", ["--set", "models.nets=[tinynet]"], "run the ingest stage first"),
     ("submit", [], "predictions/test--ensemble.npy"),
     ("score", [], "submissions/submission.csv.gz"),
 ])
@@ -65,4 +65,4 @@ def test_unknown_net_and_bad_params_are_one_line_errors(project):
                            "0"], cwd=project, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(
-        "train failed: params.yaml [train]: unknown key(s) ['bogus']")
+        "train failed: params.yaml: train: unknown key(s) ['bogus']; valid keys: ")

@@ -21,7 +21,7 @@ from pipeline import train as T
 from pipeline.lib import checkpoint, fsutil
 from pipeline.lib.errors import Stopped, stage_errors
 from pipeline.tools.synth import generate
-from tests.conftest import ROOT
+from tests.conftest import ROOT, where, write_params
 from tests.test_train import config as train_config
 from tests.test_train import params_of
 
@@ -92,8 +92,10 @@ def assert_same_params(a: dict, b: dict) -> None:
 
 def ingest_params(tmp: Path, root: Path, records: Path) -> Path:
     path = tmp / "params.yaml"
-    path.write_text(yaml.safe_dump({"data": {"root": str(root), "records": str(records),
-                                             "size": 32, "folds": 2, "workers": 1}}))
+    path.write_text(yaml.safe_dump({"data": {"root": str(root), "size": 32, "folds": 2,
+                                             "workers": 1},
+                                    "paths": {"records": str(records)},
+                                    "models": {"folds": [0, 1]}}))
     return path
 
 
@@ -140,14 +142,14 @@ def test_atomic_writes_on_a_full_disk_keep_the_old_file_and_no_temporary(small_f
 def test_checkpoint_on_a_full_disk_fails_cleanly_and_loses_nothing(records, small_fs, tmp_path,
                                                                    capsys):
     disk = small_fs(24)
-    cfg = config(disk, epochs=1, metrics=str(tmp_path / "m"), plots=str(tmp_path / "p"))
-    T.train(T.Run(NET, 0, cfg, where(disk, records)))  # epoch 1 fits
+    cfg = config(disk, epochs=1)
+    paths = where(disk, records).replace(metrics=str(tmp_path / "m"), plots=str(tmp_path / "p"))
+    T.train(T.Run(NET, 0, cfg, paths))  # epoch 1 fits
     run_dir = disk / "ck" / f"{NET}--fold0"
     kept = sorted(p.name for p in run_dir.iterdir())
     filler = fill(disk, leave=256 << 10)
-    cfg_path = tmp_path / "params.yaml"
-    cfg_path.write_text(yaml.safe_dump({"train": cfg.replace(epochs=2)}))
-    argv = ["--net", NET, "--fold", "0", "--records", str(records), "--params", str(cfg_path)]
+    cfg_path = write_params(tmp_path / "params.yaml", paths, train=cfg.replace(epochs=2))
+    argv = ["--net", NET, "--fold", "0", "--params", str(cfg_path)]
     with pytest.raises(SystemExit) as err:
         T.main(argv)
     message = str(err.value.code)
@@ -165,21 +167,24 @@ def test_predict_on_a_full_disk_keeps_its_chunks_and_the_rerun_only_writes(tmp_p
                                                                             capsys):
     from pipeline import predict as P
     from tests.conftest import train_lenet
+    from tests.test_predict import at
     from tests.test_predict import cfg as tta_cfg
 
     records, ck = train_lenet(tmp_path / "model")
     disk = small_fs(1)
     filler = fill(disk, leave=8 << 10)
-    tta = tta_cfg(tmp_path, ck, predictions=str(disk / "pred"))
+    tta = tta_cfg(tmp_path, ck)
+    paths = at(tmp_path, ck, records, tmp_path / "m").replace(predictions=str(disk / "pred"))
+    out = paths.models(1)
     with pytest.raises(SystemExit) as err, stage_errors("predict"):
-        P.predict(NET, 0, records, tta, tmp_path / "m")
-    assert str(err.value.code).startswith(f"predict failed: no space left on {disk / 'pred'} ")
+        P.predict(NET, 0, tta, paths)
+    assert str(err.value.code).startswith(f"predict failed: no space left on {out} ")
     assert temps(disk) == [] and temps(tmp_path / "work") == []
     filler.unlink()
     capsys.readouterr()
-    P.predict(NET, 0, records, tta, tmp_path / "m")  # the chunks were kept: nothing recomputed
+    P.predict(NET, 0, tta, paths)  # the chunks were kept: nothing recomputed
     assert "resuming:" in capsys.readouterr().out
-    assert sorted(p.name for p in (disk / "pred").iterdir()) == sorted(
+    assert sorted(p.name for p in out.iterdir()) == sorted(
         f"{split}--{NET}--fold0.{ext}" for split in ("valid", "test") for ext in ("npy",
                                                                                  "names.txt"))
 
@@ -262,7 +267,9 @@ SECOND_SIGNAL = """
 import os, signal, sys
 from pathlib import Path
 from pipeline import train as T
-from pipeline.lib import params, sgd
+from pipeline.lib import sgd
+from pipeline.lib.settings import TrainSection
+from tests.conftest import where
 
 step = sgd.step
 
@@ -275,10 +282,8 @@ def twice(*args, **kwargs):
 
 sgd.step = twice
 tmp = Path(sys.argv[2])
-cfg = params.merge("train", T.DEFAULTS, {"epochs": 2, "batch_size": 8, "workers": 0,
-                   "checkpoints": str(tmp / "ck"), "metrics": str(tmp / "m"),
-                   "plots": str(tmp / "p")})
-T.train(T.Run("lenet", 0, cfg, where(disk, Path(sys.argv[1]))))
+cfg = TrainSection.of(epochs=2, batch_size=8, workers=0, lr_steps=[1])
+T.train(T.Run("lenet", 0, cfg, where(tmp, Path(sys.argv[1]))))
 """
 
 
@@ -319,9 +324,9 @@ def test_sigterm_to_the_trainer_process_exits_143_and_the_rerun_finishes_the_sam
         records, tmp_path):
     """The real thing: a trainer process, SIGTERM once its first epoch is saved."""
     cfg = config(Path("."), epochs=4, batch_size=2, workers=1)  # folders relative to the cwd
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": cfg}))
+    write_params(tmp_path / "params.yaml", where(Path("."), records), train=cfg)
     cmd = [sys.executable, "-m", "pipeline.train", "--net", NET, "--fold", "0",
-           "--records", str(records), "--params", str(tmp_path / "params.yaml")]
+           "--params", str(tmp_path / "params.yaml")]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     log = tmp_path / "first.log"
     with open(log, "wb") as out:

@@ -186,12 +186,12 @@ def test_main_reports_every_error_on_one_line(ndsb_folder, tmp_path, monkeypatch
     assert str(err.value.code).startswith("ingest failed: missing.yaml not found")
     out = tmp_path / "rec"
     params = tmp_path / "params.yaml"
-    params.write_text(f"data:\n  root: {ndsb_folder}\n  records: {out}\n  size: 4\n")
+    params.write_text(f"data:\n  root: {ndsb_folder}\n  size: 4\npaths:\n  records: {out}\n")
     with pytest.raises(SystemExit) as err:
         main(["--params", str(params)])
-    assert err.value.code == "ingest failed: data.size must be >= 8, got 4"
-    params.write_text(f"data:\n  root: {ndsb_folder}\n  records: {out}\n  size: 16\n"
-                      f"  workers: 1\n  folds: 2\n")
+    assert err.value.code == f"ingest failed: {params}: data.size: an integer in [8, 1024], got 4"
+    params.write_text(f"data:\n  root: {ndsb_folder}\n  size: 16\n  workers: 1\n  folds: 2\n"
+                      f"paths:\n  records: {out}\nmodels:\n  folds: [0, 1]\n")
     _corrupt_cases(ndsb_folder)
     with pytest.raises(SystemExit) as err:
         main(["--params", str(params)])

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline import predict as P
-from pipeline.lib import params, tta
+from pipeline.lib import tta
+from pipeline.lib.settings import Paths, SettingsError, TTASection
 from pipeline.lib.predictions import load_predictions
 from tests.conftest import train_lenet
 
@@ -22,33 +23,45 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     return train_lenet(tmp_path_factory.mktemp("predict"))
 
 
-def cfg(tmp: Path, ck: Path, **over) -> dict:
+def cfg(tmp: Path, ck: Path, **over) -> TTASection:
+    """Fast TTA settings; the chunks go to ``tmp``/work (``ck``: see :func:`at`)."""
     # float32 unless a test says otherwise: in bfloat16, oneDNN's results depend on the batch
     # shape at the 1e-4 level, which would blur the exact-equality checks of the TTA logic.
-    base = {"n": 5, "batch_size": 3, "checkpoints": str(ck), "predictions": str(tmp / "pred"),
-            "work": str(tmp / "work"), "precision": "float32", "int8": False}
-    return params.merge("tta", P.DEFAULTS, dict(base, **over))
+    base = {"n": 5, "batch_size": 3, "work": str(tmp / "work"), "precision": "float32",
+            "int8": False}
+    return TTASection.of(**dict(base, **over))
+
+
+def at(tmp: Path, ck: Path, records: Path, metrics: Path) -> Paths:
+    """The paths of a predict run: the model in ``ck``, predictions under ``tmp``/pred."""
+    return Paths.of(records=str(records), checkpoints=str(ck), predictions=str(tmp / "pred"),
+                    metrics=str(metrics))
+
+
+def pred(tmp: Path) -> Path:
+    """Where :func:`at`'s first-round predictions are."""
+    return at(tmp, tmp, tmp, tmp).models(1)
 
 
 def test_identity_tta_equals_plain_prediction(trained, tmp_path):
     records, ck = trained
     identity = {"rotation": [0, 0], "translate": 0.0, "zoom": [1, 1], "shear": 0.0,
                 "stretch": [1, 1], "flip_h": 0.0, "flip_v": 0.0}
-    P.predict(NET, 0, records, cfg(tmp_path / "a", ck, n=0), tmp_path / "m")
-    P.predict(NET, 0, records, cfg(tmp_path / "b", ck, n=6, ranges=identity), tmp_path / "m")
+    P.predict(NET, 0, cfg(tmp_path / "a", ck, n=0), at(tmp_path / "a", ck, records, tmp_path / "m"))
+    P.predict(NET, 0, cfg(tmp_path / "b", ck, n=6, ranges=identity), at(tmp_path / "b", ck, records, tmp_path / "m"))
     for split in ("valid", "test"):
-        plain, names_a = load_predictions(tmp_path / "a" / "pred", split, NET, 0)
-        tta, names_b = load_predictions(tmp_path / "b" / "pred", split, NET, 0)
+        plain, names_a = load_predictions(pred(tmp_path / "a"), split, NET, 0)
+        tta, names_b = load_predictions(pred(tmp_path / "b"), split, NET, 0)
         assert names_a == names_b
         np.testing.assert_allclose(plain, tta, atol=2e-5)
 
 
 def test_random_tta_changes_predictions_and_reports_curve(trained, tmp_path):
     records, ck = trained
-    P.predict(NET, 0, records, cfg(tmp_path / "a", ck, n=0), tmp_path / "m0")
-    metrics = P.predict(NET, 0, records, cfg(tmp_path / "b", ck, n=12), tmp_path / "m")
-    plain, _ = load_predictions(tmp_path / "a" / "pred", "test", NET, 0)
-    tta, names = load_predictions(tmp_path / "b" / "pred", "test", NET, 0)
+    P.predict(NET, 0, cfg(tmp_path / "a", ck, n=0), at(tmp_path / "a", ck, records, tmp_path / "m0"))
+    metrics = P.predict(NET, 0, cfg(tmp_path / "b", ck, n=12), at(tmp_path / "b", ck, records, tmp_path / "m"))
+    plain, _ = load_predictions(pred(tmp_path / "a"), "test", NET, 0)
+    tta, names = load_predictions(pred(tmp_path / "b"), "test", NET, 0)
     assert len(names) == 7 and np.allclose(tta.sum(1), 1, atol=1e-5)
     assert np.abs(plain - tta).max() > 1e-3
     assert list(metrics["valid_logloss_by_n"]) == ["1", "2", "5", "10", "12"]
@@ -58,22 +71,21 @@ def test_random_tta_changes_predictions_and_reports_curve(trained, tmp_path):
 
 def test_tta_is_deterministic_given_seed_and_batch_size_independent(trained, tmp_path):
     records, ck = trained
-    P.predict(NET, 0, records, cfg(tmp_path / "a", ck, n=4, batch_size=2), tmp_path / "m")
-    P.predict(NET, 0, records, cfg(tmp_path / "b", ck, n=4, batch_size=5), tmp_path / "m")
-    a, _ = load_predictions(tmp_path / "a" / "pred", "test", NET, 0)
-    b, _ = load_predictions(tmp_path / "b" / "pred", "test", NET, 0)
+    P.predict(NET, 0, cfg(tmp_path / "a", ck, n=4, batch_size=2), at(tmp_path / "a", ck, records, tmp_path / "m"))
+    P.predict(NET, 0, cfg(tmp_path / "b", ck, n=4, batch_size=5), at(tmp_path / "b", ck, records, tmp_path / "m"))
+    a, _ = load_predictions(pred(tmp_path / "a"), "test", NET, 0)
+    b, _ = load_predictions(pred(tmp_path / "b"), "test", NET, 0)
     np.testing.assert_allclose(a, b, atol=2e-5)
 
 
 def test_stratified_method_is_accepted_and_its_first_view_is_the_plain_image(trained, tmp_path):
     records, ck = trained
-    plain = P.predict(NET, 0, records, cfg(tmp_path / "a", ck, n=0), tmp_path / "m0")
-    metrics = P.predict(NET, 0, records, cfg(tmp_path / "b", ck, n=6, method="stratified"),
-                        tmp_path / "m")
+    plain = P.predict(NET, 0, cfg(tmp_path / "a", ck, n=0), at(tmp_path / "a", ck, records, tmp_path / "m0"))
+    metrics = P.predict(NET, 0, cfg(tmp_path / "b", ck, n=6, method="stratified"), at(tmp_path / "b", ck, records, tmp_path / "m"))
     assert metrics["tta_method"] == "stratified"
     assert metrics["valid_logloss_by_n"]["1"] == pytest.approx(plain["valid_logloss"], abs=1e-5)
-    with pytest.raises(P.PredictError, match="tta.method"):
-        P.predict(NET, 0, records, cfg(tmp_path / "c", ck, method="sobol"), tmp_path / "m")
+    with pytest.raises(SettingsError, match="tta.method"):
+        cfg(tmp_path / "c", ck, method="sobol")
 
 
 def test_averaging_modes_on_constructed_logits():
@@ -115,9 +127,9 @@ def test_int8_predictions_are_close_to_fp32_and_calibrate_on_training_records_on
 
     calibration_inputs = Q.calibration_inputs
     monkeypatch.setattr(Q, "calibration_inputs", spy)
-    P.predict(NET, 0, records, cfg(tmp_path / "a", ck), tmp_path / "m32")
-    metrics = P.predict(NET, 0, records, cfg(tmp_path / "b", ck, int8=True, calib_images=40,
-                                             int8_keep_fp32=["classifier"]), tmp_path / "m8")
+    P.predict(NET, 0, cfg(tmp_path / "a", ck), at(tmp_path / "a", ck, records, tmp_path / "m32"))
+    metrics = P.predict(NET, 0, cfg(tmp_path / "b", ck, int8=True, calib_images=40,
+                                             int8_keep_fp32=["classifier"]), at(tmp_path / "b", ck, records, tmp_path / "m8"))
     train_idx, valid_idx = fold_indices(load_meta(records), 0)
     assert len(seen) == 1 and len(seen[0]) == 40
     assert set(seen[0]) == set(train_idx) and not set(seen[0]) & set(valid_idx)
@@ -128,8 +140,8 @@ def test_int8_predictions_are_close_to_fp32_and_calibrate_on_training_records_on
     assert fp32_saved["int8"] is False and fp32_saved["int8_used"] is False
     assert saved["int8_used"] is True and saved["precision"] == "int8"
     for split in ("valid", "test"):
-        fp32, _ = load_predictions(tmp_path / "a" / "pred", split, NET, 0)
-        int8, _ = load_predictions(tmp_path / "b" / "pred", split, NET, 0)
+        fp32, _ = load_predictions(pred(tmp_path / "a"), split, NET, 0)
+        int8, _ = load_predictions(pred(tmp_path / "b"), split, NET, 0)
         assert np.all(int8 >= 0) and np.allclose(int8.sum(1), 1, atol=1e-5)
         assert np.abs(int8 - fp32).mean() < 0.05
         assert (int8.argmax(1) == fp32.argmax(1)).mean() >= 0.8
@@ -166,33 +178,30 @@ def test_int8_settings_are_validated(trained):
 
 
 def test_precision_settings_are_validated():
-    assert P.inference_precision({"precision": "float32", "int8": False}) == "float32"
+    assert P.inference_precision("float32") == "float32"
     with pytest.raises(P.PredictError, match="tta.precision"):
-        P.inference_precision({"precision": "half", "int8": False})
+        P.inference_precision("half")
 
 
 def test_tta_settings_are_validated_all_at_once():
-    bad = params.merge("tta", P.DEFAULTS, {"n": -1, "chunk_images": 0, "method": "sobol",
-                                           "mean": "median"})
-    with pytest.raises(P.PredictError) as err:
-        P.check_settings(bad)
+    with pytest.raises(SettingsError) as err:
+        TTASection.of(n=-1, chunk_images=0, method="sobol", mean="median")
     for word in ("tta.n", "tta.chunk_images", "tta.method", "tta.mean"):
         assert word in str(err.value)
-    with pytest.raises(params.ParamsError, match=r"one of \[True, False, 'auto'\]"):
-        params.merge("tta", P.DEFAULTS, {"int8": "yes"})
-    assert params.merge("tta", P.DEFAULTS, {})["int8"] == "auto"
-    assert params.merge("tta", P.DEFAULTS, {"int8": False})["int8"] is False
+    with pytest.raises(SettingsError, match="tta.int8: one of true, false, auto, got 'yes'"):
+        TTASection.of(int8="yes")
+    assert TTASection.of().int8 == "auto"
+    assert TTASection.of(int8=False).int8 is False
 
 
 @pytest.mark.skipif(not mx.runtime.Features().is_enabled("MKLDNN"), reason="needs oneDNN")
 def test_bfloat16_tta_is_close_to_float32(trained, tmp_path):
     records, ck = trained
-    P.predict(NET, 0, records, cfg(tmp_path / "a", ck, n=4), tmp_path / "ma")
-    metrics = P.predict(NET, 0, records, cfg(tmp_path / "b", ck, n=4, precision="bfloat16"),
-                        tmp_path / "mb")
+    P.predict(NET, 0, cfg(tmp_path / "a", ck, n=4), at(tmp_path / "a", ck, records, tmp_path / "ma"))
+    metrics = P.predict(NET, 0, cfg(tmp_path / "b", ck, n=4, precision="bfloat16"), at(tmp_path / "b", ck, records, tmp_path / "mb"))
     assert metrics["precision"] == "bfloat16"
-    a, _ = load_predictions(tmp_path / "a" / "pred", "test", NET, 0)
-    b, _ = load_predictions(tmp_path / "b" / "pred", "test", NET, 0)
+    a, _ = load_predictions(pred(tmp_path / "a"), "test", NET, 0)
+    b, _ = load_predictions(pred(tmp_path / "b"), "test", NET, 0)
     assert 0 < np.abs(a - b).max() < 0.02  # bf16 rounding: close, not identical
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from pipeline import predict as P
 from pipeline.lib import chunks as C
 from pipeline.lib.predictions import load_predictions
-from tests.conftest import train_lenet
-from tests.test_predict import NET, cfg
+from pipeline.lib.settings import TTASection
+from tests.conftest import train_lenet, write_params
+from tests.test_predict import NET, at, cfg, pred
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,17 +31,17 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 def outputs(tmp: Path) -> dict[str, np.ndarray]:
     out = {}
     for split in ("valid", "test"):
-        probs, names = load_predictions(tmp / "pred", split, NET, 0)
+        probs, names = load_predictions(pred(tmp), split, NET, 0)
         out[split], out[split + "_names"] = probs, np.array(names)
     return out
 
 
-def predict_command(tmp: Path, records: Path, tta: dict) -> tuple[list[str], dict[str, str]]:
+def predict_command(tmp: Path, records: Path, ck: Path, tta: TTASection
+                    ) -> tuple[list[str], dict[str, str]]:
     """The module command (and its environment) predicting lenet fold 0 with ``tta``."""
-    (tmp / "params.yaml").write_text(yaml.safe_dump({"tta": tta}))
+    write_params(tmp / "params.yaml", at(tmp, ck, records, tmp / "m"), tta=tta)
     cmd = [sys.executable, "-m", "pipeline.predict", "--net", NET, "--fold", "0",
-           "--records", str(records), "--params", str(tmp / "params.yaml"),
-           "--metrics", str(tmp / "m")]
+           "--params", str(tmp / "params.yaml")]
     return cmd, dict(os.environ, PYTHONPATH=str(ROOT))
 
 
@@ -94,24 +94,22 @@ def test_chunk_store_detects_corruption_and_foreign_chunks(tmp_path, capsys):
 
 def test_chunked_resumed_and_sharded_runs_equal_one_pass(trained, tmp_path, capsys):
     records, ck = trained
-    whole = P.predict(NET, 0, records, cfg(tmp_path / "one", ck, chunk_images=1000),
-                      tmp_path / "m1")
+    whole = P.predict(NET, 0, cfg(tmp_path / "one", ck, chunk_images=1000), at(tmp_path / "one", ck, records, tmp_path / "m1"))
     assert whole["chunks"] == {"total": 2, "resumed": 0}
     small = dict(chunk_images=2, batch_size=2)
-    one_pass = P.predict(NET, 0, records, cfg(tmp_path / "one2", ck, chunk_images=1000,
-                                              batch_size=2), tmp_path / "m1")
+    one_pass = P.predict(NET, 0, cfg(tmp_path / "one2", ck, chunk_images=1000,
+                                              batch_size=2), at(tmp_path / "one2", ck, records, tmp_path / "m1"))
     work = tmp_path / "sh"
     for s in (0, 2):  # shards 0 and 2 of 3; shard 1 is "lost on the cluster"
-        out = P.predict(NET, 0, records, cfg(work, ck, **small), tmp_path / "m", (s, 3))
+        out = P.predict(NET, 0, cfg(work, ck, **small), at(work, ck, records, tmp_path / "m"), (s, 3))
         assert out["shard"] == f"{s}/3" and out["computed"] > 0
     assert not (work / "pred").exists()  # a shard writes chunks only
     with pytest.raises(C.ChunkError, match=r"shard 1/3 not finished"):
-        P.predict(NET, 0, records, cfg(work, ck, **small), tmp_path / "m", merge_only=True)
-    out = P.predict(NET, 0, records, cfg(work, ck, **small), tmp_path / "m", (1, 3))
-    rerun = P.predict(NET, 0, records, cfg(work, ck, **small), tmp_path / "m", (1, 3))
+        P.predict(NET, 0, cfg(work, ck, **small), at(work, ck, records, tmp_path / "m"), merge_only=True)
+    out = P.predict(NET, 0, cfg(work, ck, **small), at(work, ck, records, tmp_path / "m"), (1, 3))
+    rerun = P.predict(NET, 0, cfg(work, ck, **small), at(work, ck, records, tmp_path / "m"), (1, 3))
     assert rerun["computed"] == 0  # a requeued shard finds its work done
-    merged = P.predict(NET, 0, records, cfg(work, ck, **small), tmp_path / "m",
-                       merge_only=True)
+    merged = P.predict(NET, 0, cfg(work, ck, **small), at(work, ck, records, tmp_path / "m"), merge_only=True)
     assert merged["chunks"]["resumed"] == merged["chunks"]["total"] == 8 + 4
     assert_same(outputs(work), outputs(tmp_path / "one2"))
     assert merged["valid_logloss_by_n"] == one_pass["valid_logloss_by_n"]
@@ -126,29 +124,28 @@ def test_corrupt_chunk_is_recomputed_and_changed_settings_start_afresh(trained, 
                                                                        capsys):
     records, ck = trained
     small = dict(chunk_images=2, batch_size=2)
-    P.predict(NET, 0, records, cfg(tmp_path / "ref", ck, **small), tmp_path / "m")
+    P.predict(NET, 0, cfg(tmp_path / "ref", ck, **small), at(tmp_path / "ref", ck, records, tmp_path / "m"))
     work = tmp_path / "run"
     for s in range(2):
-        P.predict(NET, 0, records, cfg(work, ck, **small), tmp_path / "m", (s, 2))
+        P.predict(NET, 0, cfg(work, ck, **small), at(work, ck, records, tmp_path / "m"), (s, 2))
     store_dir = next((work / "work" / f"{NET}--fold0").iterdir())
     victim = store_dir / "test-00001.npz"
     raw = bytearray(victim.read_bytes())
     raw[-100] ^= 0x55
     victim.write_bytes(bytes(raw))
     with pytest.raises(C.ChunkError, match=r"test chunks 1 of 4 \(shard 0/2"):
-        P.predict(NET, 0, records, cfg(work, ck, **small), tmp_path / "m", merge_only=True)
+        P.predict(NET, 0, cfg(work, ck, **small), at(work, ck, records, tmp_path / "m"), merge_only=True)
     capsys.readouterr()
-    out = P.predict(NET, 0, records, cfg(work, ck, **small), tmp_path / "m")
+    out = P.predict(NET, 0, cfg(work, ck, **small), at(work, ck, records, tmp_path / "m"))
     assert out["chunks"] == {"total": 12, "resumed": 11}
     assert_same(outputs(work), outputs(tmp_path / "ref"))
 
     # chunks of other settings are named by a merge and removed by the next full run
-    P.predict(NET, 0, records, cfg(work, ck, **small), tmp_path / "m", (0, 2))
+    P.predict(NET, 0, cfg(work, ck, **small), at(work, ck, records, tmp_path / "m"), (0, 2))
     with pytest.raises(C.ChunkError, match=r"other settings exist .*n: 5 vs 4"):
-        P.predict(NET, 0, records, cfg(work, ck, n=4, **small), tmp_path / "m",
-                  merge_only=True)
+        P.predict(NET, 0, cfg(work, ck, n=4, **small), at(work, ck, records, tmp_path / "m"), merge_only=True)
     capsys.readouterr()
-    P.predict(NET, 0, records, cfg(work, ck, n=4, **small), tmp_path / "m")
+    P.predict(NET, 0, cfg(work, ck, n=4, **small), at(work, ck, records, tmp_path / "m"))
     assert "settings changed: removed" in capsys.readouterr().out
 
 
@@ -159,16 +156,16 @@ def test_a_shard_running_twice_is_refused(trained, tmp_path):
     store = C.ChunkStore(c["work"], NET, 0, settings)
     with store.lock(1, 4):
         with pytest.raises(C.ChunkError, match=r"shard 1/4 is already running \(pid \d+"):
-            P.predict(NET, 0, records, c, tmp_path / "m", (1, 4))
-        P.predict(NET, 0, records, c, tmp_path / "m", (2, 4))  # another shard is fine
+            P.predict(NET, 0, c, at(tmp_path, ck, records, tmp_path / "m"), (1, 4))
+        P.predict(NET, 0, c, at(tmp_path, ck, records, tmp_path / "m"), (2, 4))  # another shard is fine
 
 
 def test_int8_auto_uses_int8_within_tolerance_and_falls_back_beyond(trained, tmp_path,
                                                                     monkeypatch):
     records, ck = trained
-    P.predict(NET, 0, records, cfg(tmp_path / "fp32", ck), tmp_path / "m32")
-    ok = P.predict(NET, 0, records, cfg(tmp_path / "ok", ck, int8="auto", int8_tolerance=1.0,
-                                        int8_guard_views=2), tmp_path / "mok")
+    P.predict(NET, 0, cfg(tmp_path / "fp32", ck), at(tmp_path / "fp32", ck, records, tmp_path / "m32"))
+    ok = P.predict(NET, 0, cfg(tmp_path / "ok", ck, int8="auto", int8_tolerance=1.0,
+                                        int8_guard_views=2), at(tmp_path / "ok", ck, records, tmp_path / "mok"))
     guard = ok["int8_guard"]
     assert ok["int8"] == "auto" and ok["int8_used"] and ok["precision"] == "int8"
     assert guard["decision"] == "int8" and guard["views"] == 2 and guard["images"] == 15
@@ -182,7 +179,7 @@ def test_int8_auto_uses_int8_within_tolerance_and_falls_back_beyond(trained, tmp
         return dict(out, decision="float", reason="INT8 is +0.5 from fp32: INT8 off")
 
     monkeypatch.setattr(P, "int8_guard", strict)
-    off = P.predict(NET, 0, records, cfg(tmp_path / "off", ck, int8="auto"), tmp_path / "moff")
+    off = P.predict(NET, 0, cfg(tmp_path / "off", ck, int8="auto"), at(tmp_path / "off", ck, records, tmp_path / "moff"))
     saved = json.loads((tmp_path / "moff" / f"predict--{NET}--fold0.json").read_text())
     assert saved["int8_used"] is False and saved["precision"] == "float32"
     assert saved["int8_guard"]["reason"].endswith("INT8 off")
@@ -194,7 +191,7 @@ def test_int8_auto_uses_int8_within_tolerance_and_falls_back_beyond(trained, tmp
 def test_kill_9_mid_tta_then_rerun_resumes_and_equals_uninterrupted(trained, tmp_path):
     records, ck = trained
     tta = cfg(tmp_path, ck, n=60, chunk_images=2, batch_size=2)
-    cmd, env = predict_command(tmp_path, records, tta)
+    cmd, env = predict_command(tmp_path, records, ck, tta)
     log = open(tmp_path / "first-run.log", "wb")  # a file, not a pipe: output never blocks
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -217,8 +214,7 @@ def test_kill_9_mid_tta_then_rerun_resumes_and_equals_uninterrupted(trained, tmp
     assert out.returncode == 0, out.stderr
     assert f"resuming: {done} of 12 chunks already done" in out.stdout
     resumed = outputs(tmp_path)
-    P.predict(NET, 0, records, cfg(tmp_path / "ref", ck, n=60, chunk_images=2, batch_size=2),
-              tmp_path / "mref")
+    P.predict(NET, 0, cfg(tmp_path / "ref", ck, n=60, chunk_images=2, batch_size=2), at(tmp_path / "ref", ck, records, tmp_path / "mref"))
     assert_same(resumed, outputs(tmp_path / "ref"))
     assert not work.exists()
 
@@ -232,7 +228,7 @@ def test_a_requested_stop_saves_the_partial_chunk_and_the_rerun_completes_it(
 
     records, ck = trained
     small = dict(chunk_images=6, batch_size=2, n=3)
-    P.predict(NET, 0, records, cfg(tmp_path / "ref", ck, **small), tmp_path / "m")
+    P.predict(NET, 0, cfg(tmp_path / "ref", ck, **small), at(tmp_path / "ref", ck, records, tmp_path / "m"))
     polls = []
 
     @contextlib.contextmanager
@@ -241,13 +237,13 @@ def test_a_requested_stop_saves_the_partial_chunk_and_the_rerun_completes_it(
 
     monkeypatch.setattr(P, "graceful_stop", stop_after)
     with pytest.raises(Stopped, match=r"SIGTERM: chunk 1 of valid saved after 2 images") as err:
-        P.predict(NET, 0, records, cfg(tmp_path / "run", ck, **small), tmp_path / "m")
+        P.predict(NET, 0, cfg(tmp_path / "run", ck, **small), at(tmp_path / "run", ck, records, tmp_path / "m"))
     assert err.value.signum == sig.SIGTERM
     store_dir = next((tmp_path / "run" / "work" / f"{NET}--fold0").iterdir())
     assert sorted(f.name for f in store_dir.glob("*.npz")) == ["valid-00000.npz",
                                                                "valid-00001.part.npz"]
     monkeypatch.undo()
-    out = P.predict(NET, 0, records, cfg(tmp_path / "run", ck, **small), tmp_path / "m")
+    out = P.predict(NET, 0, cfg(tmp_path / "run", ck, **small), at(tmp_path / "run", ck, records, tmp_path / "m"))
     assert out["chunks"]["resumed"] == 1
     assert_same(outputs(tmp_path / "run"), outputs(tmp_path / "ref"))
 
@@ -256,7 +252,7 @@ def test_a_requested_stop_saves_the_partial_chunk_and_the_rerun_completes_it(
 def test_sigterm_mid_tta_stops_gracefully_and_the_rerun_equals_uninterrupted(trained, tmp_path):
     records, ck = trained
     tta = cfg(tmp_path, ck, n=60, chunk_images=4, batch_size=2)
-    cmd, env = predict_command(tmp_path, records, tta)
+    cmd, env = predict_command(tmp_path, records, ck, tta)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     work = tmp_path / "work" / f"{NET}--fold0"
@@ -274,6 +270,5 @@ def test_sigterm_mid_tta_stops_gracefully_and_the_rerun_equals_uninterrupted(tra
                          timeout=600)
     assert out.returncode == 0, out.stderr
     assert "resuming:" in out.stdout
-    P.predict(NET, 0, records, cfg(tmp_path / "ref", ck, n=60, chunk_images=4, batch_size=2),
-              tmp_path / "mref")
+    P.predict(NET, 0, cfg(tmp_path / "ref", ck, n=60, chunk_images=4, batch_size=2), at(tmp_path / "ref", ck, records, tmp_path / "mref"))
     assert_same(outputs(tmp_path), outputs(tmp_path / "ref"))

@@ -68,13 +68,14 @@ def test_exclude_and_dtype_reach_the_graph(net_and_inputs):
     assert np.isfinite(qnet(mx.nd.array(calib[:3])).asnumpy()).all()
 
 
-def test_int8_net_reads_the_new_keys_and_defaults_without_them(net_and_inputs):
+def test_int8_net_takes_named_options(net_and_inputs):
     net, _, (reader, train_idx, matrices) = net_and_inputs
-    cfg = {"calib_images": 16, "calib_mode": "naive", "int8_keep_fp32": [], "seed": 0}
-    _, about = Q.int8_net(net, reader, train_idx, matrices, cfg)
-    assert about["int8_granularity"] == Q.OPTION_DEFAULTS["int8_granularity"]
-    cfg.update(int8_granularity="channel-wise", int8_keep_fp32=list(Q.DEFAULT_KEEP_FP32))
-    qnet, about = Q.int8_net(net, reader, train_idx, matrices, cfg)
+    opts = dict(calib_images=16, calib_mode="naive", keep_fp32=[], seed=0)
+    _, about = Q.int8_net(net, reader, train_idx, matrices, granularity="tensor-wise", **opts)
+    assert about["int8_granularity"] == "tensor-wise" and about["keep_fp32"] == []
+    opts.update(keep_fp32=["first_conv"])
+    qnet, about = Q.int8_net(net, reader, train_idx, matrices, granularity="channel-wise",
+                             **opts)
     assert about["int8_granularity"] == "channel-wise" and about["keep_fp32"] == ["first_conv"]
     nodes = graph_nodes(qnet)
     assert any(n.get("attrs", {}).get("channel_wise_quantize") == "True" for n in nodes)
@@ -84,18 +85,20 @@ def test_int8_net_reads_the_new_keys_and_defaults_without_them(net_and_inputs):
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("int8_granularity", "per-channel", "tta.int8_granularity must be one of"),
+    ("granularity", "per-channel", "tta.int8_granularity must be one of"),
     ("calib_mode", "kl", "tta.calib_mode must be one of"),
-    ("int8_keep_fp32", "first_conv", "tta.int8_keep_fp32 must be a list"),
-    ("int8_keep_fp32", ["conv0"], "tta.int8_keep_fp32 takes")])
+    ("keep_fp32", "first_conv", "tta.int8_keep_fp32 must be a list"),
+    ("keep_fp32", ["conv0"], "tta.int8_keep_fp32 takes")])
 def test_invalid_int8_settings_name_their_key(net_and_inputs, key, value, message):
     net, _, (reader, train_idx, matrices) = net_and_inputs
-    cfg = {"calib_images": 8, "calib_mode": "naive", "int8_keep_fp32": [], "seed": 0,
-           key: value}
+    opts = dict(calib_images=8, calib_mode="naive", keep_fp32=[], seed=0,
+                granularity="tensor-wise")
+    opts[key] = value
     with pytest.raises(Q.QuantizeError, match=message):
-        Q.int8_net(net, reader, train_idx, matrices, cfg)
+        Q.int8_net(net, reader, train_idx, matrices, **opts)
     with pytest.raises(Q.QuantizeError, match="quantized dtype"):
         Q.quantize(net, np.zeros((2, 1, 32, 32), np.float32), dtype="int4")
+
 
 
 def test_mean_calibration_averages_batch_ranges_inside_naive_ones(net_and_inputs, monkeypatch):

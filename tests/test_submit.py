@@ -121,12 +121,13 @@ def test_main_reads_params_and_cli_overrides(tmp_path: Path, monkeypatch) -> Non
     save_prediction_file(pred, probs_for(TEST), TEST)
     write_json("meta.json", {"classes": META_CLASSES, "test": [{"name": n} for n in TEST]})
     write_sample(tmp_path / "sample.csv", SAMPLE_CLASSES, TEST)
-    Path("params.yaml").write_text("submit:\n  records: .\n  sample_submission: sample.csv\n")
-    main(["--out", "out.csv", "--plain-csv"])
+    Path("params.yaml").write_text("submit:\n  sample_submission: sample.csv\n"
+                                   "paths:\n  records: .\n")
+    main(["--set", "paths.submission=out.csv", "--set", "submit.plain_csv=true"])
     assert Path("out.csv").read_text().startswith("image," + ",".join(SAMPLE_CLASSES))
     with pytest.raises(SystemExit, match="plain_csv"):
-        main(["--out", "out.csv"])  # gzip content under a .csv name is refused
+        main(["--set", "paths.submission=out.csv"])  # gzip under a .csv name is refused
     Path("params.yaml").write_text("submit:\n  bogus: 1\n")
     with pytest.raises(SystemExit,
-                       match=r"^submit failed: params.yaml \[submit\]: unknown key.*bogus"):
+                       match=r"^submit failed: params.yaml: submit: unknown key.*bogus"):
         main([])

@@ -34,11 +34,28 @@ def native_bfloat16() -> bool:
     return "avx512_bf16" in flags
 
 
+# oneDNN 2.4 (MXNet 1.9.1) has bfloat16 kernels for AVX-512 cores only (native with
+# AVX512-BF16 or AMX, emulated on plain AVX-512); on an AVX2-only CPU it cannot build a
+# bfloat16 convolution at all.
+AVX512_CORE = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
+
+
+def bfloat16_supported() -> bool:
+    """Whether bfloat16 runs here at all (fast or not): oneDNN and an AVX-512 core. Where
+    Linux does not report the CPU's flags, assume it does."""
+    import mxnet as mx
+
+    if not mx.runtime.Features().is_enabled("MKLDNN"):
+        return False
+    flags = cpu_flags()
+    return not flags or AVX512_CORE <= flags
+
+
 def resolve_precision(requested: str, ctxs: Iterable[Any] = ()) -> str:
     """``auto`` -> ``bfloat16`` where it runs fast (all contexts CPU), else ``float32``.
 
-    An explicit ``bfloat16`` on a GPU context or without oneDNN raises ``ValueError``: MXNet
-    1.9.1 has no bfloat16 kernels there.
+    An explicit ``bfloat16`` on a GPU context, without oneDNN or on a CPU without AVX-512
+    raises ``ValueError``: MXNet 1.9.1 has no bfloat16 kernels there.
     """
     import mxnet as mx
 
@@ -55,4 +72,8 @@ def resolve_precision(requested: str, ctxs: Iterable[Any] = ()) -> str:
             raise ValueError("precision bfloat16 runs on CPU contexts only (MXNet 1.9.1)")
         if not mx.runtime.Features().is_enabled("MKLDNN"):
             raise ValueError("precision bfloat16 needs MXNet built with oneDNN (MKLDNN)")
+        if not bfloat16_supported():
+            raise ValueError("precision bfloat16 needs a CPU with AVX-512 (MXNet 1.9.1's "
+                             "oneDNN has no bfloat16 kernels for this one): use float32 or "
+                             "auto")
     return requested

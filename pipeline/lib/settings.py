@@ -83,7 +83,7 @@ class Rule:
             text = "a string"
         elif self.kind == "list":
             item = self.item.describe() if self.item else "values"
-            item = re.sub(r"^(an?|one) ", "", item)
+            item = re.sub(r"^(an?|one of) ", "", item)
             item = re.sub(r"^(integer|number|string|path)\b", r"\1s", item)
             text = ("a non-empty list" if self.min_len else "a list") + f" of {item}"
             if self.unique:
@@ -172,8 +172,12 @@ def _key(default: Any, rule: Rule):
     if isinstance(default, list):
         default = tuple(default)
     if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata={"rule": rule})
+        return field(default_factory=lambda: _copy(default), metadata={"rule": rule})
     return field(default=default, metadata={"rule": rule})
+
+
+def _copy(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def integer(default: int, doc: str, lo: int | None = None, hi: int | None = None, **kw):
@@ -209,6 +213,11 @@ def mapping(default: Mapping[str, Any], doc: str, **kw):
 
 
 SEED = Rule("int", "", lo=0, hi=2 ** 31 - 1)
+# The thesis' training distortions (§6.2), and for TTA half of them (rotation and flips whole).
+THESIS_RANGES = {"rotation": [0.0, 360.0], "translate": 0.1, "zoom": [0.625, 1.6], "shear": 20.0,
+                 "stretch": [0.77, 1.3], "flip_h": 0.5, "flip_v": 0.5}
+TTA_RANGES = {"rotation": [0.0, 360.0], "translate": 0.05, "zoom": [0.79, 1.265], "shear": 10.0,
+              "stretch": [0.877, 1.14], "flip_h": 0.5, "flip_v": 0.5}
 NET_NAME = Rule("str", "", form="a registered network name")
 FOLD = Rule("int", "", lo=0)
 
@@ -395,8 +404,9 @@ class TrainSection(Section):
     workers: int = integer(1, "data-loader processes (0: decode in the trainer)", lo=0,
                            dvc_param=False)
     prefetch: int = integer(4, "batches decoded ahead", lo=1, dvc_param=False)
-    augment: dict = mapping({}, "affine training ranges ({}: the thesis' ranges)",
-                            check=_ranges_problem, form="augmentation ranges")
+    augment: dict = mapping(THESIS_RANGES, "affine training ranges (thesis §6.2; {}: the "
+                            "same up to rounding)", check=_ranges_problem,
+                            form="augmentation ranges")
 
     @property
     def devices(self) -> int:
@@ -423,8 +433,8 @@ class TTASection(Section):
     method: str = choice("random", ("random", "halton", "stratified"), "how views are drawn")
     mean: str = choice("probs", ("probs", "logits", "geometric"), "how views are averaged")
     seed: int = _key(0, dataclasses.replace(SEED, doc="seed of the views"))
-    ranges: dict = mapping({}, "affine TTA ranges ({}: the model's training ranges)",
-                           check=_ranges_problem, form="augmentation ranges")
+    ranges: dict = mapping(TTA_RANGES, "affine TTA ranges ({}: the model's training "
+                           "ranges)", check=_ranges_problem, form="augmentation ranges")
     batch_size: int = integer(4, "images warped together (batch_size x n views)", lo=1)
     max_views: int = integer(128, "views per forward pass (bounds memory)", lo=1)
     precision: str = choice("auto", ("float32", "bfloat16", "auto"),
