@@ -18,6 +18,13 @@ from pipeline.lib.runtime import enable_amx  # noqa: E402
 
 enable_amx()
 
+from pipeline.lib.precision import bfloat16_supported  # noqa: E402
+
+# bfloat16 needs oneDNN on an AVX-512 CPU (MXNet 1.9.1); on others it is refused with a clear
+# message (tests/test_precision.py), and the tests that run it are skipped.
+needs_bf16 = pytest.mark.skipif(not bfloat16_supported(),
+                                reason="bfloat16 needs oneDNN on an AVX-512 CPU")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

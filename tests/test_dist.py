@@ -292,7 +292,8 @@ def _dist_job(tmp_path: Path, **env_extra: str) -> tuple[int, str, float]:
     ingest(tmp_path / "ndsb", tmp_path / "records", Settings(size=32), folds=2, workers=1)
     train = {"act": "leaky", "bn": False, "epochs": 3, "batch_size": 6, "lr": 0.01,
              "lr_steps": [], "kvstore": "dist_sync", "workers": 0}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": train}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": train,
+                                                          "paths": {"records": "records"}}))
     (tmp_path / "worker.py").write_text(WORKER)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("DMLC_") and k not in L.THREAD_VARS}  # let the launcher split
@@ -300,7 +301,7 @@ def _dist_job(tmp_path: Path, **env_extra: str) -> tuple[int, str, float]:
     t0 = time.monotonic()
     code, out = _launch_cli(
         ["--workers", "2", "--servers", "1", "--", PY, "worker.py", "--net", "lenet",
-         "--fold", "0", "--records", "records", "--params", "params.yaml"],
+         "--fold", "0", "--params", "params.yaml"],
         cwd=tmp_path, env=env, timeout=150)
     return code, out, time.monotonic() - t0
 

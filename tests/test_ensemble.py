@@ -178,7 +178,7 @@ def test_stale_fold_assignment_is_reported(project) -> None:
 def test_main_takes_nets_from_cli_or_params(project, monkeypatch) -> None:
     root, meta = project
     monkeypatch.chdir(root)
-    write_net(root / "predictions" / "models", meta, "only", good, 1)
+    write_net(root / "predictions" / "models", meta, "only-seed1", good, 1)
     Path("params.yaml").write_text("models:\n  nets: []\n  seeds: [0]\n  pseudo_nets: []\n"
                                    "paths:\n  records: .\n  metrics: m\n")
     with pytest.raises(SystemExit, match="^ensemble failed: params.yaml: models.nets: a "

@@ -45,7 +45,8 @@ def project(tmp_path: Path) -> Path:
     ("ingest", [], "data.root data/sample/ndsb is not a folder"),
     ("train", ["--net", "tinynet", "--fold", "0"], "run the ingest stage first"),
     ("predict", ["--net", "tinynet", "--fold", "0"], "run the ingest stage first"),
-    ("ensemble", ["--set", "models.nets=[tinynet]"], "run the ingest stage first"),
+    ("ensemble", ["--set", "models.nets=[tinynet]", "--set", "models.pseudo_nets=[]"],
+     "run the ingest stage first"),
     ("submit", [], "predictions/test--ensemble.npy"),
     ("score", [], "submissions/submission.csv.gz"),
 ])

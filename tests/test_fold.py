@@ -9,6 +9,7 @@ from mxnet.gluon import nn
 
 import nets
 from nets.fold import Identity, fold_batchnorm
+from tests.conftest import needs_bf16
 
 # Input sides each table accepts (its own is too slow for a unit test where it is large).
 SIZES = {"alexnet": 67, "lenet": 28, "tinynet_cifar": 28, "tinynet": 48}
@@ -60,6 +61,7 @@ def test_concat_paths_are_not_treated_as_a_sequence():
     np.testing.assert_allclose(net(x).asnumpy(), before, atol=2e-5 * np.abs(before).max())
 
 
+@needs_bf16
 def test_folded_net_runs_in_bfloat16_like_the_unfolded_one():
     net, x = _trained_like("ndsb_net1", 64)
     ref = net(x).asnumpy()

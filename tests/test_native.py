@@ -13,6 +13,7 @@ from mxnet import autograd, nd
 
 from nets import native
 from nets.activations import RReLU
+from tests.conftest import needs_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,6 +147,7 @@ def test_bfloat16_operator_equals_float32_rounded_to_bfloat16():
     assert 0.12 < s.min() and s.max() < 0.34 and s.std() > 0.05  # per-element U(l, u)
 
 
+@needs_bf16
 def test_bfloat16_network_calls_the_operator_without_casts():
     import json
 

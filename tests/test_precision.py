@@ -11,8 +11,7 @@ import nets
 from nets.precision import Conv2D, set_precision, to_dtype
 from pipeline.lib.precision import native_bfloat16, resolve_precision
 
-needs_bf16 = pytest.mark.skipif(not mx.runtime.Features().is_enabled("MKLDNN"),
-                                reason="bfloat16 needs MXNet with oneDNN")
+from tests.conftest import needs_bf16  # noqa: E402
 
 
 def _net(name="ndsb_net1", act="rrelu", bn=True, **kw):

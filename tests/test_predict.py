@@ -12,7 +12,7 @@ from pipeline import predict as P
 from pipeline.lib import tta
 from pipeline.lib.settings import Paths, SettingsError, TTASection
 from pipeline.lib.predictions import load_predictions
-from tests.conftest import train_lenet
+from tests.conftest import train_lenet, needs_bf16
 
 NET = "lenet"
 
@@ -195,6 +195,7 @@ def test_tta_settings_are_validated_all_at_once():
 
 
 @pytest.mark.skipif(not mx.runtime.Features().is_enabled("MKLDNN"), reason="needs oneDNN")
+@needs_bf16
 def test_bfloat16_tta_is_close_to_float32(trained, tmp_path):
     records, ck = trained
     P.predict(NET, 0, cfg(tmp_path / "a", ck, n=4), at(tmp_path / "a", ck, records, tmp_path / "ma"))

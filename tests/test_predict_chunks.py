@@ -153,7 +153,7 @@ def test_a_shard_running_twice_is_refused(trained, tmp_path):
     records, ck = trained
     c = cfg(tmp_path, ck, chunk_images=2, batch_size=2)
     settings = P.work_settings(NET, 0, c, "float32", ck / f"{NET}--fold0", records)
-    store = C.ChunkStore(c["work"], NET, 0, settings)
+    store = C.ChunkStore(c.work, NET, 0, settings)
     with store.lock(1, 4):
         with pytest.raises(C.ChunkError, match=r"shard 1/4 is already running \(pid \d+"):
             P.predict(NET, 0, c, at(tmp_path, ck, records, tmp_path / "m"), (1, 4))

@@ -77,9 +77,10 @@ def test_bad_settings_and_missing_predictions_are_named(records, tmp_path, monke
     with pytest.raises(P.PseudoError, match="test--a-seed0--fold0.npy"):
         P.pseudo(["a"], [0], [0], tmp_path, records, tmp_path / "pl")
     monkeypatch.chdir(tmp_path)
-    Path("params.yaml").write_text(f"pseudo:\n  records: {records}\n  temperature: -1\n")
-    with pytest.raises(SystemExit, match="^pseudo failed: .*pseudo.temperature must be > 0"):
-        P.main(["--nets", "a", "--folds", "0"])
+    Path("params.yaml").write_text(f"paths:\n  records: {records}\npseudo:\n  temperature: -1\n")
+    with pytest.raises(SystemExit, match="^pseudo failed: params.yaml: pseudo.temperature: a "
+                                         "number > 0, got -1"):
+        P.main(["--set", "models.nets=[a]"])
 
 
 def test_mixed_batches_hold_the_fraction_and_replay_exactly(records):

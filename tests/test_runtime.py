@@ -76,3 +76,14 @@ def test_enable_amx_answers_once_per_process(monkeypatch):
     monkeypatch.setattr(runtime, "_enable_amx", lambda: calls.append(1) or True)
     assert runtime.enable_amx() is True and runtime.enable_amx() is True
     assert len(calls) == 1
+
+
+def test_explicit_bfloat16_is_refused_where_onednn_has_no_kernels(monkeypatch):
+    """AVX2-only CPUs (e.g. AMD EPYC Zen 3): auto means float32, and an explicit bfloat16
+    ends in one clear line instead of an MXNetError deep in the first convolution."""
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx", "avx2", "fma"})
+    assert precision.resolve_precision("auto") == "float32"
+    with pytest.raises(ValueError, match="needs a CPU with AVX-512"):
+        precision.resolve_precision("bfloat16")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: set(precision.AVX512_CORE))
+    assert precision.bfloat16_supported() is True

@@ -15,7 +15,8 @@ import pytest
 from pipeline import sample as S
 from pipeline import train as T
 from pipeline.ingest import Settings, ingest
-from pipeline.lib import params
+from pipeline.lib.settings import TrainSection
+from tests.conftest import where
 
 pytestmark = pytest.mark.slow
 
@@ -54,10 +55,7 @@ def test_wheel_with_wrong_hash_is_refused(tmp_path):
 def test_a_net_learns_on_the_real_sample(sample_root, tmp_path):
     ingest(sample_root, tmp_path / "records", Settings(size=64, whiten_background=True),
            folds=3, workers=1)
-    cfg = params.merge("train", T.DEFAULTS, {
-        "epochs": 30, "batch_size": 16, "lr_steps": [20, 26], "workers": 1,
-        "checkpoints": str(tmp_path / "ck"), "metrics": str(tmp_path / "m"),
-        "plots": str(tmp_path / "p")})
-    metrics = T.train(T.Run("tinynet", 0, cfg, tmp_path / "records"))
+    cfg = TrainSection.of(epochs=30, batch_size=16, lr_steps=[20, 26], workers=1)
+    metrics = T.train(T.Run("tinynet", 0, cfg, where(tmp_path, tmp_path / "records")))
     assert metrics["valid_logloss"] < 0.75 * math.log(6), metrics
     assert metrics["valid_accuracy"] > 0.5, metrics

@@ -236,6 +236,10 @@ def test_dvc_yaml_lists_exactly_the_params_each_stage_reads():
             if "--pseudo" in stage["cmd"]:
                 expected.add("pseudo.fraction")
         assert listed == expected, (name, sorted(listed ^ expected))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    listed = {k for stage in stages.values() for k in stage.get("params") or []}
+    absent = sorted(k for k in listed if k.split(".")[1] not in params[k.split(".")[0]])
+    assert not absent, f"dvc repro needs these in params.yaml: {absent}"
     assert not any(k in stages["train"]["params"] for k in ("train.workers", "train.prefetch"))
     assert "tta.work" not in stages["predict"]["params"]
 

@@ -37,13 +37,13 @@ VARIANTS = ("base", "ls", "ema", "pl", "bf16")
 
 
 def params_file(path: Path, args: argparse.Namespace, variant: str) -> Path:
-    """The repository's params.yaml with the study's settings for ``variant``."""
+    """The repository's params.yaml with the study's settings for ``variant``; every run's
+    files go under ``path``'s folder (its ``paths`` section)."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     run = path.parent
     train = params["train"]
     train.update(epochs=args.epochs, lr_steps=args.lr_steps, batch_size=args.batch_size,
-                 workers=1, checkpoints=str(run / "checkpoints"), metrics=str(run / "metrics"),
-                 plots=str(run / "plots"))
+                 workers=1)
     if variant == "ls":
         train["label_smoothing"] = args.label_smoothing
     if variant == "ema":
@@ -52,12 +52,12 @@ def params_file(path: Path, args: argparse.Namespace, variant: str) -> Path:
         train["precision"] = args.base_precision
     if variant == "bf16":
         train["precision"] = "bfloat16"
-    params["tta"].update(n=args.tta_n, predictions=str(run / "predictions" / "round1"),
-                         work=str(run / "work"), checkpoints=str(run / "checkpoints"))
-    params["pseudo"].update(records=str(args.records), fraction=args.pseudo_fraction,
-                            out=str(run / "pseudo"), metrics=str(run / "metrics/pseudo.json"),
-                            predictions_dir=str(args.out / "base" / "predictions" / "round1"),
-                            second_round=str(run / "predictions" / "round2"))
+    params["paths"].update(records=str(args.records), checkpoints=str(run / "checkpoints"),
+                           metrics=str(run / "metrics"), plots=str(run / "plots"),
+                           predictions=str(run / "predictions"))
+    params["tta"].update(n=args.tta_n, work=str(run / "work"))
+    params["pseudo"].update(fraction=args.pseudo_fraction)
+    params["models"].update(nets=list(args.nets), folds=list(args.folds), pseudo_nets=[])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(params))
     return path
@@ -75,45 +75,48 @@ def sh(cmd: Sequence[str], log: Path) -> None:
 def train_and_predict(args: argparse.Namespace, variant: str, seed: int, params: Path) -> None:
     run = params.parent
     py = [sys.executable, "-m"]
-    pseudo = ["--pseudo", str(run / "pseudo"), "--pseudo-fraction", str(args.pseudo_fraction)] \
-        if variant == "pl" else []
+    pseudo = ["--pseudo"] if variant == "pl" else []
     for net in args.nets:
         for fold in args.folds:
-            common = ["--fold", str(fold), "--seed", str(seed), "--records", str(args.records),
-                      "--params", str(params)]
+            common = ["--fold", str(fold), "--seed", str(seed), "--params", str(params)]
             sh(py + ["pipeline.train", "--net", net, *common, *pseudo], run / "log.txt")
             member = f"{net}-pl" if variant == "pl" else net
-            out = ["--predictions", str(run / "predictions" / "round2")] if variant == "pl" else []
-            sh(py + ["pipeline.predict", "--net", member, *common, "--metrics",
-                     str(run / "metrics"), *out], run / "log.txt")
+            sh(py + ["pipeline.predict", "--net", member, *common], run / "log.txt")
+
+
+def _yaml_list(values: Sequence[Any]) -> str:
+    return "[" + ", ".join(map(str, values)) + "]"
 
 
 def blend(args: argparse.Namespace, run: Path, nets: Sequence[str], seeds: Sequence[int],
-          tag: str) -> dict[str, Any]:
-    metrics = run / f"ensemble-{tag}.json"
-    sh([sys.executable, "-m", "pipeline.ensemble", "--nets", *nets, "--folds",
-        *map(str, args.folds), "--seeds", *map(str, seeds), "--predictions-dir",
-        str(run / "predictions"), "--out-dir", str(run / f"blend-{tag}"), "--records",
-        str(args.records), "--metrics", str(metrics), "--calibration", "temperature",
-        "--params", str(run / "params.yaml")], run / "log.txt")
-    return json.loads(metrics.read_text())
+          tag: str, pseudo_nets: Sequence[str] = ()) -> dict[str, Any]:
+    """Blend the run's models (both rounds' folders are searched) with temperature; the
+    metrics go to ``run/blend-{tag}/ensemble.json``."""
+    out = run / f"blend-{tag}"
+    sh([sys.executable, "-m", "pipeline.ensemble", "--params", str(run / "params.yaml"),
+        "--set", f"models.nets={_yaml_list(nets)}",
+        "--set", f"models.folds={_yaml_list(args.folds)}",
+        "--set", f"models.seeds={_yaml_list(seeds)}",
+        "--set", f"models.pseudo_nets={_yaml_list(pseudo_nets)}",
+        "--set", "ensemble.calibration=temperature", "--set", f"paths.metrics={out}"],
+       run / "log.txt")
+    return json.loads((out / "ensemble.json").read_text())
 
 
 def study_seed(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
     run = args.out / variant
     params = params_file(run / "params.yaml", args, variant)
+    pseudo_nets: list[str] = []
     if variant == "pl":  # the targets come from the base runs of the same seed
-        sh([sys.executable, "-m", "pipeline.pseudo", "--nets", *args.nets, "--folds",
-            *map(str, args.folds), "--seeds", str(seed), "--params", str(params)],
-           run / "log.txt")
-    train_and_predict(args, variant, seed, params)
-    nets = list(args.nets)
-    if variant == "pl":  # both rounds side by side, as the ensemble stage blends them
-        link = run / "predictions" / "round1"
+        link = run / "predictions" / "models" / "round1"
         if not link.exists():
-            link.symlink_to(args.out / "base" / "predictions" / "round1")
-        nets += [f"{n}-pl" for n in args.nets]
-    metrics = blend(args, run, nets, [seed], f"seed{seed}")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(args.out / "base" / "predictions" / "models" / "round1")
+        sh([sys.executable, "-m", "pipeline.pseudo", "--params", str(params),
+            "--set", f"models.seeds=[{seed}]"], run / "log.txt")
+        pseudo_nets = list(args.nets)  # both rounds side by side, as the ensemble stage does
+    train_and_predict(args, variant, seed, params)
+    metrics = blend(args, run, args.nets, [seed], f"seed{seed}", pseudo_nets)
     return {"variant": variant, "seed": seed,
             "oof": metrics["uncalibrated"]["logloss"],
             "oof_calibrated": metrics["calibration"]["oof_logloss_after"],
