@@ -95,7 +95,8 @@ def test_dvc_repro_on_tiny_synthetic_folder(project):
     second = _sh(["dvc", "status", *_finals()], repo, env)
     assert "up to date" in second, second
 
-    meta = json.loads((repo / params["data"]["records"] / "meta.json").read_text())
+    paths = params["paths"]
+    meta = json.loads((repo / paths["records"] / "meta.json").read_text())
     assert len(meta["train"]) == 24 and len(meta["test"]) == 6
     sample_header = (data / "sampleSubmission.csv").read_text().splitlines()[0].split(",")[1:]
     assert meta["classes"] == sample_header
@@ -103,19 +104,47 @@ def test_dvc_repro_on_tiny_synthetic_folder(project):
     if "score" in stages:  # the whole chain: records -> ... -> a scored, valid submission
         from pipeline.score import check_submission
 
-        submission = repo / params["submit"]["out"]
+        submission = repo / paths["submission"]
         assert check_submission(submission, classes=sample_header,
                                 images=[t["name"] for t in meta["test"]]) == []
-        score = json.loads((repo / params["score"]["out"]).read_text())
+        score = json.loads((repo / paths["metrics"] / "score.json").read_text())
         assert score["n"] == 6 and 0 < score["logloss"] < 10
-        ensemble = json.loads((repo / params["ensemble"]["metrics"]).read_text())
+        ensemble = json.loads((repo / paths["metrics"] / "ensemble.json").read_text())
         # Two seeds per net, averaged before weighting; the second round blended as a net.
         assert set(ensemble["weights"]) == {"lenet", "lenet-pl"}
         assert set(ensemble["seeds"]["lenet"]["members"]) == {"lenet-seed0", "lenet-seed1"}
         assert set(ensemble["seeds"]["lenet-pl"]["members"]) == {"lenet-pl-seed0",
                                                                 "lenet-pl-seed1"}
-        pseudo = json.loads((repo / params["pseudo"]["metrics"]).read_text())
+        pseudo = json.loads((repo / paths["metrics"] / "pseudo.json").read_text())
         assert pseudo["members"] == ["lenet-seed0", "lenet-seed1"] and pseudo["folds"] == [0, 1]
+
+
+def _stale(repo: Path, env: dict[str, str]) -> set[str]:
+    """The stages ``dvc status`` reports as changed."""
+    status = json.loads(_sh(["dvc", "status", "--json", *_finals()], repo, env))
+    return {name.split("@")[0] for name in status}
+
+
+def test_how_and_where_keys_leave_every_stage_up_to_date(project):
+    """Loader workers and the TTA scratch folder change no result: no stage is stale after
+    changing them. pseudo.fraction changes the second round: train_pl is stale, train not."""
+    repo, params, env, _ = project
+    original = (repo / "params.yaml").read_text()
+    try:
+        changed = yaml.safe_load(original)
+        changed["train"]["workers"] = 0
+        changed["tta"]["work"] = "elsewhere/work"
+        changed["tta"]["chunk_images"] = 3
+        changed["data"]["workers"] = 1
+        (repo / "params.yaml").write_text(yaml.safe_dump(changed))
+        assert _stale(repo, env) == set()
+        changed["pseudo"]["fraction"] = 0.5
+        (repo / "params.yaml").write_text(yaml.safe_dump(changed))
+        stale = _stale(repo, env)
+        assert "train_pl" in stale and "train" not in stale and "predict" not in stale, stale
+    finally:
+        (repo / "params.yaml").write_text(original)
+    assert _stale(repo, env) == set()
 
 
 def _experiments(show: list[dict]) -> dict[str, dict]:

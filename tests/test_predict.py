@@ -229,3 +229,46 @@ def test_percentile_calibration_clips_rare_outliers(trained):
     ref = net(mx.nd.array(x)).softmax().asnumpy()
     out = quantize(net, x, mode="percentile")(mx.nd.array(x)).softmax().asnumpy()
     assert np.abs(out - ref).mean() < 0.05
+
+
+def test_predict_follows_a_moved_checkpoints_folder(trained, tmp_path):
+    """The checkpoints folder is one setting (paths.checkpoints) that train writes and predict
+    reads: moved, predict finds the model there (once, predict had a copy of its own and
+    read the old folder)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, write_params
+
+    records, ck = trained
+    moved = tmp_path / "models-elsewhere"
+    shutil.copytree(ck, moved)
+    paths = at(tmp_path, moved, records, tmp_path / "m")
+    write_params(tmp_path / "params.yaml", paths, tta=cfg(tmp_path, moved, n=2))
+    done = subprocess.run([sys.executable, "-m", "pipeline.predict", "--net", NET, "--fold",
+                           "0", "--params", str(tmp_path / "params.yaml")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(__import__("os").environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_predictions(pred(tmp_path), "test", NET, 0)[0].shape[1] == 3
+    shutil.rmtree(moved)
+    done = subprocess.run([sys.executable, "-m", "pipeline.predict", "--net", NET, "--fold",
+                           "0", "--params", str(tmp_path / "params.yaml")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(__import__("os").environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 1 and str(moved) in done.stderr.strip().splitlines()[-1]
+
+
+def test_int8_keys_do_not_touch_the_work_of_a_float_run(trained):
+    """With tta.int8 false the INT8 keys change nothing, so they are outside the chunks'
+    fingerprint and finished chunks survive a change to them."""
+    records, ck = trained
+    model = ck / f"{NET}--fold0"
+    base = P.work_settings(NET, 0, cfg(Path("x"), ck), "float32", model, records)
+    other = P.work_settings(NET, 0, cfg(Path("y"), ck, int8_tolerance=0.5, calib_images=9,
+                                        int8_guard_views=3), "float32", model, records)
+    assert base == other and "work" not in base
+    int8 = P.work_settings(NET, 0, cfg(Path("x"), ck, int8="auto"), "float32", model, records)
+    assert P.work_settings(NET, 0, cfg(Path("x"), ck, int8="auto", calib_images=9), "float32",
+                           model, records) != int8

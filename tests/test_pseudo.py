@@ -80,7 +80,7 @@ def test_bad_settings_and_missing_predictions_are_named(records, tmp_path, monke
     Path("params.yaml").write_text(f"paths:\n  records: {records}\npseudo:\n  temperature: -1\n")
     with pytest.raises(SystemExit, match="^pseudo failed: params.yaml: pseudo.temperature: a "
                                          "number > 0, got -1"):
-        P.main(["--set", "models.nets=[a]"])
+        P.main(["--set", "models.nets=[a]", "--set", "models.pseudo_nets=[]"])
 
 
 def test_mixed_batches_hold_the_fraction_and_replay_exactly(records):
