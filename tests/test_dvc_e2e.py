@@ -121,7 +121,7 @@ def test_dvc_repro_on_tiny_synthetic_folder(project):
 
 def _stale(repo: Path, env: dict[str, str]) -> set[str]:
     """The stages ``dvc status`` reports as changed."""
-    status = json.loads(_sh(["dvc", "status", "--json", *_finals()], repo, env))
+    status = json.loads(_sh(["dvc", "status", "--json", "--with-deps", *_finals()], repo, env))
     return {name.split("@")[0] for name in status}
 
 
