@@ -74,7 +74,8 @@ def test_class_order_sorted_without_sample(ndsb_folder, tmp_path):
 
 def test_class_order_follows_non_alphabetical_sample_header(ndsb_folder, tmp_path):
     order = ["diatom", "copepod", "amphipod"]
-    write_sample_submission(ndsb_folder / "sampleSubmission.csv", ["1.png"], order)
+    write_sample_submission(ndsb_folder / "sampleSubmission.csv", ["1.png", "2.png", "3.png"],
+                            order)
     assert_labels_follow(run(ndsb_folder, tmp_path / "rec"), tmp_path / "rec", order)
 
 
