@@ -6,10 +6,18 @@ Input (``data.root``)::
     test/*              unlabelled images (names must be unique)
     sampleSubmission.csv (optional) its header fixes the class order of the submission
 
-Hidden files (``.*``) and the files operating systems leave behind (``Thumbs.db``,
-``desktop.ini``, ``.DS_Store``, macOS zip resource forks under ``__MACOSX/``) are not images:
-they are left out wherever they are, so copying or unzipping the data on another system gives
-the same records. The ones left out of ``train/`` and ``test/`` are counted in the summary line.
+The files operating systems leave behind (``Thumbs.db``, ``desktop.ini``, ``.DS_Store``,
+macOS resource forks: ``._*`` files and anything under ``__MACOSX/``) are not images: they are
+left out wherever they are, so copying or unzipping the data on another system gives the same
+records. So are hidden folders (``.git/``, ...) and hidden files without an image extension
+(``.gitkeep``); a hidden file with one (``..000002.jpg``) is an image like any other. Every file
+left out of ``train/`` and ``test/`` is counted, by why, in the summary line.
+
+Every name must be able to travel through a submission and the ``.names.txt`` prediction
+files (see :func:`pipeline.lib.submission.name_problem`): a file named otherwise is a bad file.
+With a ``sampleSubmission.csv``, its rows and the files in ``test/`` must be the same images;
+``meta.json`` records its rows (``sample_submission``) so later stages can hold the
+submission to them even when bad test files were skipped.
 
 Output (``data/records/``, see :mod:`pipeline.lib.records`): single-channel images whose longer
 side is resized to ``data.size`` keeping the aspect ratio, centred on a square of the
@@ -23,6 +31,7 @@ and listed in ``bad_files.json`` instead. The same input always gives byte-ident
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -34,22 +43,30 @@ import numpy as np
 
 from pipeline.lib import stage
 from pipeline.lib.errors import PipelineError
-from pipeline.lib.fsutil import (OutOfSpaceError, free_bytes, out_of_space,
+from pipeline.lib.fsutil import (OutOfSpaceError, free_bytes, out_of_space, sha256,
                                  sweep_stale, temp_prefix, write_json)
-from pipeline.lib.images import decode, fit_square, whiten
-from pipeline.lib.names import duplicates
+from pipeline.lib.images import MAX_PIXELS, decode, fit_square, whiten
+from pipeline.lib.names import duplicates, examples
 from pipeline.lib.records import BAD_FILES, META, META_VERSION, rec_paths
 from pipeline.lib.runtime import available_cpus
 from pipeline.lib.submission import (IMAGE_COLUMN, SAMPLE_SUBMISSION, SubmissionError,
-                                     read_header)
+                                     name_problem, read_header, read_sample_images)
 
 
 # Files that operating systems write next to the images (lower-cased name -> how the summary
-# calls it); they are skipped like dotfiles. Everything under a __MACOSX folder is a macOS zip
+# calls it); they are left out and counted. Everything under a __MACOSX folder is a macOS zip
 # resource fork ("._name"), never an image, and such a folder is never a class.
 OS_FILES = {"thumbs.db": "Thumbs.db", "desktop.ini": "desktop.ini", ".ds_store": ".DS_Store"}
 MACOS_FORKS = "__MACOSX"
-OS_KINDS = (*OS_FILES.values(), f"{MACOS_FORKS}/")  # summary order
+# A macOS resource fork beside its file ("._name", written on volumes without forks) is an
+# AppleDouble file: known by its first four bytes, not by its name alone.
+APPLE_DOUBLE = "._*"
+APPLE_DOUBLE_MAGIC = b"\x00\x05\x16\x07"
+OS_KINDS = (*OS_FILES.values(), f"{MACOS_FORKS}/", APPLE_DOUBLE)  # summary order
+# Hidden entries that are not images: files in hidden folders, and hidden files without an
+# image extension. Counted and named in the summary, never read.
+HIDDEN_FOLDER = "hidden folder"
+HIDDEN_FILE = "hidden file"
 
 
 class IngestError(PipelineError, ValueError):
@@ -75,6 +92,8 @@ class Settings:
     # NDSB images are already white around the organism; FlowCam crops (the sample) sit on a
     # grey of ~175, which padding with 255 would frame in white (a shape the net could learn).
     whiten_background: bool = False
+    # Images with more pixels are bad files, refused from their header before decoding.
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -83,6 +102,8 @@ class Settings:
             raise IngestError(f"data.background must be in 0..255, got {self.background}")
         if self.format not in ("png", "jpg"):
             raise IngestError(f"data.format must be 'png' or 'jpg', got {self.format!r}")
+        if self.max_pixels < 1:
+            raise IngestError(f"data.max_pixels must be >= 1, got {self.max_pixels}")
 
 
 # ---------------------------------------------------------------- discovery and class order
@@ -125,37 +146,78 @@ def class_order(root: Path, folders: Sequence[str]) -> list[str]:
     return classes
 
 
-def os_file_kind(relative: Path) -> str | None:
+def os_file_kind(relative: Path, path: Path | None = None) -> str | None:
     """The kind of operating-system file ``relative`` (a path below train/ or test/) is, or
-    ``None`` for a candidate image: ``Thumbs.db``, ``desktop.ini``, ``.DS_Store`` (any case)
-    or ``__MACOSX/`` (anything inside such a folder, at any depth)."""
+    ``None`` for a candidate image: ``Thumbs.db``, ``desktop.ini``, ``.DS_Store`` (any case),
+    ``__MACOSX/`` (anything inside such a folder, at any depth) or, when ``path`` (the file
+    itself) is given, ``._*``: an AppleDouble resource fork."""
     if any(part.upper() == MACOS_FORKS for part in relative.parts[:-1]):
         return f"{MACOS_FORKS}/"
-    return OS_FILES.get(relative.name.lower())
+    kind = OS_FILES.get(relative.name.lower())
+    if kind is None and relative.name.startswith("._") and path is not None \
+            and _starts_with(path, APPLE_DOUBLE_MAGIC):
+        kind = APPLE_DOUBLE
+    return kind
 
 
-def _listing(folder: Path, base: Path, ignored: dict[str, int]) -> list[Path]:
-    """Every non-folder entry below ``folder`` except dotfiles and operating-system files
-    (broken links included: they are reported, not dropped). Operating-system files are
-    counted by kind into ``ignored``; their paths are taken relative to ``base``."""
+def hidden_kind(relative: Path) -> str | None:
+    """:data:`HIDDEN_FOLDER` for a file below a hidden folder, :data:`HIDDEN_FILE` for a hidden
+    file without an image extension (``.gitkeep``), else ``None``: a hidden file named like an
+    image (``..000002.jpg``) is a candidate image."""
+    if any(part.startswith(".") for part in relative.parts[:-1]):
+        return HIDDEN_FOLDER
+    if relative.name.startswith(".") and relative.suffix.lower() not in image_extensions():
+        return HIDDEN_FILE
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def image_extensions() -> frozenset[str]:
+    """File extensions of the formats PIL can open (``.jpg``, ``.png``, ``.tif``, ...)."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items()
+                     if fmt in Image.OPEN)
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(magic)) == magic
+    except OSError:  # unreadable: not a fork we can recognise, so reported as a bad image
+        return False
+
+
+def _listing(folder: Path, base: Path, ignored: dict[str, list[str]]) -> list[Path]:
+    """Every non-folder entry below ``folder`` except operating-system files and hidden
+    entries that are not images (broken links included: they are reported, not dropped).
+    The files left out are noted by kind into ``ignored``; their paths are taken relative to
+    ``base``."""
     return sorted(p for p in folder.rglob("*")
                   if not p.is_dir() and not _skipped(p, base, ignored))
 
 
-def _skipped(path: Path, base: Path, ignored: dict[str, int]) -> bool:
-    """Whether file ``path`` is a dotfile or an operating-system file (counted into
-    ``ignored`` by kind, its path taken relative to ``base``)."""
-    kind = os_file_kind(path.relative_to(base))
-    if kind is not None:
-        ignored[kind] = ignored.get(kind, 0) + 1
-        return True
-    return path.name.startswith(".")
+def _skipped(path: Path, base: Path, ignored: dict[str, list[str]]) -> bool:
+    """Whether file ``path`` is left out (see :func:`os_file_kind`, :func:`hidden_kind`);
+    if so it is noted in ``ignored`` under its kind as ``<base name>/<path below base>``, or
+    for a hidden folder's content as that folder."""
+    relative = path.relative_to(base)
+    kind = os_file_kind(relative, path) or hidden_kind(relative)
+    if kind is None:
+        return False
+    where = relative
+    if kind == HIDDEN_FOLDER:
+        first = next(i for i, part in enumerate(relative.parts) if part.startswith("."))
+        where = Path(*relative.parts[:first + 1])
+    ignored.setdefault(kind, []).append(f"{base.name}/{where.as_posix()}")
+    return True
 
 
 def discover(root: str | os.PathLike
-             ) -> tuple[list[str], list[Item], list[Item], list[str], dict[str, int]]:
+             ) -> tuple[list[str], list[Item], list[Item], list[str], dict[str, list[str]]]:
     """Classes, train items, test items, structural problems (missing folders, ...) and the
-    number of operating-system files left out, by kind (see :func:`os_file_kind`)."""
+    files left out, by kind (see :func:`_skipped`), in summary order."""
     root = Path(root)
     problems: list[str] = []
     train_dir, test_dir = root / "train", root / "test"
@@ -168,12 +230,12 @@ def discover(root: str | os.PathLike
     if problems:
         raise IngestError("\n".join(problems))
 
-    ignored: dict[str, int] = {}
+    ignored: dict[str, list[str]] = {}
     entries = []
     for p in sorted(train_dir.iterdir()):
-        if p.is_dir() and p.name.upper() == MACOS_FORKS:
+        if p.is_dir() and (p.name.upper() == MACOS_FORKS or p.name.startswith(".")):
             _listing(p, train_dir, ignored)  # counted, never a class
-        elif not (p.name.startswith(".") if p.is_dir() else _skipped(p, train_dir, ignored)):
+        elif p.is_dir() or not _skipped(p, train_dir, ignored):
             entries.append(p)
     folders = sorted(p.name for p in entries if p.is_dir())
     strays = sorted(p.name for p in entries if p.is_file())
@@ -183,6 +245,12 @@ def discover(root: str | os.PathLike
     if not folders:
         problems.append(f"{train_dir}: no class folders")
     classes = class_order(root, folders)
+    for cls in classes:
+        why = "it is the image column's name" if cls == IMAGE_COLUMN else \
+            name_problem(cls, image=False)
+        if why:
+            problems.append(f"{shown(train_dir / cls)}: a class folder's name heads a submission "
+                            f"column, this one cannot ({why}): rename the folder")
     index = {c: i for i, c in enumerate(classes)}
 
     train: list[Item] = []
@@ -198,15 +266,81 @@ def discover(root: str | os.PathLike
     for name in duplicates(i.name for i in test):
         where = [i.path for i in test if i.name == name]
         problems.append(f"duplicate test name {name!r} ({len(where)}x): {where}")
-    return classes, train, test, problems, {k: ignored[k] for k in OS_KINDS if k in ignored}
+    order = (*OS_KINDS, HIDDEN_FOLDER, HIDDEN_FILE)
+    return classes, train, test, problems, {k: ignored[k] for k in order if k in ignored}
 
 
-def describe_ignored(ignored: dict[str, int]) -> str:
-    """``ignored 3 operating-system files (Thumbs.db, __MACOSX/)``, or ``""`` for none."""
-    n = sum(ignored.values())
-    if not n:
-        return ""
-    return f"ignored {n} operating-system file{'s' if n != 1 else ''} ({', '.join(ignored)})"
+def describe_ignored(ignored: dict[str, list[str]]) -> str:
+    """``ignored 3 operating-system files (Thumbs.db, __MACOSX/); ignored 2 files in hidden
+    folders ('train/.git'); ignored 1 file hidden and not named like an image
+    ('test/.gitkeep')``, or ``""`` for none."""
+    parts = []
+    kinds = [k for k in OS_KINDS if ignored.get(k)]
+    n = sum(len(ignored[k]) for k in kinds)
+    if n:
+        parts.append(f"ignored {n} operating-system file{'s' if n != 1 else ''} "
+                     f"({', '.join(kinds)})")
+    folders = ignored.get(HIDDEN_FOLDER, [])
+    if folders:
+        parts.append(f"ignored {_files(len(folders))} in hidden folders "
+                     f"({examples(sorted(set(folders)), 3)})")
+    files = ignored.get(HIDDEN_FILE, [])
+    if files:
+        parts.append(f"ignored {_files(len(files))} hidden and not named like an image "
+                     f"({examples(files, 3)})")
+    return "; ".join(parts)
+
+
+def _files(n: int) -> str:
+    return f"{n} file{'s' if n != 1 else ''}"
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` for a message: as it is, or quoted with escapes when it holds characters that
+    would break the one-line message or not print (a newline, a non-UTF-8 byte)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
+def sample_rows(root: Path, test: Sequence[Item], bad_names: Iterable[Item] = ()
+                ) -> tuple[dict[str, Any] | None, list[str]]:
+    """(``meta.json``'s record of the sample submission, problems): the record is ``None``
+    without a ``sampleSubmission.csv``, else its file name and image rows in order (``None``
+    when it has only a header). Its rows and the files in ``test/`` must be the same images,
+    each once: a sample of another test set, or a test folder missing files (say, dropped by
+    a copy), would give a submission of the wrong rows. Files in ``bad_names`` (names no
+    submission can carry, reported as bad files) may be missing from the sample."""
+    sample = root / SAMPLE_SUBMISSION
+    if not sample.exists():
+        return None, []
+    try:
+        images = read_sample_images(sample)
+    except SubmissionError as exc:
+        return None, [str(exc)]
+    record = {"file": SAMPLE_SUBMISSION, "images": images}
+    if images is None:
+        return record, []
+    problems = []
+    repeated = duplicates(images)
+    if repeated:
+        problems.append(f"{sample}: {len(repeated)} image(s) listed more than once "
+                        f"[{examples(repeated, 3)}]: use the competition's {SAMPLE_SUBMISSION}")
+    names = {item.name for item in test}
+    listed = set(images) | {item.name for item in bad_names}
+    missing = [n for n in images if n not in names]
+    extra = sorted(n for n in names if n not in listed)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} image(s) of {SAMPLE_SUBMISSION} missing from test/ "
+                         f"[{examples(missing, 3)}]")
+        if extra:
+            parts.append(f"{len(extra)} file(s) in test/ not in {SAMPLE_SUBMISSION} "
+                         f"[{examples(extra, 3)}]")
+        problems.append(f"test/ and {SAMPLE_SUBMISSION} of {root} disagree: "
+                        + "; ".join(parts) + ": complete test/ (or remove what does not "
+                        f"belong), or use the {SAMPLE_SUBMISSION} of this test set")
+    return record, problems
 
 
 # ---------------------------------------------------------------- decoding and conversion
@@ -225,7 +359,7 @@ def _process(job: tuple[int, Item, Settings]) -> tuple[int, bytes | None, int, i
     """Worker: (index, record payload or None, width, height, error)."""
     index, item, settings = job
     try:
-        gray = decode(item.path, settings.background)
+        gray = decode(item.path, settings.background, settings.max_pixels)
     except ValueError as exc:
         return index, None, 0, 0, str(exc)
     h, w = gray.shape
@@ -279,11 +413,14 @@ class _SplitWriter:
             self.writer.close()
             self.writer = None
 
-    def commit(self) -> dict[str, int]:
+    def commit(self) -> tuple[dict[str, int], dict[str, str]]:
+        """Rename both files into place; return their sizes and sha256 checksums."""
         self.close()
+        checksums = {final.name: sha256(tmp) for tmp, final in zip(self.tmp, self.final)}
         for tmp, final in zip(self.tmp, self.final):
             os.replace(tmp, final)
-        return {"rec": self.final[0].stat().st_size, "idx": self.final[1].stat().st_size}
+        return ({"rec": self.final[0].stat().st_size, "idx": self.final[1].stat().st_size},
+                checksums)
 
     def discard(self) -> None:
         """Remove the temporary files, also after a failed write (a full disk)."""
@@ -371,8 +508,18 @@ def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Se
     """Convert ``root`` (NDSB layout) into ``records_dir``; return the meta dict written."""
     root, records_dir = Path(root), Path(records_dir)
     classes, train, test, problems, ignored = discover(root)
+    # Names no submission can carry are bad files, found before anything is decoded.
+    bad_names = {item: why for item in train + test
+                 if (why := name_problem(item.name, image=item.label < 0))}
+    sample, sample_problems = sample_rows(root, test, bad_names)
+    problems += sample_problems
+    if train and folds > len(train):
+        problems.append(f"data.folds = {folds} but {root} has {len(train)} labelled images: "
+                        "every fold needs validation images; lower data.folds")
     if problems and not (skip_bad and _only_skippable(problems)):
         raise IngestError(f"cannot ingest {root}:\n  " + "\n  ".join(problems))
+    train = [item for item in train if item not in bad_names]
+    test = [item for item in test if item not in bad_names]
     records_dir.mkdir(parents=True, exist_ok=True)
     sweep_stale("ingest", records_dir)
     workers = workers or available_cpus()
@@ -389,7 +536,9 @@ def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Se
                                                 "train", skip_bad)
             test_entries, bad_test = _convert(test, settings, writers["test"], workers, "test",
                                               skip_bad)
-        bad = bad_train + bad_test
+        bad = [{"path": item.path, "reason": f"its name {item.name!r} cannot go into a "
+                 f"submission ({why}): rename the file"} for item, why in bad_names.items()]
+        bad += bad_train + bad_test
         if bad and not skip_bad:
             raise IngestError(_bad_message(bad))
         if not train_entries or not test_entries:
@@ -398,14 +547,17 @@ def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Se
         for entry, fold in zip(train_entries, fold_of):
             entry["fold"] = int(fold)
         with out_of_space(records_dir, needed):
-            files = {split: writer.commit() for split, writer in writers.items()}
+            committed = {split: writer.commit() for split, writer in writers.items()}
+        files = {split: sizes for split, (sizes, _) in committed.items()}
+        checksums = {name: digest for _, sums in committed.values()
+                     for name, digest in sums.items()}
     except BaseException:
         for writer in writers.values():
             writer.discard()
         raise
 
     seconds = time.perf_counter() - started
-    n = len(train) + len(test)
+    n = len(train) + len(test) + len(bad_names)
     meta = {
         "version": META_VERSION,
         "root": str(root),
@@ -417,15 +569,32 @@ def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Se
         "folds": folds,
         "seed": seed,
         "files": files,
+        "sha256": checksums,  # checked when the records are opened (RecordReader)
+        "sample_submission": sample,
         "train": train_entries,
         "test": test_entries,
     }
     write_json(records_dir / BAD_FILES, {"skipped": bad, "problems": problems})
     write_json(records_dir / META, meta)  # last: its presence means the pair above is whole
+    unsubmitted = _not_ingested(sample, test_entries)
     print(f"ingest: {len(train_entries)} train + {len(test_entries)} test images, "
-          f"{len(classes)} classes, {len(bad)} skipped, {n / seconds:.0f} img/s "
-          f"on {workers} worker(s)" + (f"; {describe_ignored(ignored)}" if ignored else ""))
+          f"{len(classes)} classes, {len(bad)} skipped"
+          + (f" (listed in {records_dir / BAD_FILES})" if bad else "")
+          + f", {n / seconds:.0f} img/s on {workers} worker(s)"
+          + (f"; {describe_ignored(ignored)}" if ignored else "")
+          + (f"; {len(unsubmitted)} image(s) of {SAMPLE_SUBMISSION} skipped as bad "
+             f"[{examples(unsubmitted, 3)}]: a submission will lack their rows"
+             if unsubmitted else ""))
     return meta
+
+
+def _not_ingested(sample: dict[str, Any] | None, test_entries: list[dict[str, Any]]
+                  ) -> list[str]:
+    """The sample submission's images that have no test record (bad files skipped)."""
+    if not sample or not sample["images"]:
+        return []
+    names = {e["name"] for e in test_entries}
+    return [n for n in sample["images"] if n not in names]
 
 
 def _only_skippable(problems: list[str]) -> bool:
@@ -434,8 +603,11 @@ def _only_skippable(problems: list[str]) -> bool:
 
 
 def _bad_message(bad: list[dict[str, str]]) -> str:
-    lines = [f"{len(bad)} bad file(s); fix or remove them, or set data.skip_bad: true:"]
-    lines += [f"  {b['path']}: {b['reason']}" for b in bad]
+    fix = "fix or remove them, or set data.skip_bad: true"
+    if any("(data.max_pixels)" in b["reason"] for b in bad):
+        fix += " (or raise data.max_pixels for images that large)"
+    lines = [f"{len(bad)} bad file(s); {fix}:"]
+    lines += [f"  {shown(b['path'])}: {b['reason']}" for b in bad]
     return "\n".join(lines)
 
 
@@ -444,7 +616,8 @@ def _bad_message(bad: list[dict[str, str]]) -> str:
 def _run(cfg, args) -> None:
     d = cfg.data
     settings = Settings(size=d.size, background=d.background, format=d.format,
-                        jpeg_quality=d.jpeg_quality, whiten_background=d.whiten_background)
+                        jpeg_quality=d.jpeg_quality, whiten_background=d.whiten_background,
+                        max_pixels=d.max_pixels)
     ingest(d.root, cfg.paths.records, settings, folds=d.folds, seed=d.seed,
            skip_bad=d.skip_bad, workers=d.workers)
 

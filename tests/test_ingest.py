@@ -74,7 +74,8 @@ def test_class_order_sorted_without_sample(ndsb_folder, tmp_path):
 
 def test_class_order_follows_non_alphabetical_sample_header(ndsb_folder, tmp_path):
     order = ["diatom", "copepod", "amphipod"]
-    write_sample_submission(ndsb_folder / "sampleSubmission.csv", ["1.png"], order)
+    write_sample_submission(ndsb_folder / "sampleSubmission.csv", ["1.png", "2.png", "3.png"],
+                            order)
     assert_labels_follow(run(ndsb_folder, tmp_path / "rec"), tmp_path / "rec", order)
 
 
@@ -371,3 +372,12 @@ def test_whiten_leaves_white_and_border_filling_images_alone():
     np.testing.assert_array_equal(whiten(white, 255), white)  # NDSB-like: no-op
     filled = np.full((30, 30), 60, np.uint8)  # the organism fills the crop
     np.testing.assert_array_equal(whiten(filled, 255), filled)
+
+
+def test_more_folds_than_images_is_refused_before_any_work(ndsb_folder, tmp_path):
+    from pipeline.ingest import IngestError, Settings, ingest
+
+    with pytest.raises(IngestError, match=r"data.folds = 50 but .* has 12 labelled images"):
+        ingest(ndsb_folder, tmp_path / "rec", Settings(size=16), folds=50, workers=1,
+               skip_bad=True)
+    assert not (tmp_path / "rec").exists()

@@ -167,6 +167,12 @@ def test_yaml_quirks_and_syntax_errors(tmp_path):
         S.load(("train",), tmp_path / "params.yaml")
 
 
+def test_the_pixel_limit_default_is_the_decoder_default():
+    from pipeline.lib.images import MAX_PIXELS
+
+    assert S.DataSection().max_pixels == MAX_PIXELS
+
+
 def test_batch_size_must_split_over_the_devices():
     with pytest.raises(S.SettingsError, match=r"a multiple of the 2 devices of train.ctx "
                                               r"\(cpu:0,1\), got 5"):

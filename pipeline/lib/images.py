@@ -5,10 +5,17 @@ show originals beside what ingest made of them).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+
+# Images with more pixels than this are bad files (``data.max_pixels``): PIL's own threshold
+# (``PIL.Image.MAX_IMAGE_PIXELS``), far above any plankton photograph, far below what a small
+# file that claims a huge size (a decompression bomb) would take to decode.
+MAX_PIXELS = 89_478_485
 
 
 def to_gray8(image: "Image.Image", background: int) -> np.ndarray:  # noqa: F821
@@ -37,8 +44,13 @@ def to_gray8(image: "Image.Image", background: int) -> np.ndarray:  # noqa: F821
     return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
-def decode(path: str, background: int) -> np.ndarray:
-    """Decode a file to an HxW uint8 array; raise ValueError saying why it is bad."""
+def decode(path: str, background: int, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+    """Decode a file to an HxW uint8 array; raise ValueError saying why it is bad.
+
+    The size is taken from the file's header and checked against ``max_pixels`` before any
+    pixel is decoded, so a decompression bomb (a small file claiming a huge size) is refused
+    without allocating it. ``None`` means no limit.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -48,16 +60,54 @@ def decode(path: str, background: int) -> np.ndarray:
     if not data:
         raise ValueError("zero-byte file")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES is off)
-            gray = to_gray8(image, background)
+        with _header_only():
+            image = Image.open(io.BytesIO(data))  # reads the header, decodes nothing yet
     except UnidentifiedImageError:
         raise ValueError("not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"corrupt or truncated image ({exc})") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # a damaged header: PIL raises all kinds (struct.error, ...)
+        raise ValueError(f"corrupt or truncated image ({_why(exc)})") from None
+    with image:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ValueError(f"too large: {width} x {height} = {width * height:,} pixels, over "
+                             f"the limit of {max_pixels:,} (data.max_pixels)")
+        try:
+            image.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES is off)
+        except MemoryError:
+            raise
+        except Exception as exc:  # damaged data: OSError, SyntaxError, EOFError, struct.error...
+            raise ValueError(f"corrupt or truncated image ({_why(exc)})") from None
+        try:
+            gray = to_gray8(image, background)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"corrupt or truncated image ({_why(exc)})") from None
     if gray.ndim != 2 or min(gray.shape) < 1:
         raise ValueError(f"unexpected decoded shape {gray.shape}")
     return gray
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc).strip().replace("\n", " ") or type(exc).__name__
+
+
+@contextlib.contextmanager
+def _header_only() -> Iterator[None]:
+    """PIL's own decompression-bomb check off while a header is read.
+
+    PIL refuses (or warns about) large images in ``Image.open`` with its own exception and
+    limit, without naming the file; :func:`decode` checks the header's size against its
+    ``max_pixels`` instead, before anything is decoded.
+    """
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 # Below this border median the border is mostly organism, not background: leave it alone.

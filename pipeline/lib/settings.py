@@ -343,6 +343,8 @@ class DataSection(Section):
     folds: int = integer(3, "stratified cross-validation folds", lo=2, hi=100)
     seed: int = _key(0, dataclasses.replace(SEED, doc="seed of the fold assignment"))
     skip_bad: bool = boolean(False, "skip (and list) unreadable images instead of failing")
+    max_pixels: int = integer(89_478_485, "largest image (width x height) decoded; larger "
+                              "ones are bad files (decompression bombs)", lo=1)
     whiten_background: bool = boolean(True, "scale each image so its border is white")
     workers: int = integer(0, "decoding processes (0: every CPU)", lo=0, dvc_param=False)
 

@@ -16,6 +16,7 @@ import csv
 import gzip
 import math
 import os
+import unicodedata
 import zlib
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,6 +35,12 @@ SAMPLE_SUBMISSION = "sampleSubmission.csv"
 # for coarser formats while any missing class with p >= 1e-4 is still caught.
 SUM_TOLERANCE = 1e-4
 EXAMPLES = 3
+# Cells that CSV readers take for a missing value rather than text: pandas' default
+# ``na_values`` (Kaggle's scorer reads submissions with pandas). A test image with one of these
+# names would come back from its submission row as an empty name.
+NA_CELLS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
+                      "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a",
+                      "nan", "null"})
 
 
 class SubmissionError(PipelineError, ValueError):
@@ -122,7 +129,56 @@ def read_sample(path: str | os.PathLike) -> tuple[list[str], list[str] | None]:
         raise SubmissionError(f"{path}: sample submission must start with an "
                               f"'{IMAGE_COLUMN}' column, header is {header[:3]!r}...")
     images = None if rows.empty else rows[0].fillna("").astype(str).tolist()
+    problems = sample_problems(header[1:], images)
+    if problems:
+        raise SubmissionError(f"{path}: not a usable sample submission: " + "; ".join(problems)
+                              + ": use the competition's sampleSubmission.csv")
     return header[1:], images
+
+
+def read_sample_images(path: str | os.PathLike) -> list[str] | None:
+    """The image names of a sample submission's rows, exactly as written (``NA`` stays
+    ``NA``), in order; ``None`` if it has no rows. Only the first column is converted."""
+    rows = read_table(path, usecols=[0], dtype=str, keep_default_na=False, na_filter=False)
+    return None if rows.empty else rows.iloc[:, 0].tolist()
+
+
+def sample_problems(classes: Sequence[str], images: Sequence[str] | None) -> list[str]:
+    """What makes a sample submission unusable as the reference for columns and rows:
+    repeated class columns, repeated or empty image names."""
+    problems = []
+    repeated = duplicates(classes)
+    if repeated:
+        problems.append(f"duplicate class column(s) {examples(repeated, 10)}")
+    if images is not None:
+        empty = [i + 2 for i, n in enumerate(images) if not n.strip()]
+        if empty:
+            problems.append(f"{len(empty)} row(s) with an empty image name (CSV lines "
+                            f"{examples(empty, EXAMPLES)})")
+        repeated = [n for n in duplicates(images) if n.strip()]
+        if repeated:
+            problems.append(f"{len(repeated)} image(s) listed more than once, e.g. "
+                            f"{examples(repeated, EXAMPLES)}")
+    return problems
+
+
+def name_problem(name: str, image: bool = True) -> str | None:
+    """Why ``name`` cannot travel through a submission and the ``.names.txt`` files, or None.
+
+    Refused everywhere: names that are not UTF-8 (the file system holds bytes of another
+    encoding, which no UTF-8 file can carry) and control or line-break characters
+    (``.names.txt`` holds one name a line, CSV readers end a row at a bare ``\\r``, and they
+    are invisible in listings). For an image row (``image=True``) also the cells CSV readers
+    take for a missing value (:data:`NA_CELLS`).
+    """
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
+        return "not valid UTF-8"
+    odd = sorted({c for c in name if unicodedata.category(c) in ("Cc", "Zl", "Zp")})
+    if odd:
+        return f"contains the control character(s) {', '.join(repr(c) for c in odd)}"
+    if image and name in NA_CELLS:
+        return f"CSV readers take a cell {name!r} for a missing value"
+    return None
 
 
 # ------------------------------------------------------------------------------- validator
@@ -202,7 +258,9 @@ def _check_columns(header: list[str], classes: Sequence[str] | None) -> list[str
         problems.append(f"missing class column(s): {examples(missing, 10)}")
     if extra:
         problems.append(f"unexpected column(s): {examples(extra, 10)}")
-    if not (missing or extra or repeated) and value_cols != expected:
+    if duplicates(expected):  # the reference itself is damaged: no order to compare with
+        problems.append(f"the expected class columns repeat {examples(duplicates(expected), 10)}")
+    elif not (missing or extra or repeated) and value_cols != expected:
         pos = next(i for i, (e, f) in enumerate(zip(expected, value_cols)) if e != f)
         problems.append(f"class columns are reordered: at class column {pos + 1} expected "
                         f"{expected[pos]!r}, found {value_cols[pos]!r} "
