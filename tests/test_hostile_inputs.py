@@ -67,10 +67,10 @@ def data(ndsb_folder: Path, tmp_path: Path) -> tuple[Path, Path]:
 def run_cli(root: Path, records: Path, tmp_path: Path, **extra) -> str | None:
     """``python -m pipeline.ingest --params P`` in-process: its SystemExit message, or None
     when it succeeds."""
-    params = {"root": str(root), "records": str(records), "size": 16, "folds": 2,
-              "workers": 1, **extra}
+    params = {"root": str(root), "size": 16, "folds": 2, "workers": 1, **extra}
     path = tmp_path / "params.yaml"
-    path.write_text(json.dumps({"data": params}))  # JSON is YAML
+    path.write_text(json.dumps({"data": params, "paths": {"records": str(records)},  # JSON is YAML
+                                "models": {"folds": [0, 1]}}))
     try:
         I.main(["--params", str(path)])
     except SystemExit as exc:
@@ -156,8 +156,10 @@ def test_the_bomb_is_one_line_and_exit_code_1_from_the_real_command(data, tmp_pa
     bomb_png(root / "test" / "bomb.png")
     _append_row(root, "bomb.png")
     params = tmp_path / "p.yaml"
-    params.write_text(json.dumps({"data": {"root": str(root), "records": str(records),
-                                           "size": 16, "folds": 2, "workers": 2}}))
+    params.write_text(json.dumps({"data": {"root": str(root), "size": 16, "folds": 2,
+                                           "workers": 2},
+                                  "paths": {"records": str(records)},
+                                  "models": {"folds": [0, 1]}}))
     done = subprocess.run([sys.executable, "-m", "pipeline.ingest", "--params", str(params)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
@@ -361,11 +363,14 @@ def test_train_on_a_damaged_record_header_stops_in_one_line_before_training(data
     _flip(records / "train.rec", _offset(records, 1) + 1)
     params = tmp_path / "p.yaml"
     params.write_text(json.dumps({"train": {"epochs": 1, "batch_size": 4, "workers": 1,
+                                            "lr_steps": []},
+                                  "paths": {"records": str(records),
                                             "checkpoints": str(tmp_path / "ck"),
                                             "metrics": str(tmp_path / "m"),
-                                            "plots": str(tmp_path / "pl")}}))
+                                            "plots": str(tmp_path / "pl")},
+                                  "models": {"folds": [0, 1]}}))
     done = subprocess.run([sys.executable, "-m", "pipeline.train", "--net", "tinynet", "--fold",
-                           "0", "--records", str(records), "--params", str(params)],
+                           "0", "--params", str(params)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == (
