@@ -16,7 +16,7 @@ per model from the training ranges stored in the checkpoint, or from narrower ``
 ``tta.method: halton`` draws them quasi-randomly (more even coverage for small T);
 ``tta.method: stratified`` is a designed view list (the identity first, evenly spaced
 rotations, balanced flips, the distortions from a scrambled Halton sequence:
-:func:`pipeline.lib.augment.stratified_unit`), so every prefix of the views is balanced;
+:func:`pipeline.lib.views.stratified_unit`), so every prefix of the views is balanced;
 ``tta.mean`` says how views are averaged and ``tta.n: 0`` predicts the plain images. The
 views, their batched forward passes and the averaging are :mod:`pipeline.lib.tta`.
 

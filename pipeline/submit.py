@@ -17,7 +17,7 @@ import gzip
 import io
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd

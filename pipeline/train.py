@@ -317,7 +317,8 @@ def pseudo_targets(run: Run, meta: dict[str, Any]) -> np.ndarray:
 def open_session(run: Run) -> Session:
     """Load the fold's data, build the network and optimizer, resume if a checkpoint fits."""
     from pipeline.lib import sgd
-    from pipeline.lib.augment import AffineRanges, build_train_transform
+    from pipeline.lib.augment import build_train_transform
+    from pipeline.lib.ranges import AffineRanges
     from pipeline.lib.data import BatchLoader, MixedBatchLoader, MixedReader
     from pipeline.lib.records import RecordReader, fold_indices, load_meta
 

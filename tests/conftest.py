@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from pipeline.lib.settings import Paths
 
 # Tests share 2 cores with each other's subprocesses; set before any mxnet import.
 os.environ.setdefault("OMP_NUM_THREADS", "2")

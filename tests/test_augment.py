@@ -14,6 +14,8 @@ from scipy import stats
 from scipy.stats import qmc
 
 from pipeline.lib import augment as au
+from pipeline.lib import ranges as rg
+from pipeline.lib import views as vw
 
 N = 4000  # draws for the statistical tests; seeds are fixed, so these are deterministic
 
@@ -47,7 +49,7 @@ def _homog(m: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def draws() -> dict:
-    return au.sample_params(au.AffineRanges(), N, np.random.default_rng(1))
+    return vw.sample_params(rg.AffineRanges(), N, np.random.default_rng(1))
 
 
 def test_rotation_covers_full_circle_uniformly(draws):
@@ -66,36 +68,36 @@ def test_zoom_and_stretch_are_log_uniform(draws, name, bounds):
 
 
 def test_shear_and_translation_within_bounds_and_uniform(draws):
-    r = au.AffineRanges()
+    r = rg.AffineRanges()
     for name, half in (("shear", r.shear), ("tx", r.translate), ("ty", r.translate)):
         x = draws[name]
         assert np.abs(x).max() <= half
         assert stats.kstest(x, "uniform", args=(-half, 2 * half)).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("method", au.METHODS)
+@pytest.mark.parametrize("method", vw.METHODS)
 def test_flip_rates_match_probabilities(method):
-    ranges = au.AffineRanges(flip_h=0.5, flip_v=0.2)
-    p = au.sample_params(ranges, N, np.random.default_rng(2), method)
+    ranges = rg.AffineRanges(flip_h=0.5, flip_v=0.2)
+    p = vw.sample_params(ranges, N, np.random.default_rng(2), method)
     for name, rate in (("flip_h", 0.5), ("flip_v", 0.2)):
         assert p[name].dtype == bool
         sigma = np.sqrt(rate * (1 - rate) / N)
         assert abs(p[name].mean() - rate) < 4 * sigma, (name, p[name].mean())
 
 
-@pytest.mark.parametrize("method", au.METHODS)
+@pytest.mark.parametrize("method", vw.METHODS)
 def test_sampling_is_deterministic_given_a_seed(method):
-    r = au.AffineRanges()
-    a = au.sample_params(r, 50, np.random.default_rng(7), method)
-    b = au.sample_params(r, 50, np.random.default_rng(7), method)
-    c = au.sample_params(r, 50, np.random.default_rng(8), method)
-    assert set(a) == set(au.PARAM_NAMES)
+    r = rg.AffineRanges()
+    a = vw.sample_params(r, 50, np.random.default_rng(7), method)
+    b = vw.sample_params(r, 50, np.random.default_rng(7), method)
+    c = vw.sample_params(r, 50, np.random.default_rng(8), method)
+    assert set(a) == set(vw.PARAM_NAMES)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert not np.array_equal(a["rotation"], c["rotation"])
 
 
-def _to_unit(p: dict, r: au.AffineRanges) -> np.ndarray:
+def _to_unit(p: dict, r: rg.AffineRanges) -> np.ndarray:
     """Invert the mapping of the six continuous parameters back to the unit cube."""
     def lin(x, lo, hi):
         return (x - lo) / (hi - lo)
@@ -110,31 +112,31 @@ def _to_unit(p: dict, r: au.AffineRanges) -> np.ndarray:
 
 
 def test_halton_is_more_uniform_than_random():
-    r = au.AffineRanges()
+    r = rg.AffineRanges()
     for seed in range(3):
-        halton = _to_unit(au.sample_params(r, 256, np.random.default_rng(seed), "halton"), r)
-        rand = _to_unit(au.sample_params(r, 256, np.random.default_rng(seed), "random"), r)
+        halton = _to_unit(vw.sample_params(r, 256, np.random.default_rng(seed), "halton"), r)
+        rand = _to_unit(vw.sample_params(r, 256, np.random.default_rng(seed), "random"), r)
         assert halton.min() >= 0 and halton.max() <= 1
         assert qmc.discrepancy(halton) < 0.5 * qmc.discrepancy(rand)
 
 
 def test_unknown_method_rejected():
     with pytest.raises(ValueError, match="method"):
-        au.sample_params(au.AffineRanges(), 3, np.random.default_rng(0), "sobol")
+        vw.sample_params(rg.AffineRanges(), 3, np.random.default_rng(0), "sobol")
 
 
 # ---------------------------------------------------------------- the stratified TTA design
 
-TTA_RANGES = au.AffineRanges(translate=0.05, zoom=(0.79, 1.265), shear=10.0,
+TTA_RANGES = rg.AffineRanges(translate=0.05, zoom=(0.79, 1.265), shear=10.0,
                              stretch=(0.877, 1.14))
 
 
-def _stratified(n: int, ranges: au.AffineRanges = TTA_RANGES, seed: int = 0) -> dict:
-    return au.sample_params(ranges, n, np.random.default_rng(seed), "stratified")
+def _stratified(n: int, ranges: rg.AffineRanges = TTA_RANGES, seed: int = 0) -> dict:
+    return vw.sample_params(ranges, n, np.random.default_rng(seed), "stratified")
 
 
-@pytest.mark.parametrize("ranges", [TTA_RANGES, au.AffineRanges(rotation=(-180.0, 180.0)),
-                                    au.AffineRanges(rotation=(-30.0, 30.0), zoom=(1.1, 1.6))])
+@pytest.mark.parametrize("ranges", [TTA_RANGES, rg.AffineRanges(rotation=(-180.0, 180.0)),
+                                    rg.AffineRanges(rotation=(-30.0, 30.0), zoom=(1.1, 1.6))])
 def test_stratified_starts_with_the_identity_clamped_into_the_ranges(ranges):
     p = _stratified(20, ranges)
     first = {k: v[0] for k, v in p.items()}
@@ -147,7 +149,7 @@ def test_stratified_starts_with_the_identity_clamped_into_the_ranges(ranges):
 
 
 def test_stratified_identity_rotation_is_the_centre_when_zero_is_outside():
-    p = _stratified(5, au.AffineRanges(rotation=(10.0, 50.0), flip_h=1.0))
+    p = _stratified(5, rg.AffineRanges(rotation=(10.0, 50.0), flip_h=1.0))
     assert p["rotation"][0] == pytest.approx(30.0)
     assert p["flip_h"].all()                      # probability 1: the identity is clamped too
 
@@ -159,7 +161,7 @@ def test_stratified_rotations_are_evenly_spaced_over_the_circle(n):
 
 
 def test_stratified_rotations_are_evenly_spaced_over_a_partial_range():
-    rot = np.sort(_stratified(7, au.AffineRanges(rotation=(-30.0, 30.0)))["rotation"])
+    rot = np.sort(_stratified(7, rg.AffineRanges(rotation=(-30.0, 30.0)))["rotation"])
     np.testing.assert_allclose(np.diff(rot), 60.0 / 7)
     np.testing.assert_allclose(rot, -rot[::-1], atol=1e-9)   # symmetric about the identity
     assert rot.min() >= -30.0 and rot.max() <= 30.0
@@ -213,23 +215,23 @@ def test_stratified_is_deterministic_given_the_rng():
 
 def test_stratified_edge_cases():
     empty = _stratified(0)
-    assert set(empty) == set(au.PARAM_NAMES) and all(len(v) == 0 for v in empty.values())
-    one = au.params_to_matrices(_stratified(1), 32)
+    assert set(empty) == set(vw.PARAM_NAMES) and all(len(v) == 0 for v in empty.values())
+    one = vw.params_to_matrices(_stratified(1), 32)
     np.testing.assert_allclose(one, [[[1, 0, 0], [0, 1, 0]]], atol=1e-12)
-    ident = au.sample_params(au.AffineRanges.identity(), 4, np.random.default_rng(0),
+    ident = vw.sample_params(rg.AffineRanges.identity(), 4, np.random.default_rng(0),
                              "stratified")
-    np.testing.assert_allclose(au.params_to_matrices(ident, 16),
+    np.testing.assert_allclose(vw.params_to_matrices(ident, 16),
                                np.tile([[1, 0, 0], [0, 1, 0]], (4, 1, 1)), atol=1e-12)
 
 
 # ---------------------------------------------------------------- ranges: dict round trip, errors
 
 def test_to_dict_round_trips_through_yaml():
-    r = au.AffineRanges(rotation=(10, 20), shear=5)
+    r = rg.AffineRanges(rotation=(10, 20), shear=5)
     d = yaml.safe_load(yaml.safe_dump(r.to_dict()))
-    assert au.AffineRanges.from_dict(d) == r
-    assert au.AffineRanges.from_dict({}) == au.AffineRanges()
-    assert au.AffineRanges().to_dict()["rotation"] == [0.0, 360.0]
+    assert rg.AffineRanges.from_dict(d) == r
+    assert rg.AffineRanges.from_dict({}) == rg.AffineRanges()
+    assert rg.AffineRanges().to_dict()["rotation"] == [0.0, 360.0]
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -247,29 +249,29 @@ def test_to_dict_round_trips_through_yaml():
     ({"zoom": [float("nan"), 1.0]}, "finite"),
 ])
 def test_from_dict_rejects_bad_ranges(bad, message):
-    with pytest.raises(au.RangesError, match=message):
-        au.AffineRanges.from_dict(bad)
+    with pytest.raises(rg.RangesError, match=message):
+        rg.AffineRanges.from_dict(bad)
 
 
 def test_narrowed_shrinks_distortions_only():
-    r = au.AffineRanges()
+    r = rg.AffineRanges()
     assert r.narrowed(1.0) == r
     flat = r.narrowed(0.0)
     assert flat.zoom == (1.0, 1.0) and flat.stretch == (1.0, 1.0)
     assert flat.shear == 0.0 and flat.translate == 0.0
     assert flat.rotation == r.rotation and flat.flip_h == r.flip_h
     assert np.allclose(r.narrowed(0.5).zoom, (1.6 ** -0.5, 1.6 ** 0.5))
-    with pytest.raises(au.RangesError):
+    with pytest.raises(rg.RangesError):
         r.narrowed(1.5)
 
 
 # ---------------------------------------------------------------- matrix convention
 
 def test_identity_ranges_give_identity_matrices_and_warps():
-    p = au.sample_params(au.AffineRanges.identity(), 5, np.random.default_rng(0), "halton")
-    m = au.params_to_matrices(p, 64)
+    p = vw.sample_params(rg.AffineRanges.identity(), 5, np.random.default_rng(0), "halton")
+    m = vw.params_to_matrices(p, 64)
     np.testing.assert_allclose(m, np.broadcast_to([[1, 0, 0], [0, 1, 0]], (5, 2, 3)), atol=1e-12)
-    np.testing.assert_allclose(au.matrices_to_theta(m, 64), [[1, 0, 0, 0, 1, 0]] * 5, atol=1e-12)
+    np.testing.assert_allclose(vw.matrices_to_theta(m, 64), [[1, 0, 0, 0, 1, 0]] * 5, atol=1e-12)
 
     raw = _smooth_image()
     np.testing.assert_array_equal(au.warp_image(raw, m[0]), raw)
@@ -280,7 +282,7 @@ def test_identity_ranges_give_identity_matrices_and_warps():
 
 
 def test_rotation_and_zoom_match_cv2_sign_convention():
-    m = au.params_to_matrices(_params(rotation=30.0, zoom=1.25), 64)[0]
+    m = vw.params_to_matrices(_params(rotation=30.0, zoom=1.25), 64)[0]
     np.testing.assert_allclose(m, cv2.getRotationMatrix2D((31.5, 31.5), 30.0, 1.25), atol=1e-12)
 
 
@@ -288,19 +290,19 @@ def test_composition_order_flip_stretch_shear_zoom_rotation_translation():
     full = _params(rotation=40.0, zoom=1.3, stretch=1.2, shear=15.0, tx=0.05, ty=-0.08,
                    flip_h=True, flip_v=False)
     size = (48, 64)  # non-square, to check H/W are not swapped
-    single = {k: au.params_to_matrices(_params(**{k: full[k][0]}), size)[0]
+    single = {k: vw.params_to_matrices(_params(**{k: full[k][0]}), size)[0]
               for k in ("flip_h", "stretch", "shear", "zoom", "rotation")}
-    translate = au.params_to_matrices(_params(tx=0.05, ty=-0.08), size)[0]
+    translate = vw.params_to_matrices(_params(tx=0.05, ty=-0.08), size)[0]
     expected = _homog(translate)
     for k in ("rotation", "zoom", "shear", "stretch", "flip_h"):  # rightmost applies first
         expected = expected @ _homog(single[k])
-    np.testing.assert_allclose(au.params_to_matrices(full, size)[0], expected[:2], atol=1e-12)
+    np.testing.assert_allclose(vw.params_to_matrices(full, size)[0], expected[:2], atol=1e-12)
     np.testing.assert_allclose(translate[:, 2], [0.05 * 64, -0.08 * 48])
 
 
 def test_translation_moves_content_right_and_down():
     raw = _smooth_image()
-    m = au.params_to_matrices(_params(tx=0.1, ty=0.05), 64)[0]
+    m = vw.params_to_matrices(_params(tx=0.1, ty=0.05), 64)[0]
     out = _model_input(au.warp_image(raw, m))
     src = _model_input(raw)
     yy, xx = np.mgrid[0:64, 0:64]
@@ -311,12 +313,12 @@ def test_translation_moves_content_right_and_down():
 
 def test_flips_equal_numpy_flips_in_both_paths():
     raw = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
-    only_flip_h = au.AffineRanges.from_dict({**au.AffineRanges.identity().to_dict(), "flip_h": 1.0})
+    only_flip_h = rg.AffineRanges.from_dict({**rg.AffineRanges.identity().to_dict(), "flip_h": 1.0})
     flip_h = au.RandomAffineNDSB(only_flip_h, seed=0)
     np.testing.assert_array_equal(flip_h(image=raw)["image"], np.fliplr(raw))
 
-    m_h = au.params_to_matrices(_params(flip_h=True), 32)
-    m_v = au.params_to_matrices(_params(flip_v=True), 32)
+    m_h = vw.params_to_matrices(_params(flip_h=True), 32)
+    m_v = vw.params_to_matrices(_params(flip_v=True), 32)
     np.testing.assert_array_equal(au.warp_image(raw, m_v[0]), np.flipud(raw))
     x = mx.nd.array(_model_input(raw)[None, None])
     out = au.tta_batch(x, np.concatenate([m_h, m_v])).asnumpy()[:, 0]
@@ -329,13 +331,13 @@ def test_flips_equal_numpy_flips_in_both_paths():
 def test_train_transform_and_tta_batch_give_the_same_images():
     """The SAME parameters mean the SAME transform in the albumentations and MXNet paths."""
     raw, seed, n = _smooth_image(), 123, 16
-    train = au.build_train_transform(au.AffineRanges(), size=64, seed=seed)
+    train = au.build_train_transform(rg.AffineRanges(), size=64, seed=seed)
     train_views = np.stack([_model_input(train(image=raw)["image"]) for _ in range(n)])
 
     rng = np.random.default_rng(seed)  # the transform's stream, drawn one image at a time
-    draws = [au.sample_params(au.AffineRanges(), 1, rng) for _ in range(n)]
-    params = {k: np.concatenate([d[k] for d in draws]) for k in au.PARAM_NAMES}
-    matrices = au.params_to_matrices(params, 64)
+    draws = [vw.sample_params(rg.AffineRanges(), 1, rng) for _ in range(n)]
+    params = {k: np.concatenate([d[k] for d in draws]) for k in vw.PARAM_NAMES}
+    matrices = vw.params_to_matrices(params, 64)
     tta_views = au.tta_batch(mx.nd.array(_model_input(raw)[None, None]), matrices).asnumpy()[:, 0]
 
     assert np.abs(train_views - _model_input(raw)).mean() > 0.02  # the views really do change
@@ -353,7 +355,7 @@ def test_train_transform_resizes_and_keeps_layout():
     assert out.shape == (48, 48) and out.dtype == np.uint8
     assert t(image=big[:, :, None])["image"].shape == (48, 48, 1)
     # Corners of a zoomed-out / shifted view are filled with the white background.
-    zoomed_out = au.params_to_matrices(_params(zoom=0.5), 48)[0]
+    zoomed_out = vw.params_to_matrices(_params(zoom=0.5), 48)[0]
     assert au.warp_image(np.zeros((48, 48), np.uint8), zoomed_out)[0, 0] == 255
 
 
@@ -364,7 +366,7 @@ def test_transform_probability_uses_its_own_generator():
     half = au.RandomAffineNDSB(p=0.5, seed=0)
     applied = [half.get_params()["affine"] is not None for _ in range(2000)]
     assert abs(np.mean(applied) - 0.5) < 4 * np.sqrt(0.25 / 2000)
-    with pytest.raises(au.RangesError):
+    with pytest.raises(rg.RangesError):
         au.RandomAffineNDSB(p=1.5)
 
 
@@ -424,7 +426,7 @@ def test_reseed_in_a_worker_gives_the_same_stream_as_in_the_parent():
 def test_tta_batch_is_image_major_and_matches_per_image_warps():
     rng = np.random.default_rng(3)
     imgs = rng.random((2, 3, 20, 24)).astype(np.float32)  # B=2, C=3, non-square
-    mats = au.sample_matrices(au.AffineRanges(), 4, (20, 24), rng)
+    mats = vw.sample_matrices(rg.AffineRanges(), 4, (20, 24), rng)
     out = au.tta_batch(mx.nd.array(imgs), mats).asnumpy()
     assert out.shape == (8, 3, 20, 24)
     for b in range(2):
@@ -438,7 +440,7 @@ def test_tta_batch_is_image_major_and_matches_per_image_warps():
 
 def test_warp_batch_background_fill_matches_cv2_on_raw_values():
     raw = _smooth_image().astype(np.float32)
-    m = au.params_to_matrices(_params(zoom=0.6, rotation=20.0, tx=0.1), 64)
+    m = vw.params_to_matrices(_params(zoom=0.6, rotation=20.0, tx=0.1), 64)
     mx_out = au.warp_batch(mx.nd.array(raw[None, None]), m, background=255.0).asnumpy()[0, 0]
     cv_out = au.warp_image(raw, m[0], background=255.0)
     assert mx_out[0, 0] == pytest.approx(255.0)

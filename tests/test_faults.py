@@ -47,8 +47,8 @@ def small_fs(tmp_path):
         return where
 
     yield make
-    for where in mounts:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+    for mount in mounts:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def fill(folder: Path, leave: int) -> Path:

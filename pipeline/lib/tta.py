@@ -63,7 +63,8 @@ def plan(ranges: Mapping[str, Any], n: int, size: int, method: str, seed: int, m
 def tta_matrices(ranges: dict[str, Any], n: int, size: int, method: str, seed: int
                  ) -> np.ndarray:
     """(n, 2, 3) forward pixel matrices; n = 0 gives the single identity transform."""
-    from pipeline.lib.augment import AffineRanges, sample_matrices
+    from pipeline.lib.ranges import AffineRanges
+    from pipeline.lib.views import sample_matrices
 
     if n == 0:
         return _IDENTITY.copy()

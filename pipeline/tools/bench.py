@@ -265,7 +265,8 @@ def ingest_records(folder: Path, out: Path, size: int, workers: int, reuse: bool
 
 def data_rate(records: Path, size: int, batch: int, seconds: float) -> float:
     """Decode + training augmentation img/s of one loader worker (in this process)."""
-    from pipeline.lib.augment import AffineRanges, build_train_transform
+    from pipeline.lib.augment import build_train_transform
+    from pipeline.lib.ranges import AffineRanges
     from pipeline.lib.data import BatchLoader
     from pipeline.lib.records import RecordReader, load_meta
 

@@ -4,7 +4,7 @@
 [--n 100] [--designs random,halton,stratified] [--random-seeds 3] [--ranges tta|train]``
 
 For every trained model ``C/{net}--fold{k}`` it predicts the fold's validation images under the
-first ``--n`` views of each design (:data:`pipeline.lib.augment.METHODS`), prepared the way
+first ``--n`` views of each design (:data:`pipeline.lib.views.METHODS`), prepared the way
 the predict stage prepares the net (deterministic RReLU graph, float32, hybridized). Each view's
 logits are computed once; the log loss of the average over the first n views (probabilities,
 predict's default ``tta.mean``) then costs nothing more for every n = 1..N.
@@ -165,7 +165,7 @@ def table(results: dict[str, dict[str, Any]], n: int, tolerance: float) -> list[
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from pipeline.lib.augment import METHODS
+    from pipeline.lib.views import METHODS
     from pipeline.lib.checkpoint import run_dir
     from pipeline.lib.runtime import configure_threads
 
