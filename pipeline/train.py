@@ -554,8 +554,9 @@ def _stop_mid_epoch(s: Session, epoch: int, batches: int, seen: int, total: floa
                   signum)
 
 
-def finish(s: Session) -> dict[str, Any]:
-    """Publish the final model, its out-of-fold predictions and the run's metrics."""
+def finish(s: Session, stop: Callable[[], int | None] = lambda: None) -> dict[str, Any]:
+    """Publish the final model, its out-of-fold predictions and the run's metrics; a stop
+    signal during the predictions ends it with :class:`Stopped` (the rerun publishes)."""
     from pipeline.lib.predictions import save_prediction_file
 
     run, cfg = s.run, s.run.cfg
@@ -567,7 +568,11 @@ def finish(s: Session) -> dict[str, Any]:
     s.net.load_parameters(str(run.ckpt_dir / "model.params"), ctx=s.ctxs)
     history = final["history"]
     _write_plot(run.plots_path, history)
-    probs, labels = evaluate(s.net, s.valid_loader, s.ctxs[0])
+    probs, labels = evaluate(s.net, s.valid_loader, s.ctxs[0], stop)
+    if probs is None:
+        raise Stopped(f"{run.name}: all {len(history)} epochs are saved in {run.ckpt_dir}; "
+                      "stopped while writing the out-of-fold predictions; rerun to finish",
+                      stop())
     if len(labels):
         names = [s.meta["train"][i]["name"] for i in s.valid_idx]
         save_prediction_file(run.ckpt_dir / "valid.npy", probs.astype(np.float32), names)
@@ -585,14 +590,26 @@ def train(run: Run) -> dict[str, Any]:
     """Train (or resume) ``run``; return the final metrics.
 
     The first SIGTERM/SIGINT stops the run after the current batch with its mid-epoch state
-    saved (:class:`Stopped`; the rerun continues the epoch exactly); a second one at once.
+    saved (:class:`Stopped`; the rerun continues the epoch exactly); a second one at once. One
+    while the run starts stops it before its first batch; one while it publishes the model,
+    with every epoch saved.
     """
-    s = open_session(run)
+    with contextlib.ExitStack() as held:
+        return _train(run, held)
+
+
+def _train(run: Run, held: contextlib.ExitStack) -> dict[str, Any]:
     dist = run.cfg["kvstore"].startswith("dist")
     # dist workers keep the signals' default (an immediate stop; they resume from the last
     # epoch): a worker that finished its batch alone would hang the others at the next sum.
-    stopping = contextlib.nullcontext(lambda: None) if dist else \
-        graceful_stop(f"train {run.name}")
+    # The others stop gracefully from before the session opens until the model is published.
+    stop = held.enter_context(contextlib.nullcontext(lambda: None) if dist else
+                              graceful_stop(f"train {run.name}"))
+    s = open_session(run)
+    if stop() is not None:
+        raise Stopped(f"{run.name} stopped while starting, before its first batch (nothing "
+                      "new to save); rerun to continue", stop())
+    stopping = contextlib.nullcontext(stop)
     try:
         with stopping as stop:
             sync_first = dist  # see finish_initial_broadcast
@@ -613,7 +630,7 @@ def train(run: Run) -> dict[str, Any]:
         s.train_loader.close()
     if s.rank != 0:  # only rank 0 writes; its files may not exist yet, or not on this machine
         return s.history[-1] if s.history else {}
-    return finish(s)
+    return finish(s, stop)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
