@@ -23,6 +23,7 @@ and every fold in ``models.folds``; ``--fold -1`` trains on all labelled images)
   the newest intact one. A NaN/inf loss stops the run with a clear error; the last good
   checkpoint stays. At the end: ``metrics/train--{run}.json``, the final model and its plain
   (no TTA) out-of-fold predictions.
+* One run, one trainer: a lock beside the run's checkpoint folder refuses a second start.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ import numpy as np
 from pipeline.lib import checkpoint
 from pipeline.lib import params as params_mod
 from pipeline.lib.errors import PipelineError, Stopped, stage_errors
-from pipeline.lib.fsutil import sha256, sweep_stale, write_json, write_text
+from pipeline.lib.fsutil import hold_lock, sha256, sweep_stale, write_json, write_text
 from pipeline.lib.predictions import prediction_files
 from pipeline.lib.runs import artifact_name, member_name, pseudo_name, run_name
 from pipeline.lib.runtime import configure_threads
@@ -156,6 +157,12 @@ class Run:
     @property
     def ckpt_dir(self) -> Path:
         return checkpoint.run_dir(self.cfg["checkpoints"], self.member, self.fold)
+
+    @property
+    def lock_path(self) -> Path:
+        """The run lock: beside the run's folder, not in it (the folder is a DVC output, and a
+        lock file inside would be cached with it); removed when the run ends."""
+        return self.ckpt_dir.parent / f".{self.ckpt_dir.name}.lock"
 
     @property
     def metrics_path(self) -> Path:
@@ -341,8 +348,12 @@ def pseudo_targets(run: Run, meta: dict[str, Any]) -> np.ndarray:
     return (targets / targets.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def open_session(run: Run) -> Session:
-    """Load the fold's data, build the network and optimizer, resume if a checkpoint fits."""
+def open_session(run: Run, held: contextlib.ExitStack | None = None) -> Session:
+    """Load the fold's data, build the network and optimizer, resume if a checkpoint fits.
+
+    ``held`` receives the run lock (rank 0, the one rank that writes the run's files): a
+    second trainer of the same run stops here, before it writes anything.
+    """
     from pipeline.lib import sgd
     from pipeline.lib.augment import AffineRanges, build_train_transform
     from pipeline.lib.data import BatchLoader, MixedBatchLoader, MixedReader
@@ -354,6 +365,9 @@ def open_session(run: Run) -> Session:
     ctxs = parse_ctx(cfg["ctx"])
     kv = make_kvstore(cfg["kvstore"], ctxs)
     rank, n_workers = (kv.rank, kv.num_workers) if not isinstance(kv, str) else (0, 1)
+    if held is not None and rank == 0:
+        held.enter_context(hold_lock(run.lock_path, f"training of {run.name} (into "
+                                     f"{run.ckpt_dir})", remove=True))
     ranges = AffineRanges.from_dict(cfg["augment"])
 
     train_idx, valid_idx = fold_indices(meta, run.fold)
@@ -592,7 +606,8 @@ def train(run: Run) -> dict[str, Any]:
     The first SIGTERM/SIGINT stops the run after the current batch with its mid-epoch state
     saved (:class:`Stopped`; the rerun continues the epoch exactly); a second one at once. One
     while the run starts stops it before its first batch; one while it publishes the model,
-    with every epoch saved.
+    with every epoch saved. The run lock (:attr:`Run.lock_path`) is held until the run's
+    files are written.
     """
     with contextlib.ExitStack() as held:
         return _train(run, held)
@@ -605,7 +620,7 @@ def _train(run: Run, held: contextlib.ExitStack) -> dict[str, Any]:
     # The others stop gracefully from before the session opens until the model is published.
     stop = held.enter_context(contextlib.nullcontext(lambda: None) if dist else
                               graceful_stop(f"train {run.name}"))
-    s = open_session(run)
+    s = open_session(run, held)
     if stop() is not None:
         raise Stopped(f"{run.name} stopped while starting, before its first batch (nothing "
                       "new to save); rerun to continue", stop())

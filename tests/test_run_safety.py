@@ -16,8 +16,10 @@ signal lands is chosen, not raced.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +29,8 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline import train as T
+from pipeline.lib import fsutil
 from pipeline.lib.errors import stage_errors
 from pipeline.tools.synth import generate
 from tests.conftest import ROOT, train_lenet
@@ -200,6 +204,7 @@ def rerun(records: Path, where: Path) -> subprocess.CompletedProcess:
     done = subprocess.run(command(records, where, driver=False), cwd=where, env=env(),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
+    assert not (where / "ck" / f".{RUN}.lock").exists()
     return done
 
 
@@ -223,6 +228,7 @@ def test_a_signal_to_the_whole_group_stops_training_and_the_rerun_resumes(
     assert group_gone(trainer.pid)  # no worker left behind
     run_dir = tmp_path / "ck" / RUN
     assert (run_dir / "partial.json").exists()
+    assert not (tmp_path / "ck" / f".{RUN}.lock").exists()
     done = rerun(records, tmp_path)
     assert "resumed in epoch 2 after batch 2" in done.stdout
     assert_same_params(reference, params_of(run_dir))
@@ -281,7 +287,7 @@ def test_ctrl_c_twice_to_the_group_stops_at_once_and_leaves_no_worker(
     assert trainer.wait() == -signal.SIGINT, trainer.text()  # the default action
     assert group_gone(trainer.pid)  # the orphaned workers see their socket close and exit
     assert not (tmp_path / "ck" / RUN / "partial.json").exists()
-    done = rerun(records, tmp_path)
+    done = rerun(records, tmp_path)  # the lock of the killed run is taken over
     assert "resuming after epoch 1" in done.stdout
     assert_same_params(reference, params_of(tmp_path / "ck" / RUN))
 
@@ -377,3 +383,62 @@ def test_a_signal_to_the_whole_group_stops_predict_and_the_rerun_completes(train
                           timeout=600)
     assert done.returncode == 0, done.stderr
     assert "resuming:" in done.stdout
+
+
+# ------------------------------------------------------------------ item 2: the run lock
+
+def test_two_trainers_of_one_run_the_second_refuses_naming_the_first(
+        records, per_epoch, reference, tmp_path):
+    write_params(tmp_path, workers=1)
+    first = Trainer(records, tmp_path, PAUSE_STEP=per_epoch + 2)
+    first.held()
+    metrics = tmp_path / "m" / f"train--{RUN}.json"
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "ck").rglob("*")}
+    second = subprocess.run(command(records, tmp_path, driver=False), cwd=tmp_path, env=env(),
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 1
+    assert "Traceback" not in second.stderr
+    assert last_line(second.stderr) == (
+        f"train failed: training of {RUN} (into ck/{RUN}) is already running (pid {first.pid} "
+        f"on {socket.gethostname()}); wait for it or stop it before starting it again "
+        f"(lock ck/.{RUN}.lock)")
+    assert not metrics.exists()
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ck").rglob("*")} == before
+    first.go()
+    assert first.wait(timeout=300) == 0, first.text()
+    assert not (tmp_path / "ck" / f".{RUN}.lock").exists()  # not left among the outputs
+    assert json.loads(metrics.read_text())["epochs"] == 3
+    assert_same_params(reference, params_of(tmp_path / "ck" / RUN))
+
+
+def test_the_lock_of_a_killed_trainer_is_taken_over(records, per_epoch, reference, tmp_path):
+    write_params(tmp_path, workers=1)
+    first = Trainer(records, tmp_path, PAUSE_STEP=per_epoch + 2)
+    first.held()
+    os.killpg(first.pid, signal.SIGKILL)
+    first.proc.wait()
+    lock = tmp_path / "ck" / f".{RUN}.lock"
+    assert lock.exists() and not fsutil.lock_held(lock)
+    assert "resuming after epoch 1" in rerun(records, tmp_path).stdout
+    assert_same_params(reference, params_of(tmp_path / "ck" / RUN))
+
+
+def test_hold_lock_refuses_a_second_holder_and_cleans_up_only_when_asked(tmp_path):
+    path = tmp_path / "sub" / "x.lock"
+    with fsutil.hold_lock(path, "the thing", remove=True):
+        assert fsutil.lock_held(path)
+        assert path.read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+        with pytest.raises(fsutil.LockHeld, match=rf"^the thing is already running \(pid "
+                                                  rf"{os.getpid()} on .*\(lock {path}\)$"):
+            with fsutil.hold_lock(path, "the thing"):
+                pass
+    assert not path.exists()
+    with fsutil.hold_lock(path, "the thing"):
+        pass
+    assert path.exists() and not fsutil.lock_held(path)
+
+
+def test_the_lock_sits_beside_the_run_folder_not_in_its_dvc_output(records, tmp_path):
+    run = T.Run(NET, 0, faults_config(tmp_path), records, seed=3)
+    assert run.lock_path.parent == run.ckpt_dir.parent
+    assert run.lock_path.name == f".{run.ckpt_dir.name}.lock"
