@@ -20,9 +20,9 @@ and every fold in ``models.folds``; ``--fold -1`` trains on all labelled images)
   precision is part of the checkpoint's fingerprint; the one used is recorded in it.
 * Every epoch: train loss, validation log loss and accuracy go to ``plots/train--{run}.tsv``
   (``dvc plots``) and a crash-safe checkpoint (:mod:`pipeline.lib.checkpoint`); a rerun resumes from
-  the newest intact one. A NaN/inf loss stops the run with a clear error; the last good
-  checkpoint stays. At the end: ``metrics/train--{run}.json``, the final model and its plain
-  (no TTA) out-of-fold predictions.
+  the newest intact one. A NaN/inf loss, validation output or weight stops the run with a
+  clear error; the last good checkpoint stays. At the end: ``metrics/train--{run}.json``, the
+  final model and its plain (no TTA) out-of-fold predictions.
 * One run, one trainer: a lock beside the run's checkpoint folder refuses a second start.
 """
 from __future__ import annotations
@@ -528,10 +528,7 @@ def run_epoch(s: Session, epoch: int, sync_first: bool,
         if s.average is not None:
             s.average.update()
         if not math.isfinite(batch_loss):
-            raise TrainingError(
-                f"{run.name}: loss became {batch_loss} in epoch {epoch + 1} (lr {lr:g}); "
-                f"lower train.lr or check the data. The last good checkpoint is kept in "
-                f"{run.ckpt_dir}")
+            raise diverged(s, epoch, lr, f"loss became {batch_loss}")
         seen += len(x)
         total += batch_loss
         bar.set_postfix(loss=f"{total / seen:.3f}",
@@ -549,10 +546,24 @@ def run_epoch(s: Session, epoch: int, sync_first: bool,
         probs, labels = evaluate(s.net, s.valid_loader, s.ctxs[0], stop)
     if probs is None:
         _stop_mid_epoch(s, epoch, len(s.train_loader), seen, total, stop())
+    if len(labels) and not np.isfinite(probs).all():
+        raise diverged(s, epoch, lr, "validation outputs became NaN or infinite")
+    if not all(np.isfinite(p.data().asnumpy()).all() for p in s.net.collect_params().values()):
+        raise diverged(s, epoch, lr, "weights became NaN or infinite")
     if len(labels):
         row.update(valid_logloss=ndsb_log_loss(labels, probs),
                    valid_accuracy=accuracy(labels, probs))
     return row
+
+
+def diverged(s: Session, epoch: int, lr: float, what: str) -> TrainingError:
+    """The error of a run whose numbers stopped being finite: where, the fix, and the last
+    checkpoint of the run that is still good (never one that does not exist)."""
+    last = checkpoint.latest(s.run.ckpt_dir)
+    kept = (f"the last good checkpoint (epoch {last['epoch']}) is kept in {s.run.ckpt_dir}"
+            if last is not None else "no checkpoint yet")
+    return TrainingError(f"{s.run.name}: {what} in epoch {epoch + 1} (lr {lr:g}): lower "
+                         f"train.lr or check the data; {kept}")
 
 
 def _stop_mid_epoch(s: Session, epoch: int, batches: int, seen: int, total: float,

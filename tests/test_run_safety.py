@@ -442,3 +442,88 @@ def test_the_lock_sits_beside_the_run_folder_not_in_its_dvc_output(records, tmp_
     run = T.Run(NET, 0, faults_config(tmp_path), records, seed=3)
     assert run.lock_path.parent == run.ckpt_dir.parent
     assert run.lock_path.name == f".{run.ckpt_dir.name}.lock"
+
+
+# ----------------------------------------------------------- item 3: diverged weights
+
+def _main(records: Path, where: Path, fold: int = 0, **over) -> str:
+    """``pipeline.train``'s main in this process; its one-line failure message."""
+    cfg = faults_config(where, workers=0, batch_size=BATCH, **over)
+    (where / "params.yaml").write_text(yaml.safe_dump({"train": cfg}))
+    with pytest.raises(SystemExit) as err:
+        T.main(["--net", NET, "--fold", str(fold), "--records", str(records), "--params",
+                str(where / "params.yaml")])
+    message = str(err.value.code)
+    assert "\n" not in message
+    return message
+
+
+def test_nan_validation_outputs_name_the_epoch_the_fix_and_the_last_good_checkpoint(
+        records, tmp_path, monkeypatch):
+    evaluate, calls = T.evaluate, []
+
+    def nan_in_epoch_2(net, loader, ctx, stop=lambda: None):
+        probs, labels = evaluate(net, loader, ctx, stop)
+        calls.append(1)
+        return (probs * np.nan if len(calls) == 2 else probs), labels
+
+    monkeypatch.setattr(T, "evaluate", nan_in_epoch_2)
+    message = _main(records, tmp_path, epochs=3)
+    run_dir = tmp_path / "ck" / RUN
+    assert message == (f"train failed: {RUN}: validation outputs became NaN or infinite in "
+                       "epoch 2 (lr 0.001): lower train.lr or check the data; the last good "
+                       f"checkpoint (epoch 1) is kept in {run_dir}")
+    assert (run_dir / "epoch-0001.json").exists() and not (run_dir / "epoch-0002.json").exists()
+    assert not (tmp_path / "m").exists()
+
+
+def test_nan_weights_without_validation_before_any_checkpoint_say_so(records, tmp_path,
+                                                                     monkeypatch):
+    from pipeline.lib import sgd
+    from pipeline.lib.records import fold_indices, load_meta
+
+    step, calls = sgd.step, []
+    last = len(fold_indices(load_meta(records), -1)[0]) // BATCH
+
+    def poisoning_step(net, *args, **kwargs):  # the last update of epoch 1 turns a weight NaN
+        loss = step(net, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == last:
+            weight = next(iter(net.collect_params().values()))
+            weight.set_data(weight.data() * np.nan)
+        return loss
+
+    monkeypatch.setattr(sgd, "step", poisoning_step)
+    message = _main(records, tmp_path, fold=-1, epochs=2)  # fold -1: no validation images
+    assert message.startswith(f"train failed: {NET}--fold-1: weights became NaN or infinite "
+                              "in epoch 1 (lr 0.01): lower train.lr")
+    assert message.endswith("; no checkpoint yet")
+    assert not (tmp_path / "ck" / f"{NET}--fold-1").exists()
+
+
+def test_a_nan_loss_names_a_checkpoint_that_exists(records, tmp_path, monkeypatch):
+    from pipeline.lib import sgd
+
+    step, calls = sgd.step, []
+
+    def nan_later(*args, **kwargs):
+        loss = step(*args, **kwargs)
+        calls.append(1)
+        return float("nan") if len(calls) == 15 else loss  # in epoch 2
+
+    monkeypatch.setattr(sgd, "step", nan_later)
+    message = _main(records, tmp_path, epochs=3)
+    assert "loss became nan in epoch 2 (lr 0.001)" in message
+    assert message.endswith(f"the last good checkpoint (epoch 1) is kept in {tmp_path}/ck/{RUN}")
+    assert (tmp_path / "ck" / RUN / "epoch-0001.json").exists()
+
+
+def test_a_huge_learning_rate_ends_in_one_line_not_a_traceback(records, tmp_path):
+    """The issue's case, for real: lr 1000 at batch 4. Which check fires first depends on the
+    numbers; each names the epoch and the fix, and a checkpoint only if it exists."""
+    message = _main(records, tmp_path, epochs=3, lr=1000.0)
+    assert message.startswith(f"train failed: {RUN}: ") and "lower train.lr" in message
+    if "kept in " in message:
+        assert Path(message.rsplit("kept in ", 1)[1]).is_dir()
+    else:
+        assert message.endswith("no checkpoint yet")
