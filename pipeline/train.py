@@ -20,9 +20,10 @@ and every fold in ``models.folds``; ``--fold -1`` trains on all labelled images)
   precision is part of the checkpoint's fingerprint; the one used is recorded in it.
 * Every epoch: train loss, validation log loss and accuracy go to ``plots/train--{run}.tsv``
   (``dvc plots``) and a crash-safe checkpoint (:mod:`pipeline.lib.checkpoint`); a rerun resumes from
-  the newest intact one. A NaN/inf loss stops the run with a clear error; the last good
-  checkpoint stays. At the end: ``metrics/train--{run}.json``, the final model and its plain
-  (no TTA) out-of-fold predictions.
+  the newest intact one. A NaN/inf loss, validation output or weight stops the run with a
+  clear error; the last good checkpoint stays. At the end: ``metrics/train--{run}.json``, the
+  final model and its plain (no TTA) out-of-fold predictions.
+* One run, one trainer: a lock beside the run's checkpoint folder refuses a second start.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ import numpy as np
 from pipeline.lib import checkpoint
 from pipeline.lib import stage
 from pipeline.lib.errors import PipelineError, Stopped
-from pipeline.lib.fsutil import sha256, sweep_stale, write_json, write_text
+from pipeline.lib.fsutil import hold_lock, sha256, sweep_stale, write_json, write_text
 from pipeline.lib.predictions import prediction_files
 from pipeline.lib.runs import PSEUDO_TARGETS, artifact_name, member_name, pseudo_name, run_name
 from pipeline.lib.settings import Paths, TrainSection
@@ -144,6 +145,12 @@ class Run:
     @property
     def ckpt_dir(self) -> Path:
         return checkpoint.run_dir(self.paths.checkpoints, self.member, self.fold)
+
+    @property
+    def lock_path(self) -> Path:
+        """The run lock: beside the run's folder, not in it (the folder is a DVC output, and a
+        lock file inside would be cached with it); removed when the run ends."""
+        return self.ckpt_dir.parent / f".{self.ckpt_dir.name}.lock"
 
     @property
     def metrics_path(self) -> Path:
@@ -314,8 +321,12 @@ def pseudo_targets(run: Run, meta: dict[str, Any]) -> np.ndarray:
     return (targets / targets.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def open_session(run: Run) -> Session:
-    """Load the fold's data, build the network and optimizer, resume if a checkpoint fits."""
+def open_session(run: Run, held: contextlib.ExitStack | None = None) -> Session:
+    """Load the fold's data, build the network and optimizer, resume if a checkpoint fits.
+
+    ``held`` receives the run lock (rank 0, the one rank that writes the run's files): a
+    second trainer of the same run stops here, before it writes anything.
+    """
     from pipeline.lib import sgd
     from pipeline.lib.augment import build_train_transform
     from pipeline.lib.ranges import AffineRanges
@@ -327,6 +338,9 @@ def open_session(run: Run) -> Session:
     ctxs = parse_ctx(cfg.ctx)
     kv = make_kvstore(cfg.kvstore, ctxs)
     rank, n_workers = (kv.rank, kv.num_workers) if not isinstance(kv, str) else (0, 1)
+    if held is not None and rank == 0:
+        held.enter_context(hold_lock(run.lock_path, f"training of {run.name} (into "
+                                     f"{run.ckpt_dir})", remove=True))
     ranges = AffineRanges.from_dict(cfg.augment)
 
     train_idx, valid_idx = fold_indices(meta, run.fold)
@@ -487,10 +501,7 @@ def run_epoch(s: Session, epoch: int, sync_first: bool,
         if s.average is not None:
             s.average.update()
         if not math.isfinite(batch_loss):
-            raise TrainingError(
-                f"{run.name}: loss became {batch_loss} in epoch {epoch + 1} (lr {lr:g}); "
-                f"lower train.lr or check the data. The last good checkpoint is kept in "
-                f"{run.ckpt_dir}")
+            raise diverged(s, epoch, lr, f"loss became {batch_loss}")
         seen += len(x)
         total += batch_loss
         bar.set_postfix(loss=f"{total / seen:.3f}",
@@ -508,10 +519,24 @@ def run_epoch(s: Session, epoch: int, sync_first: bool,
         probs, labels = evaluate(s.net, s.valid_loader, s.ctxs[0], stop)
     if probs is None:
         _stop_mid_epoch(s, epoch, len(s.train_loader), seen, total, stop())
+    if len(labels) and not np.isfinite(probs).all():
+        raise diverged(s, epoch, lr, "validation outputs became NaN or infinite")
+    if not all(np.isfinite(p.data().asnumpy()).all() for p in s.net.collect_params().values()):
+        raise diverged(s, epoch, lr, "weights became NaN or infinite")
     if len(labels):
         row.update(valid_logloss=ndsb_log_loss(labels, probs),
                    valid_accuracy=accuracy(labels, probs))
     return row
+
+
+def diverged(s: Session, epoch: int, lr: float, what: str) -> TrainingError:
+    """The error of a run whose numbers stopped being finite: where, the fix, and the last
+    checkpoint of the run that is still good (never one that does not exist)."""
+    last = checkpoint.latest(s.run.ckpt_dir)
+    kept = (f"the last good checkpoint (epoch {last['epoch']}) is kept in {s.run.ckpt_dir}"
+            if last is not None else "no checkpoint yet")
+    return TrainingError(f"{s.run.name}: {what} in epoch {epoch + 1} (lr {lr:g}): lower "
+                         f"train.lr or check the data; {kept}")
 
 
 def _stop_mid_epoch(s: Session, epoch: int, batches: int, seen: int, total: float,
@@ -527,8 +552,9 @@ def _stop_mid_epoch(s: Session, epoch: int, batches: int, seen: int, total: floa
                   signum)
 
 
-def finish(s: Session) -> dict[str, Any]:
-    """Publish the final model, its out-of-fold predictions and the run's metrics."""
+def finish(s: Session, stop: Callable[[], int | None] = lambda: None) -> dict[str, Any]:
+    """Publish the final model, its out-of-fold predictions and the run's metrics; a stop
+    signal during the predictions ends it with :class:`Stopped` (the rerun publishes)."""
     from pipeline.lib.predictions import save_prediction_file
 
     run, cfg = s.run, s.run.cfg
@@ -540,7 +566,11 @@ def finish(s: Session) -> dict[str, Any]:
     s.net.load_parameters(str(run.ckpt_dir / "model.params"), ctx=s.ctxs)
     history = final["history"]
     _write_plot(run.plots_path, history)
-    probs, labels = evaluate(s.net, s.valid_loader, s.ctxs[0])
+    probs, labels = evaluate(s.net, s.valid_loader, s.ctxs[0], stop)
+    if probs is None:
+        raise Stopped(f"{run.name}: all {len(history)} epochs are saved in {run.ckpt_dir}; "
+                      "stopped while writing the out-of-fold predictions; rerun to finish",
+                      stop())
     if len(labels):
         names = [s.meta["train"][i]["name"] for i in s.valid_idx]
         save_prediction_file(run.ckpt_dir / "valid.npy", probs.astype(np.float32), names)
@@ -558,14 +588,27 @@ def train(run: Run) -> dict[str, Any]:
     """Train (or resume) ``run``; return the final metrics.
 
     The first SIGTERM/SIGINT stops the run after the current batch with its mid-epoch state
-    saved (:class:`Stopped`; the rerun continues the epoch exactly); a second one at once.
+    saved (:class:`Stopped`; the rerun continues the epoch exactly); a second one at once. One
+    while the run starts stops it before its first batch; one while it publishes the model,
+    with every epoch saved. The run lock (:attr:`Run.lock_path`) is held until the run's
+    files are written.
     """
-    s = open_session(run)
+    with contextlib.ExitStack() as held:
+        return _train(run, held)
+
+
+def _train(run: Run, held: contextlib.ExitStack) -> dict[str, Any]:
     dist = run.cfg.kvstore.startswith("dist")
     # dist workers keep the signals' default (an immediate stop; they resume from the last
     # epoch): a worker that finished its batch alone would hang the others at the next sum.
-    stopping = contextlib.nullcontext(lambda: None) if dist else \
-        graceful_stop(f"train {run.name}")
+    # The others stop gracefully from before the session opens until the model is published.
+    stop = held.enter_context(contextlib.nullcontext(lambda: None) if dist else
+                              graceful_stop(f"train {run.name}"))
+    s = open_session(run, held)
+    if stop() is not None:
+        raise Stopped(f"{run.name} stopped while starting, before its first batch (nothing "
+                      "new to save); rerun to continue", stop())
+    stopping = contextlib.nullcontext(stop)
     try:
         with stopping as stop:
             sync_first = dist  # see finish_initial_broadcast
@@ -586,7 +629,7 @@ def train(run: Run) -> dict[str, Any]:
         s.train_loader.close()
     if s.rank != 0:  # only rank 0 writes; its files may not exist yet, or not on this machine
         return s.history[-1] if s.history else {}
-    return finish(s)
+    return finish(s, stop)
 
 
 def _arguments(parser) -> None:

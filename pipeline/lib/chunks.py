@@ -30,20 +30,18 @@ of a running shard. The final (unsharded) run then finds every chunk done and on
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from pipeline.lib.errors import PipelineError
-from pipeline.lib.fsutil import atomic_path, read_json, write_json
+from pipeline.lib.fsutil import (LockHeld, atomic_path, hold_lock, lock_held, read_json,
+                                 write_json)
 from pipeline.lib.runs import run_name
 
 SETTINGS = "settings.json"
@@ -139,7 +137,7 @@ class ChunkStore:
         count = 0
         for fp, _ in self.others():
             d = self.model_dir / fp
-            if any(_held(lock) for lock in d.glob("shard-*.lock")):
+            if any(lock_held(lock) for lock in d.glob("shard-*.lock")):
                 print(f"note: keeping {d}: a shard with those settings is still running")
                 continue
             count += sum(1 for _ in d.glob("*.npz"))
@@ -210,36 +208,13 @@ class ChunkStore:
         """Hold the lock of ``shard s/K`` (``0/1`` = the whole run) while the block runs; a
         second process asking for the same shard fails at once, naming the holder."""
         self.open()
-        path = self.dir / f"shard-{shard}of{shards}.lock"
-        fh = open(path, "a+")
+        what = "this model's prediction" if shards == 1 else f"shard {shard}/{shards}"
         try:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                if err.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                fh.seek(0)
-                holder = fh.read().strip() or "another process"
-                what = "this model's prediction" if shards == 1 else f"shard {shard}/{shards}"
-                raise ChunkError(f"{what} is already running ({holder}); wait for it or stop "
-                                 "it before starting it again") from None
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
-            fh.flush()
-            yield
-        finally:
-            fh.close()
-
-
-def _held(lock: Path) -> bool:
-    """Whether a live process holds the lock file ``lock``."""
-    try:
-        with open(lock, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
-    except OSError:
-        return True
+            # Kept after the run: shards() reads the shard count from the lock files' names.
+            with hold_lock(self.dir / f"shard-{shard}of{shards}.lock", what):
+                yield
+        except LockHeld as err:
+            raise ChunkError(str(err)) from None
 
 
 def missing_report(missing: dict[str, list[int]], n_chunks: dict[str, int],

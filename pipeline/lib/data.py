@@ -9,16 +9,32 @@
 * Workers are forked processes (decode and cv2 warps release no GIL worth having), fed with
   bounded look-ahead (``prefetch`` batches in flight), so memory does not grow with the data
   set and the device rarely waits.
+* Stops are the parent's business: workers ignore SIGINT and SIGTERM, so a Ctrl-C or a
+  scheduler's SIGTERM sent to the whole process group reaches only the trainer, which finishes
+  its batch, saves and ends the workers itself (SIGKILL: they hold nothing worth saving). A
+  worker that dies anyway (the kernel's out-of-memory killer, ``kill -9``) is noticed at once
+  (its socket closes) and ends the run with :class:`LoaderError` instead of a wait for a batch
+  that never comes. Each worker has its own socket to the parent and nothing shared, so a dead
+  worker cannot leave a lock held (what made :class:`multiprocessing.Pool` hang), and a worker
+  whose parent is gone (``kill -9``) reads the end of its socket and exits: none is orphaned.
 """
 from __future__ import annotations
 
 import os
+import pickle
+import queue
+import signal
+import threading
+import time
+import traceback
 from collections import deque
-from multiprocessing import get_context
+from multiprocessing import Pipe
+from multiprocessing.pool import ExceptionWithTraceback
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from pipeline.lib.errors import PipelineError
 from pipeline.lib.records import RecordReader
 
 # Worker-process state, inherited through fork (a RecordReader re-opens its handle per pid).
@@ -48,6 +64,165 @@ def _load_batch(task: tuple[np.ndarray, int | None]) -> tuple[np.ndarray, np.nda
         images.append(img)
         labels.append(label)
     return to_input(np.stack(images)), np.asarray(labels, dtype=np.float32)
+
+
+class LoaderError(PipelineError, RuntimeError):
+    """A data loader worker process died (killed by the system or by hand)."""
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _serve(conn) -> None:
+    """A worker's life: decode the batches the parent sends, send them back in order.
+
+    The main thread takes tasks and decodes; a second thread sends the results, so the worker
+    runs ahead of the parent by as many batches as the parent has asked for (``prefetch``)
+    instead of waiting while a finished batch sits in the socket. Ends when the parent goes
+    away (its end of the socket closes).
+    """
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def send() -> None:
+        while True:
+            item = outbox.get()
+            try:
+                conn.send(item)
+            except OSError:  # the parent is gone: nobody to send to
+                os._exit(0)
+
+    threading.Thread(target=send, daemon=True).start()
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):  # the parent closed the loader or died
+            return
+        try:
+            outbox.put(("ok", _load_batch(task)))
+        except Exception as exc:  # noqa: BLE001 - re-raised in the parent, with this traceback
+            outbox.put(("error", _portable(exc)))
+
+
+def _portable(exc: Exception) -> BaseException:
+    """``exc`` with its traceback as it will arrive in the parent, or, if it cannot travel
+    (an exception whose arguments do not pickle), a RuntimeError saying the same."""
+    wrapped = ExceptionWithTraceback(exc, exc.__traceback__)
+    try:
+        pickle.loads(pickle.dumps(wrapped))
+    except Exception:  # noqa: BLE001 - any failure to travel
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return wrapped
+
+
+class _Workers:
+    """``n`` forked decode processes, each with its own socket. Tasks go to the workers in
+    turn and every worker answers its tasks in order, so reading the batches back in the same
+    turn gives them in task order."""
+
+    def __init__(self, n: int):
+        self.pids: list[int] = []
+        self.conns: list = []
+        self.sent = self.received = 0
+        # Blocked around fork, so no stop signal reaches a child before it ignores them.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for _ in range(n):
+                ours, theirs = Pipe()
+                pid = os.fork()
+                if pid == 0:  # the worker
+                    code = 1
+                    try:
+                        for s in STOP_SIGNALS:
+                            signal.signal(s, signal.SIG_IGN)
+                        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                        for c in [ours, *self.conns]:  # so the parent's exit reads as EOF
+                            c.close()
+                        _serve(theirs)
+                        code = 0
+                    except BaseException:  # a bug: say where before the parent reports the exit
+                        traceback.print_exc()
+                    finally:
+                        os._exit(code)
+                theirs.close()
+                self.pids.append(pid)
+                self.conns.append(ours)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def submit(self, task: tuple[np.ndarray, int | None]) -> int:
+        """Send ``task`` to the next worker; returns that worker's number for :meth:`result`."""
+        w = self.sent % len(self.conns)
+        try:
+            self.conns[w].send(task)
+        except OSError:
+            raise LoaderError(self._death(w)) from None
+        self.sent += 1
+        return w
+
+    @property
+    def owed(self) -> int:
+        """Batches sent for and not yet read back."""
+        return self.sent - self.received
+
+    def result(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """The oldest batch not yet read from worker ``w``; an error of its decoding is raised
+        here, and a dead worker raises :class:`LoaderError`."""
+        try:
+            kind, value = self.conns[w].recv()
+        except (EOFError, OSError):
+            raise LoaderError(self._death(w)) from None
+        self.received += 1
+        if kind == "error":
+            raise value
+        return value
+
+    def _death(self, w: int) -> str:
+        """One line: which worker died, how, and what to do."""
+        pid, status = self.pids[w], None
+        # Its socket closed as it exited; the exit status follows within moments.
+        for _ in range(100 if pid > 0 else 0):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if done:
+                self.pids[w] = -1  # reaped
+                break
+            status = None
+            time.sleep(0.01)
+        hint = "rerun to continue from the last saved epoch"
+        if status is None:
+            how = "stopped answering"
+        elif os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            how = f"was killed by {signal.Signals(sig).name}"
+            if sig == signal.SIGKILL:
+                hint = ("SIGKILL usually means the system ran out of memory: lower "
+                        "train.workers, train.prefetch or train.batch_size, then " + hint)
+        else:
+            how = f"exited with code {os.WEXITSTATUS(status)}"
+        return f"data loader worker (pid {pid}) {how}; {hint}"
+
+    def close(self) -> None:
+        """End every worker at once (SIGKILL) and reap it."""
+        for pid in self.pids:
+            if pid > 0:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for conn in self.conns:
+            conn.close()
+        for pid in self.pids:
+            if pid > 0:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+        self.pids, self.conns = [], []
 
 
 class BatchLoader:
@@ -88,16 +263,22 @@ class BatchLoader:
         if self.workers <= 0:
             yield from map(_load_batch, tasks)
             return
+        if self._pool is not None and self._pool.owed:  # an earlier epoch was left mid-way
+            self.close()
         pool = self._ensure_pool()
         pending: deque = deque()
-        for task in tasks:
-            pending.append(pool.apply_async(_load_batch, (task,)))
-            if len(pending) >= self.prefetch:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        try:
+            for task in tasks:
+                pending.append(pool.submit(task))
+                if len(pending) >= self.prefetch:
+                    yield pool.result(pending.popleft())
+            while pending:
+                yield pool.result(pending.popleft())
+        finally:
+            if pending and self._pool is pool:  # left mid-epoch: batches are still owed
+                self.close()
 
-    def _ensure_pool(self):
+    def _ensure_pool(self) -> _Workers:
         if self._pool is None:
             # Workers inherit _STATE through fork; numpy/OpenCV inside them stay single-threaded
             # so they do not fight the training process for the cores.
@@ -105,14 +286,14 @@ class BatchLoader:
             import cv2
 
             cv2.setNumThreads(1)
-            self._pool = get_context("fork").Pool(self.workers)
+            self._pool = _Workers(self.workers)
         return self._pool
 
     def close(self) -> None:
+        """End the worker processes (at once; a later epoch starts new ones)."""
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            pool.close()
 
     def __enter__(self) -> "BatchLoader":
         return self

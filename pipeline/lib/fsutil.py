@@ -6,11 +6,15 @@ reads and :func:`remove_stale_temps` deletes on the stage's next run once its wr
 process on this host) is gone. A full disk while writing becomes :class:`OutOfSpaceError`
 ("no space left on <folder> (needed about N MB, M MB free)"), with the temporary file removed
 and the previous file under the final name untouched.
+
+Runs that must not overlap (two trainings of one run, two copies of one prediction shard)
+hold a lock file with :func:`hold_lock`: the second start fails at once naming the holder.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -216,3 +220,62 @@ def sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class LockHeld(PipelineError, RuntimeError):
+    """Another live process holds the lock: the same work is already running."""
+
+
+@contextlib.contextmanager
+def hold_lock(path: str | os.PathLike, what: str, remove: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` while the block runs.
+
+    A second process asking for it raises :class:`LockHeld` at once: ``{what} is already
+    running (pid P on HOST); ...``. The lock is the kernel's ``flock``, so it goes with its
+    holder: a ``kill -9`` never leaves a lock behind, and the next start takes the file over.
+    The file says who holds it (for that message). ``remove``: delete the file at the end
+    (while still holding it), for a lock file that must not stay among a run's outputs.
+    Child processes forked inside the block share the lock until they exit.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise LockHeld(f"{what} is already running ({holder}); wait for it or stop it "
+                           f"before starting it again (lock {path})") from None
+        # A holder that removed the file as we opened it: ours is no longer the lock file.
+        try:
+            same = os.path.samestat(os.fstat(fh.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fh.close()
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        yield
+    finally:
+        if remove:
+            path.unlink(missing_ok=True)
+        fh.close()
+
+
+def lock_held(path: str | os.PathLike) -> bool:
+    """Whether a live process holds the lock file ``path`` (see :func:`hold_lock`)."""
+    try:
+        with open(path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+    except OSError:
+        return True

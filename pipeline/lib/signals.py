@@ -22,9 +22,10 @@ def graceful_stop(what: str) -> Iterator[Callable[[], int | None]]:
     """Yield a function returning the number of the first stop signal received, or None.
 
     Outside the main thread (where handlers cannot be installed) signals keep their default
-    action and the function always returns None. Processes forked inside the block (data
-    loader workers) inherit the handler; in them it restores the default action and re-raises,
-    so terminating a worker pool stops its workers at once and silently.
+    action and the function always returns None. Processes forked inside the block inherit
+    the handler; in them it restores the default action and re-raises, so a signal stops them
+    at once and silently. (Data loader workers ignore both signals instead and leave the stop
+    to their parent: :mod:`pipeline.lib.data`.)
     """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
