@@ -420,6 +420,8 @@ def test_the_lock_of_a_killed_trainer_is_taken_over(records, per_epoch, referenc
     first.held()
     os.killpg(first.pid, signal.SIGKILL)
     first.proc.wait()
+    # The loader worker shares the lock's open file until it is gone too.
+    assert group_gone(first.pid)
     lock = tmp_path / "ck" / f".{RUN}.lock"
     assert lock.exists() and not fsutil.lock_held(lock)
     assert "resuming after epoch 1" in rerun(records, tmp_path).stdout
