@@ -92,6 +92,23 @@ def test_chunk_store_detects_corruption_and_foreign_chunks(tmp_path, capsys):
     assert C.describe_difference(store.settings, other.settings) == "n: 6 vs 5"
 
 
+def test_finished_predictions_keep_the_store_a_running_shard_holds(tmp_path, capsys):
+    """remove() after a merge drops this model's work, but not a store of other settings
+    that a shard still running holds (its lock is taken): that work is not ours to drop."""
+    mine = C.ChunkStore(tmp_path, NET, 0, {"n": 5})
+    mine.open()
+    running = C.ChunkStore(tmp_path, NET, 0, {"n": 6})
+    running.open()
+    idle = C.ChunkStore(tmp_path, NET, 0, {"n": 7})
+    idle.open()
+    with running.lock(1, 4):
+        mine.remove()
+        assert running.dir.is_dir() and not mine.dir.exists() and not idle.dir.exists()
+        assert f"keeping {running.dir}" in capsys.readouterr().out
+    mine.remove()
+    assert not mine.model_dir.exists()
+
+
 def test_chunked_resumed_and_sharded_runs_equal_one_pass(trained, tmp_path, capsys):
     records, ck = trained
     whole = P.predict(NET, 0, cfg(tmp_path / "one", ck, chunk_images=1000), at(tmp_path / "one", ck, records, tmp_path / "m1"))
@@ -272,3 +289,45 @@ def test_sigterm_mid_tta_stops_gracefully_and_the_rerun_equals_uninterrupted(tra
     assert "resuming:" in out.stdout
     P.predict(NET, 0, cfg(tmp_path / "ref", ck, n=60, chunk_images=4, batch_size=2), at(tmp_path / "ref", ck, records, tmp_path / "mref"))
     assert_same(outputs(tmp_path), outputs(tmp_path / "ref"))
+
+
+def test_a_full_work_disk_gives_one_error_and_no_ignored_traceback(tmp_path, monkeypatch, capfd):
+    """A chunk write that fails for lack of space raises the OSError once, leaves no
+    temporary file, and nothing prints "Exception ignored in ZipFile.__del__" afterwards."""
+    import builtins
+    import errno
+    import gc
+
+    class Full:
+        def __init__(self, fh):
+            self.fh, self.written = fh, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 512:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.fh.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    monkeypatch.setattr(C, "open", lambda path, mode: Full(builtins.open(path, mode)),
+                        raising=False)
+    store = C.ChunkStore(tmp_path, NET, 0, {"n": 5})
+    store.open()
+    probs = np.random.default_rng(0).random((64, 3)).astype(np.float32)
+    with pytest.raises(OSError) as err:
+        store.save("test", 0, 0, 64, {"probs": probs}, {"seconds": 1.0, "views": 20})
+    assert err.value.errno == errno.ENOSPC
+    gc.collect()
+    assert "Exception ignored" not in capfd.readouterr().err
+    assert list(store.dir.glob("*.npz*")) == [] and not store.path("test", 0).exists()
+    monkeypatch.undo()
+    store.save("test", 0, 0, 64, {"probs": probs}, {"seconds": 1.0, "views": 20})
+    np.testing.assert_array_equal(store.load("test", 0, 0, 64)[0]["probs"], probs)

@@ -93,6 +93,18 @@ def shard_of(chunk: int, n_chunks: int, shards: int) -> int:
     return next(s for s in range(shards) if chunk in shard_chunks(n_chunks, s, shards))
 
 
+def _write_npz(fh, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` with the archive closed inside a ``with``: when a write fails (a full
+    disk), ``np.savez`` leaves its ZipFile to the garbage collector, whose second attempt at
+    the central directory prints an extra "Exception ignored" traceback after our one line."""
+    import zipfile
+
+    with zipfile.ZipFile(fh, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+
+
 def _digest(fp: str, split: str, start: int, stop: int, arrays: dict[str, np.ndarray],
             info: dict[str, Any]) -> str:
     h = hashlib.sha256(json.dumps([fp, split, start, stop, info], sort_keys=True).encode())
@@ -145,8 +157,18 @@ class ChunkStore:
         return count
 
     def remove(self) -> None:
-        """Delete this model's whole work directory (after its predictions are written)."""
-        shutil.rmtree(self.model_dir, ignore_errors=True)
+        """Delete this model's work directory (after its predictions are written), except
+        the store of any settings a running shard still holds: its work is not ours to drop."""
+        kept = []
+        for d in sorted(p for p in self.model_dir.glob("*") if p.is_dir()):
+            if any(lock_held(lock) for lock in d.glob("shard-*.lock")):
+                kept.append(d)
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+        for d in kept:
+            print(f"note: keeping {d}: a shard with those settings is still running")
+        if not kept:
+            shutil.rmtree(self.model_dir, ignore_errors=True)
         with contextlib.suppress(OSError):  # the work root too, once no model uses it
             self.model_dir.parent.rmdir()
 
@@ -170,7 +192,7 @@ class ChunkStore:
                              "stop": stop, "info": info, "sha256": digest}, sort_keys=True)
         with atomic_path(self.path(split, i, part), suffix=".npz") as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, header=np.array(header), **arrays)
+                _write_npz(fh, {"header": np.array(header), **arrays})
 
     def load(self, split: str, i: int, start: int, stop: int | None, part: bool = False
              ) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
