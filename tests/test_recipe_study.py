@@ -32,7 +32,7 @@ def test_study_runs_base_and_pseudo_labels_over_two_seeds(tmp_path, capsys):
     generate(tmp_path / "ndsb", classes=3, per_class=8, test=6, seed=3, max_size=60)
     ingest(tmp_path / "ndsb", tmp_path / "records", Settings(size=32), folds=2, workers=1)
     argv = ["--records", str(tmp_path / "records"), "--out", str(tmp_path / "study"),
-            "--nets", "lenet", "--folds", "0", "1", "--seeds", "0", "1", "--variants", "base",
+            "--nets", "lenet", "--folds", "0", "--seeds", "0", "1", "--variants", "base",
             "pl", "--epochs", "1", "--lr-steps", "--batch-size", "8", "--tta-n", "2"]
     R.main(argv)
     rows = [json.loads(x) for x in (tmp_path / "study" / "results.jsonl").read_text()
