@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import time
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -451,7 +452,20 @@ def _convert(items: Sequence[Item], settings: Settings, writer: _SplitWriter, wo
     results: Iterable = (_process(job) for job in jobs)
     pool = None
     if workers > 1 and len(jobs) > 64:
-        pool = get_context("fork").Pool(workers)
+        # Workers ignore a terminal's Ctrl-C to the process group: the parent stops them
+        # (terminate() below) and reports the stop in one line, not one traceback each.
+        # A SIGINT landing while the workers are forked is held back until they are: in the
+        # parent it would be lost in an at-fork handler, in a child it would be a traceback.
+        held: list[int] = []
+        previous = signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
+        try:
+            pool = get_context("fork").Pool(workers, initializer=_ignore_sigint)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if held:
+            pool.terminate()
+            bar.close()
+            raise KeyboardInterrupt
         results = pool.imap(_process, jobs, chunksize=32)  # imap keeps order: determinism
     try:
         for index, payload, w, h, error in results:
@@ -473,6 +487,10 @@ def _convert(items: Sequence[Item], settings: Settings, writer: _SplitWriter, wo
         if pool is not None:
             pool.terminate()
     return entries, bad
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def estimate_bytes(items: Sequence[Item], settings: Settings, sample: int = 32

@@ -134,12 +134,21 @@ def submit(predictions: str | os.PathLike, records: str | os.PathLike,
                     out: str | os.PathLike, sample_submission: str | os.PathLike | None = None,
                     plain_csv: bool = False) -> pd.DataFrame:
     """Read predictions, the records' meta.json and the optional sample; write and verify the
-    submission."""
+    submission.
+
+    Without ``sample_submission``, the rows are those of the ``sampleSubmission.csv`` that
+    ingest found in ``data.root`` (``meta.json``), when there was one: a test image skipped at
+    ingest (``data.skip_bad``) then fails here, naming it, instead of leaving a submission
+    with fewer rows than Kaggle expects.
+    """
     probs, names = load_prediction_file(predictions)
     info = load_meta(records)
     sample_classes = sample_images = None
     if sample_submission:
         sample_classes, sample_images = read_sample(sample_submission)
+    elif isinstance(info.get("sample_submission"), dict) \
+            and info["sample_submission"].get("images") is not None:
+        sample_images = list(info["sample_submission"]["images"])
     test_images = [t["name"] for t in info["test"]]
     frame = build_submission(probs, names, info["classes"], test_images,
                              sample_classes, sample_images)

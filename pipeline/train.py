@@ -667,6 +667,10 @@ def _abort_worker(exc: BaseException) -> NoReturn:
     this one's gradients: a normal exit would hang the whole job instead of failing it. With
     an immediate exit the launcher (or srun -K / mpirun) sees the code and stops the others.
     """
+    if isinstance(exc, SystemExit) and isinstance(exc.code, int):  # a stop: its code
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.code)
     if isinstance(exc, SystemExit):  # the one-line message of stage_errors
         print(exc.code, file=sys.stderr)
     else:

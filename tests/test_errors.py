@@ -67,3 +67,31 @@ def test_unknown_net_and_bad_params_are_one_line_errors(project):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(
         "train failed: params.yaml: train: unknown key(s) ['bogus']; valid keys: ")
+
+
+def test_ctrl_c_to_a_stage_outside_its_graceful_stop_is_one_line_and_130(tmp_path):
+    """ingest (whose worker pool gets the group's SIGINT too) stops in one line, exit 130,
+    with no traceback from the parent or any worker."""
+    import os
+    import signal
+    import time
+
+    from pipeline.tools.synth import generate
+
+    generate(tmp_path / "ndsb", classes=3, per_class=400, test=100, seed=1, max_size=300)
+    (tmp_path / "params.yaml").write_text(
+        f"data:\n  root: {tmp_path / 'ndsb'}\n  workers: 2\n  folds: 2\n"
+        f"paths:\n  records: {tmp_path / 'records'}\nmodels:\n  folds: [0, 1]\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.ingest"], cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "records").glob(".train.rec.tmp*")) and time.time() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("ingest stopped: interrupted (SIGINT)"), repr(err[-600:])
+    assert not (tmp_path / "records" / "meta.json").exists()

@@ -72,6 +72,23 @@ def test_without_sample_uses_meta_order(tmp_path: Path) -> None:
     assert list(frame["image"]) == TEST
 
 
+def test_rows_follow_the_sample_ingest_found_and_a_skipped_image_is_named(tmp_path: Path
+                                                                          ) -> None:
+    """Without submit.sample_submission, the rows are those of data.root's sample that ingest
+    recorded: a test image skipped at ingest fails here instead of a short submission."""
+    pred = tmp_path / "test--ensemble.npy"
+    save_prediction_file(pred, probs_for(TEST[:2]), TEST[:2])  # c.jpg was skipped at ingest
+    write_json(tmp_path / "meta.json", {
+        "classes": META_CLASSES, "test": [{"name": n} for n in TEST[:2]],
+        "sample_submission": {"file": "sampleSubmission.csv", "images": TEST}})
+    with pytest.raises(SubmissionError, match="c.jpg"):
+        submit(pred, tmp_path, tmp_path / "s.csv.gz")
+    assert not (tmp_path / "s.csv.gz").exists()
+    save_prediction_file(pred, probs_for(TEST), TEST[::-1])
+    frame = submit(pred, tmp_path, tmp_path / "s.csv.gz")
+    assert list(frame["image"]) == TEST
+
+
 def test_rows_are_normalized() -> None:
     frame = build_submission(3 * probs_for(TEST), TEST, META_CLASSES, TEST)
     assert np.allclose(frame[META_CLASSES].sum(axis=1), 1.0)

@@ -52,6 +52,10 @@ def stage_errors(stage: str) -> Iterator[None]:
     except Stopped as exc:  # a requested stop, not a failure: the signal's usual exit code
         print(f"{stage} stopped: {one_line(str(exc))}", file=sys.stderr, flush=True)
         raise SystemExit(128 + exc.signum) from None
+    except KeyboardInterrupt:  # Ctrl-C outside a graceful-stop block: outputs are atomic
+        print(f"{stage} stopped: interrupted (SIGINT); nothing half-written is kept, rerun it "
+              "to start again", file=sys.stderr, flush=True)
+        raise SystemExit(128 + 2) from None
     except PipelineError as exc:
         raise SystemExit(f"{stage} failed: {one_line(str(exc))}") from None
     except OSError as exc:
