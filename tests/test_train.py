@@ -16,6 +16,7 @@ import pytest
 from pipeline import train as T
 from pipeline.ingest import Settings, ingest
 from pipeline.lib import checkpoint
+from pipeline.lib import devices as D
 from pipeline.lib.settings import SettingsError, TrainSection
 from pipeline.tools.synth import generate
 from tests.conftest import ROOT, where, write_params
@@ -59,18 +60,18 @@ def test_lr_schedule_steps_by_factor():
 def test_parse_ctx():
     import mxnet as mx
 
-    assert T.parse_ctx("cpu") == [mx.cpu(0)]
-    assert T.parse_ctx("cpu:0,1") == [mx.cpu(0), mx.cpu(1)]
-    with pytest.raises(T.TrainingError, match="cpu"):
-        T.parse_ctx("tpu:0")
+    assert D.parse_ctx("cpu") == [mx.cpu(0)]
+    assert D.parse_ctx("cpu:0,1") == [mx.cpu(0), mx.cpu(1)]
+    with pytest.raises(D.DeviceError, match="cpu"):
+        D.parse_ctx("tpu:0")
     if mx.context.num_gpus() == 0:
-        with pytest.raises(T.TrainingError, match="not available"):
-            T.parse_ctx("gpu:0")
+        with pytest.raises(D.DeviceError, match="not available"):
+            D.parse_ctx("gpu:0")
 
 
 def test_unsupported_kvstores_are_refused():
-    with pytest.raises(T.TrainingError, match="falls back"):
-        T.make_kvstore("horovod", [])
+    with pytest.raises(D.DeviceError, match="falls back"):
+        D.make_kvstore("horovod", [])
 
 
 def test_train_writes_metrics_plots_checkpoint_and_oof(records, tmp_path):
@@ -156,7 +157,7 @@ def test_two_contexts_equal_one_context_with_same_global_batch(records, tmp_path
     a, b = (params_of(tmp_path / d / "ck" / f"{NET}--fold0") for d in ("one", "two"))
     import mxnet as mx
 
-    initial = T.build(T.Run(NET, 0, one, where(tmp_path / "one", records)), 3, T.parse_ctx("cpu"))[0]
+    initial = T.build(T.Run(NET, 0, one, where(tmp_path / "one", records)), 3, D.parse_ctx("cpu"))[0]
     initial(mx.nd.zeros((1, 1, 32, 32)))  # finish deferred initialization
     moved = 0.0
     for key in a:
