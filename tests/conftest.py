@@ -5,11 +5,19 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import signal
+
 import numpy as np
 import pytest
 
 if TYPE_CHECKING:
     from pipeline.lib.settings import Paths
+
+# A test run started in the background (a CI job, `make test &`) inherits SIGINT ignored, and
+# so would every process the tests start, while the Ctrl-C tests need it delivered. A handler
+# here is reset to the default action in the processes they exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Tests share 2 cores with each other's subprocesses; set before any mxnet import.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
