@@ -238,10 +238,6 @@ def _net_kwargs_problem(value: Mapping[str, Any]) -> str | None:
     return f"{{net: {{keyword: value}}}}, got {bad[0]}: {value[bad[0]]!r}" if bad else None
 
 
-def rule(section: type, key: str) -> Rule:
-    return next(f.metadata["rule"] for f in dataclasses.fields(section) if f.name == key)
-
-
 # ------------------------------------------------------------------------------- the schema
 
 

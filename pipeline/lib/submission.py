@@ -151,15 +151,24 @@ def sample_problems(classes: Sequence[str], images: Sequence[str] | None) -> lis
     if repeated:
         problems.append(f"duplicate class column(s) {examples(repeated, 10)}")
     if images is not None:
-        empty = [i + 2 for i, n in enumerate(images) if not n.strip()]
-        if empty:
-            problems.append(f"{len(empty)} row(s) with an empty image name (CSV lines "
-                            f"{examples(empty, EXAMPLES)})")
-        repeated = [n for n in duplicates(images) if n.strip()]
+        problems += _empty_rows(images)
+        repeated = _repeated(images)
         if repeated:
             problems.append(f"{len(repeated)} image(s) listed more than once, e.g. "
                             f"{examples(repeated, EXAMPLES)}")
     return problems
+
+
+def _empty_rows(names: Sequence[str]) -> list[str]:
+    """The problem of rows without an image name (CSV line numbers, after the header)."""
+    empty = [i + 2 for i, n in enumerate(names) if not n.strip()]
+    return [f"{len(empty)} row(s) with an empty image name (CSV lines "
+            f"{examples(empty, EXAMPLES)})"] if empty else []
+
+
+def _repeated(names: Sequence[str]) -> list[str]:
+    """The non-empty image names that occur more than once."""
+    return [n for n in duplicates(names) if n.strip()]
 
 
 def name_problem(name: str, image: bool = True) -> str | None:
@@ -269,12 +278,8 @@ def _check_columns(header: list[str], classes: Sequence[str] | None) -> list[str
 
 
 def _check_images(names: list[str], images: Sequence[str] | None) -> list[str]:
-    problems = []
-    empty = [i + 2 for i, n in enumerate(names) if not n.strip()]
-    if empty:
-        problems.append(f"{len(empty)} row(s) with an empty image name (CSV lines "
-                        f"{examples(empty, EXAMPLES)})")
-    repeated = [n for n in duplicates(names) if n.strip()]
+    problems = _empty_rows(names)
+    repeated = _repeated(names)
     if repeated:
         problems.append(f"duplicate image row(s): {len(repeated)} image(s) appear more than "
                         f"once, e.g. {examples(repeated, EXAMPLES)}")
