@@ -8,7 +8,8 @@ and every fold in ``models.folds``; ``--fold -1`` trains on all labelled images)
   decoded in worker processes with bounded prefetch (:mod:`pipeline.lib.data`).
 * Optimization (thesis §2.1.8-2.1.10): SGD with Nesterov momentum (MXNet ``nag``), weight
   decay, learning rate multiplied by ``lr_factor`` at each of ``lr_steps`` epochs (the thesis
-  ran 0.01 x 400 -> 0.001 x 80 -> 0.0001 x 80 epochs).
+  ran 0.01 x 400 -> 0.001 x 80 -> 0.0001 x 80 epochs), or another ``schedule`` (cosine with
+  warm-up, one-cycle: :mod:`pipeline.lib.schedule`), set before every batch.
 * Devices: ``ctx`` and ``kvstore`` (:mod:`pipeline.lib.devices`): one or several devices, or
   several machines under :mod:`pipeline.tools.launch` with ``dist_sync``.
 * Precision (``precision``, default ``auto``): ``bfloat16`` runs the convolutions in bfloat16
@@ -46,11 +47,14 @@ from pipeline.lib.devices import finish_initial_broadcast, make_kvstore, parse_c
 from pipeline.lib.fsutil import hold_lock, sha256, sweep_stale, write_json, write_text
 from pipeline.lib.predictions import prediction_files
 from pipeline.lib.runs import PSEUDO_TARGETS, artifact_name, member_name, pseudo_name, run_name
+from pipeline.lib.schedule import Schedule, needs_epochs, unused_keys
 from pipeline.lib.settings import Paths, TrainSection
 from pipeline.lib.signals import graceful_stop
 
 
 # Keys that may change without invalidating a checkpoint (a run can be extended or moved).
+# ``epochs`` only under a schedule whose lr does not depend on it (``steps``): see
+# :func:`shaping`.
 RESUMABLE_KEYS = ("epochs", "workers", "prefetch", "ctx", "kvstore")
 
 
@@ -59,8 +63,27 @@ class TrainingError(PipelineError, RuntimeError):
 
 
 def lr_at(epoch: int, lr: float, steps: Sequence[int], factor: float) -> float:
-    """Learning rate of ``epoch`` (0-based): ``lr * factor ** (steps passed)``."""
-    return lr * factor ** sum(1 for s in steps if epoch >= s)
+    """Learning rate of ``epoch`` (0-based) under ``steps``: ``lr * factor ** (steps passed)``."""
+    return Schedule("steps", lr, lr_steps=tuple(steps), lr_factor=factor).lr_at(epoch)
+
+
+def schedule_of(cfg: TrainSection) -> Schedule:
+    """The run's learning-rate (and momentum) schedule."""
+    return Schedule(cfg.schedule, cfg.lr, cfg.momentum, cfg.epochs, tuple(cfg.lr_steps),
+                    cfg.lr_factor, cfg.warmup_epochs, cfg.min_lr, cfg.cycle_div,
+                    cfg.cycle_momentum)
+
+
+def shaping(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that shape a run's weights: all but :data:`RESUMABLE_KEYS` and the keys
+    of schedules other than the run's, plus ``epochs`` when the schedule's lr depends on it
+    (cosine, one-cycle: epoch e of a 10-epoch run is not epoch e of a 20-epoch run). Under
+    ``steps`` this is what it was before schedules existed, so those checkpoints still fit.
+    """
+    schedule = settings.get("schedule", "steps")
+    keep = {"epochs"} if needs_epochs(schedule) else set()
+    drop = (set(RESUMABLE_KEYS) - keep) | unused_keys(schedule)
+    return {k: v for k, v in settings.items() if k not in drop}
 
 
 def fingerprint(net: str, fold: int, settings: dict[str, Any], meta: dict[str, Any],
@@ -70,7 +93,7 @@ def fingerprint(net: str, fold: int, settings: dict[str, Any], meta: dict[str, A
     ``architecture`` (the built network's ``repr``: every layer and its settings) makes an
     edited network table start afresh instead of loading parameters of another shape.
     """
-    relevant = {k: v for k, v in settings.items() if k not in RESUMABLE_KEYS}
+    relevant = shaping(settings)
     data = {k: meta[k] for k in ("classes", "size", "background", "folds", "seed", "files")}
     blob = json.dumps([net, fold, relevant, data, architecture], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -315,7 +338,7 @@ def open_session(run: Run, held: contextlib.ExitStack | None = None) -> Session:
                     "augment": "numpy SeedSequence([seed + rank, epoch, batch])",
                     "mxnet": "mx.random.seed(SeedSequence([seed * 100003 + rank, epoch, "
                              "batch]))"},
-            "train": {k: v for k, v in run.settings.items() if k not in RESUMABLE_KEYS}}
+            "train": shaping(run.settings)}
     average = None
     if cfg.ema_half_life:
         average = sgd.WeightAverage(net, cfg.ema_half_life * max(1, len(train_loader)))
@@ -332,8 +355,9 @@ def _resume(s: Session) -> None:
     """Continue from the newest intact checkpoint of the same settings, else start clean.
 
     Only ``epochs`` (and the other :data:`RESUMABLE_KEYS`) may differ from the checkpoint's
-    settings. More epochs extend the run: the learning rate of an epoch does not depend on
-    ``epochs``, so epoch ``e`` of a longer run equals epoch ``e`` of a shorter one. Fewer
+    settings, and ``epochs`` only under the ``steps`` schedule (:func:`shaping`). More epochs
+    extend the run: the learning rate of an epoch does not depend on ``epochs`` there, so
+    epoch ``e`` of a longer run equals epoch ``e`` of a shorter one. Fewer
     epochs than the checkpoint holds never keep the longer run: the asked epoch is used when
     its checkpoint is still kept (the later ones are removed), else the run starts afresh.
     A mid-epoch checkpoint (a graceful stop) of the epoch that comes next continues it.
@@ -342,7 +366,8 @@ def _resume(s: Session) -> None:
     name, wanted = s.run.name, s.run.cfg.epochs
     resumed = checkpoint.latest(s.run.ckpt_dir)
     if resumed is not None and resumed.get("fingerprint") != s.spec["fingerprint"]:
-        print(f"train {name}: settings changed since the checkpoint; starting afresh")
+        print(f"train {name}: {_why_afresh(resumed.get('train'), s.spec['train'])}; "
+              "starting afresh")
         resumed = None
         if s.rank == 0:
             checkpoint.clear(s.run.ckpt_dir)
@@ -388,6 +413,18 @@ def _resume(s: Session) -> None:
         print(f"train {name}: already trained for {done} epochs")
 
 
+def _why_afresh(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """Why a checkpoint does not fit: the one case worth naming is a new ``epochs`` under a
+    schedule that depends on it (cosine, one-cycle), which cannot extend a run."""
+    if old is not None and "epochs" in new and "epochs" in old and old["epochs"] != \
+            new["epochs"] and {k: v for k, v in old.items() if k != "epochs"} == \
+            {k: v for k, v in new.items() if k != "epochs"}:
+        return (f"train.epochs changed from {old['epochs']} to {new['epochs']}, and under "
+                f"schedule {new.get('schedule')} the learning rate of every epoch depends on "
+                "the total, so the checkpoint cannot be extended or cut")
+    return "settings changed since the checkpoint"
+
+
 def _load(s: Session, record: dict[str, Any]) -> None:
     """Weights, optimizer state, weight average and history of a checkpoint record."""
     if s.average is not None:  # the average first: loading it goes through the net
@@ -414,7 +451,9 @@ def run_epoch(s: Session, epoch: int, sync_first: bool,
     from pipeline.lib.metrics import accuracy, ndsb_log_loss
 
     cfg, run = s.run.cfg, s.run
-    lr = lr_at(epoch, cfg.lr, cfg.lr_steps, cfg.lr_factor)
+    schedule, batches = schedule_of(cfg), len(s.train_loader)
+    # The step's place alone sets lr and momentum: a run resumed mid-epoch takes the same.
+    lr = schedule.lr_at(epoch, 0, batches)
     s.trainer.set_learning_rate(lr)
     loss_fn = sgd.loss_function(cfg.label_smoothing)
     first_batch, (seen, total) = s.start_batch, s.partial_sums
@@ -424,6 +463,9 @@ def run_epoch(s: Session, epoch: int, sync_first: bool,
                initial=first_batch, unit="batch", mininterval=2, disable=s.rank != 0,
                desc=f"{run.name} epoch {epoch + 1}/{cfg.epochs}")
     for b, (x, y) in enumerate(bar, start=first_batch):
+        if schedule.per_batch:
+            s.trainer.set_learning_rate(schedule.lr_at(epoch, b, batches))
+            s.trainer.optimizer.momentum = schedule.momentum_at(epoch, b, batches)
         if s.targets is not None:  # second round: one-hot and pseudo-label rows
             y = soft_targets(y, s.targets)
         # RReLU/dropout noise per batch, so a run resumed mid-epoch draws the same noise.
@@ -436,7 +478,7 @@ def run_epoch(s: Session, epoch: int, sync_first: bool,
         if s.average is not None:
             s.average.update()
         if not math.isfinite(batch_loss):
-            raise diverged(s, epoch, lr, f"loss became {batch_loss}")
+            raise diverged(s, epoch, s.trainer.learning_rate, f"loss became {batch_loss}")
         seen += len(x)
         total += batch_loss
         bar.set_postfix(loss=f"{total / seen:.3f}",

@@ -308,3 +308,165 @@ def test_label_smoothing_trains_and_bad_options_are_refused(records, tmp_path):
     with pytest.raises(SettingsError) as err:
         config(tmp_path, label_smoothing=1.0, ema_half_life=-1)
     assert "train.label_smoothing" in str(err.value) and "ema_half_life" in str(err.value)
+
+
+# ------------------------------------------------------------------ learning-rate schedules
+
+def test_cosine_warms_up_per_batch_then_decays_to_min_lr():
+    from pipeline.lib.schedule import Schedule
+
+    s = Schedule("cosine", lr=0.1, epochs=10, warmup_epochs=2, min_lr=0.001)
+    # warm-up: linear over the 2 x 4 steps, the first step not at 0
+    assert [s.lr_at(0, b, 4) for b in range(4)] == pytest.approx([0.0125, 0.025, 0.0375, 0.05])
+    assert s.lr_at(1, 3, 4) == pytest.approx(0.1)
+    assert s.lr_at(2, 0, 4) == pytest.approx(0.1)  # the peak, where the decay starts
+    assert s.lr_at(6, 0, 4) == pytest.approx((0.1 + 0.001) / 2)  # half way down the cosine
+    assert s.lr_at(9, 3, 4) == pytest.approx(0.001, abs=3e-4)  # the last step: near min_lr
+    lrs = [s.lr_at(e, b, 4) for e in range(2, 10) for b in range(4)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))  # falls every step after the warm-up
+    assert s.momentum_at(5, 1, 4) == s.momentum
+    # it ends where epochs says: the same step of a longer run has a higher rate
+    longer = Schedule("cosine", lr=0.1, epochs=20, warmup_epochs=2, min_lr=0.001)
+    assert longer.lr_at(6, 0, 4) > s.lr_at(6, 0, 4)
+
+
+def test_onecycle_rises_from_lr_over_div_and_moves_momentum_the_other_way():
+    from pipeline.lib.schedule import Schedule
+
+    s = Schedule("onecycle", lr=0.1, momentum=0.95, epochs=10, warmup_epochs=3, min_lr=0.0,
+                 cycle_div=25, cycle_momentum=0.85)
+    assert s.lr_at(0, 0, 5) == pytest.approx(0.004) and s.momentum_at(0, 0, 5) == 0.95
+    assert s.lr_at(1, 2, 4) == pytest.approx(0.004 + 0.096 / 2)  # half way up: t = 1.5
+    assert s.momentum_at(1, 2, 4) == pytest.approx(0.90)
+    assert s.lr_at(3, 0, 5) == pytest.approx(0.1) and s.momentum_at(3, 0, 5) == \
+        pytest.approx(0.85)
+    assert s.lr_at(6, 2, 4) == pytest.approx(0.05)  # half way down: t = 6.5
+    assert s.momentum_at(6, 2, 4) == pytest.approx(0.90)
+    assert s.lr_at(9, 4, 5) < 0.001 and s.momentum_at(9, 4, 5) > 0.949
+
+
+def test_steps_is_the_thesis_schedule_and_ignores_epochs():
+    from pipeline.lib.schedule import Schedule
+
+    cfg = TrainSection.of(epochs=30, lr_steps=[20, 26])
+    schedule = T.schedule_of(cfg)
+    assert not schedule.per_batch
+    assert [schedule.lr_at(e, b, 7) for e, b in ((0, 0), (19, 6), (20, 0), (26, 3))] == \
+        pytest.approx([0.01, 0.01, 0.001, 0.0001])
+    assert Schedule("steps", 0.01, epochs=300, lr_steps=(20, 26)).lr_at(26) == \
+        pytest.approx(0.0001)
+
+
+def test_schedule_settings_are_checked_for_the_schedule_that_reads_them():
+    with pytest.raises(SettingsError) as err:
+        TrainSection.of(schedule="cosine", epochs=3, warmup_epochs=3, lr=0.01, min_lr=0.02)
+    assert "train.warmup_epochs: less than train.epochs (3) under schedule cosine, got 3" in \
+        str(err.value) and "train.min_lr: less than train.lr (0.01)" in str(err.value)
+    with pytest.raises(SettingsError, match="train.cycle_momentum: at most train.momentum"):
+        TrainSection.of(schedule="onecycle", epochs=10, momentum=0.8, cycle_momentum=0.85)
+    # keys of another schedule are not read, so not checked against each other
+    TrainSection.of(schedule="cosine", epochs=10, lr_steps=[20, 26])
+    TrainSection.of(schedule="steps", epochs=1, warmup_epochs=2.0, lr_steps=[])
+    with pytest.raises(SettingsError, match="train.schedule: one of steps, cosine, onecycle"):
+        TrainSection.of(schedule="linear")
+
+
+def test_fingerprint_holds_epochs_only_under_schedules_that_read_it():
+    meta = {"classes": ["a", "b"], "size": 32, "background": 255, "folds": 2, "seed": 0,
+            "files": {}}
+    steps = TrainSection().as_dict()
+
+    def fp(cfg):
+        return T.fingerprint("lenet", 0, cfg, meta, "Conv(16)")
+
+    # steps: epochs and the other schedules' keys are not part of it, so a run extends; and
+    # it is the fingerprint from before schedules existed (those checkpoints still fit)
+    assert fp(steps) == fp(dict(steps, epochs=99, warmup_epochs=5, min_lr=1e-4,
+                                cycle_div=10, cycle_momentum=0.8))
+    before = {k: v for k, v in steps.items() if k not in T.RESUMABLE_KEYS
+              and k not in ("schedule", "warmup_epochs", "min_lr", "cycle_div",
+                            "cycle_momentum")}
+    import hashlib
+
+    data = {k: meta[k] for k in ("classes", "size", "background", "folds", "seed", "files")}
+    blob = json.dumps(["lenet", 0, before, data, "Conv(16)"], sort_keys=True, default=str)
+    assert fp(steps) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    cosine = dict(steps, schedule="cosine")
+    assert fp(cosine) != fp(steps)
+    assert fp(cosine) != fp(dict(cosine, epochs=99))  # the lr of every epoch depends on it
+    assert fp(cosine) != fp(dict(cosine, warmup_epochs=1))
+    assert fp(cosine) == fp(dict(cosine, lr_steps=[5], cycle_div=3, workers=4))  # not read
+    onecycle = dict(steps, schedule="onecycle")
+    assert fp(onecycle) != fp(dict(onecycle, cycle_momentum=0.8))
+    assert "schedule" in T.shaping(cosine) and "schedule" not in T.shaping(steps)
+
+
+def test_other_epochs_under_cosine_train_afresh_and_say_why(records, tmp_path, capsys):
+    cfg = config(tmp_path, epochs=2, schedule="cosine", warmup_epochs=1)
+    T.train(T.Run(NET, 0, cfg, where(tmp_path, records)))
+    capsys.readouterr()
+    metrics = T.train(T.Run(NET, 0, cfg.replace(epochs=3), where(tmp_path, records)))
+    out = capsys.readouterr().out
+    assert "train.epochs changed from 2 to 3, and under schedule cosine the learning rate " \
+           "of every epoch depends on the total" in out and "starting afresh" in out
+    assert metrics["origin"] == "trained from scratch" and metrics["epochs"] == 3
+    plot = (tmp_path / "p" / f"train--{NET}--fold0.tsv").read_text().splitlines()
+    lrs = [float(line.split("\t")[1]) for line in plot[1:]]
+    assert lrs[0] < lrs[1] and lrs[2] < lrs[1]  # warm-up, then down (first step per epoch)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_resume_under_per_batch_schedules_equals_an_uninterrupted_run(records, tmp_path,
+                                                                       monkeypatch, capsys,
+                                                                       schedule):
+    """A crash after epoch 1 (as kill -9) and a graceful stop mid-epoch 2, both in the
+    warm-up: the resumed run takes the very same steps as a run without interruption."""
+    from pipeline.lib import sgd
+    from pipeline.lib.errors import Stopped
+
+    over = dict(epochs=3, schedule=schedule, warmup_epochs=1.5, lr=0.02, min_lr=0.001)
+    T.train(T.Run(NET, 0, config(tmp_path / "full", **over), where(tmp_path / "full", records)))
+    cut = config(tmp_path / "cut", **over)
+    run_epoch = T.run_epoch
+
+    def crash_in_epoch_2(s, epoch, *args, **kwargs):
+        if epoch == 1:
+            raise RuntimeError("killed")  # epoch 1 is saved, nothing of epoch 2
+        return run_epoch(s, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(T, "run_epoch", crash_in_epoch_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        T.train(T.Run(NET, 0, cut, where(tmp_path / "cut", records)))
+    monkeypatch.undo()
+    step, calls = sgd.step, []
+
+    def stop_after_second_batch(*args, **kwargs):
+        loss = step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # epoch 2, batch 2: t = 1.67, between warm-up and decay
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(sgd, "step", stop_after_second_batch)
+    with pytest.raises(Stopped, match="saved epoch 2 after batch 2"):
+        T.train(T.Run(NET, 0, cut, where(tmp_path / "cut", records)))
+    monkeypatch.undo()
+    capsys.readouterr()
+    metrics = T.train(T.Run(NET, 0, cut, where(tmp_path / "cut", records)))
+    assert metrics["origin"] == "resumed in epoch 2 after batch 2"
+    a, b = (params_of(tmp_path / d / "ck" / f"{NET}--fold0") for d in ("full", "cut"))
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    full = json.loads((tmp_path / "full" / "ck" / f"{NET}--fold0" / "model.json").read_text())
+    assert [h["lr"] for h in full["history"]] == pytest.approx(
+        [h["lr"] for h in json.loads((tmp_path / "cut" / "ck" / f"{NET}--fold0" /
+                                      "model.json").read_text())["history"]])
+
+
+def test_onecycle_moves_the_momentum_of_the_optimizer(records, tmp_path):
+    over = dict(epochs=1, schedule="onecycle", warmup_epochs=0.5, momentum=0.9)
+    for name, low in (("flat", 0.9), ("cycled", 0.5)):
+        cfg = config(tmp_path / name, cycle_momentum=low, **over)
+        T.train(T.Run(NET, 0, cfg, where(tmp_path / name, records)))
+    a, b = (params_of(tmp_path / d / "ck" / f"{NET}--fold0") for d in ("flat", "cycled"))
+    assert any(not np.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)

@@ -386,6 +386,19 @@ class TrainSection(Section):
                               "epochs at which lr is multiplied by lr_factor (within epochs)",
                               unique=True, increasing=True)
     lr_factor: float = number(0.1, "lr multiplier at each step", lo=0, lo_open=True)
+    schedule: str = choice("steps", ("steps", "cosine", "onecycle"),
+                           "learning-rate schedule: steps (lr_steps, lr_factor; the lr of an "
+                           "epoch does not depend on epochs), cosine (warm-up, then down to "
+                           "min_lr at the last epoch) or onecycle (up from lr / cycle_div, "
+                           "down to min_lr); cosine and onecycle change it every batch and "
+                           "make epochs part of the run (another value trains afresh)")
+    warmup_epochs: float = number(2.0, "cosine: epochs of linear warm-up from 0 to lr; "
+                                  "onecycle: epochs of the rise to lr (< epochs)", lo=0)
+    min_lr: float = number(0.0, "cosine, onecycle: the lr at the end of the last epoch "
+                           "(< lr)", lo=0)
+    cycle_div: float = number(25.0, "onecycle: starts at lr / cycle_div", lo=1)
+    cycle_momentum: float = number(0.85, "onecycle: the momentum at the peak lr, from and "
+                                   "back to momentum (<= momentum)", lo=0, hi=1, hi_open=True)
     label_smoothing: float = number(0.0, "targets (1 - eps) one-hot + eps / classes",
                                     lo=0, hi=1, hi_open=True)
     ema_half_life: float = number(0.0, "half-life in epochs of the weight average that "
@@ -415,9 +428,19 @@ class TrainSection(Section):
     def problems(self) -> list[str]:
         out = []
         late = [s for s in self.lr_steps if s > self.epochs]
-        if late:
+        if late and self.schedule == "steps":
             out.append(f"train.lr_steps: each step within 1..train.epochs ({self.epochs}), "
                        f"got {list(late)}")
+        if self.schedule != "steps":  # the keys of the other schedules are not read
+            if self.warmup_epochs >= self.epochs:
+                out.append(f"train.warmup_epochs: less than train.epochs ({self.epochs}) "
+                           f"under schedule {self.schedule}, got {_num(self.warmup_epochs)}")
+            if self.min_lr >= self.lr:
+                out.append(f"train.min_lr: less than train.lr ({_num(self.lr)}) under "
+                           f"schedule {self.schedule}, got {_num(self.min_lr)}")
+        if self.schedule == "onecycle" and self.cycle_momentum > self.momentum:
+            out.append(f"train.cycle_momentum: at most train.momentum ({_num(self.momentum)}) "
+                       f"under schedule onecycle, got {_num(self.cycle_momentum)}")
         if re.fullmatch(r"(cpu|gpu)(:\d+(,\d+)*)?", self.ctx) and self.batch_size % self.devices:
             out.append(f"train.batch_size: a multiple of the {self.devices} devices of "
                        f"train.ctx ({self.ctx}), got {self.batch_size}")
