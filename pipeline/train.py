@@ -503,6 +503,9 @@ def run_epoch(s: Session, epoch: int, sync_first: bool,
     if len(labels):
         row.update(valid_logloss=ndsb_log_loss(labels, probs),
                    valid_accuracy=accuracy(labels, probs))
+    # Wall-clock of the epoch, training and validation (of its part after a mid-epoch
+    # resume): what a time-to-log-loss curve adds up (pipeline.tools.recipe_study).
+    row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
 
 
