@@ -25,14 +25,15 @@ import pandas as pd
 from pipeline.lib import stage
 from pipeline.lib.settings import PARAMS_FILE
 from pipeline.lib.figures import (plot_activations, plot_confusion, plot_image_grid,
-                                  plot_learning_curves, plot_mistakes, plot_per_class, plot_tta,
-                                  plot_weights)
+                                  plot_learning_curves, plot_mistakes, plot_per_class,
+                                  plot_time_to_logloss, plot_tta, plot_weights)
 from pipeline.lib.fsutil import atomic_path, sweep_stale, write_text
 from pipeline.lib.results import (Oof, ReportSettings, activation_summary, class_counts,
                                   confident_mistakes, confusion_matrix, confusion_pairs,
                                   ensemble_summary, learning_curves, load_meta, load_oof,
                                   per_class_logloss, read_records, run_specs, sample_indices,
-                                  from_settings, technique_summary, train_metrics, tta_curves)
+                                  from_settings, technique_summary, time_curves, train_metrics,
+                                  tta_curves)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -87,6 +88,17 @@ def _training_sections(cfg: ReportSettings, meta: dict[str, Any], sections: list
     sections.append(Section("Learning curves", "Train loss (dashed) and validation log loss "
                             "(solid) per epoch, per net and fold; dotted: chance.",
                             "learning_curves.png", train_metrics(cfg.metrics)))
+    timed = time_curves(curves, specs)
+    if timed.groupby(["net", "seed", "fold"], dropna=False).ngroups > 1:  # several runs
+        figures["time_to_logloss.png"] = plot_time_to_logloss(timed)
+        last = timed.sort_values("epoch").groupby(["variant", "seed", "fold"], dropna=False,
+                                                  sort=True).last().reset_index()
+        sections.append(Section("Time to log loss", "Out-of-fold log loss (no TTA) after each "
+                                "epoch against the training images seen and the wall-clock "
+                                "hours of the run so far, per net and learning-rate schedule.",
+                                "time_to_logloss.png",
+                                last[["variant", "seed", "fold", "epoch", "images", "hours",
+                                      "oof"]]))
     activations = plot_activations(curves, specs)
     if activations is not None:
         figures["activations.png"] = activations

@@ -226,7 +226,8 @@ def evaluate(net, loader, ctx, stop: Callable[[], int | None] = lambda: None
 
 
 def _write_plot(path: Path, history: list[dict[str, Any]]) -> None:
-    cols = ["epoch", "lr", "train_loss", "valid_logloss", "valid_accuracy", "img_s"]
+    cols = ["epoch", "lr", "train_loss", "valid_logloss", "valid_accuracy", "img_s", "images",
+            "seconds"]
     lines = ["\t".join(cols)]
     lines += ["\t".join(_fmt(h.get(c)) for c in cols) for h in history]
     write_text(path, "\n".join(lines) + "\n")
@@ -503,8 +504,10 @@ def run_epoch(s: Session, epoch: int, sync_first: bool,
     if len(labels):
         row.update(valid_logloss=ndsb_log_loss(labels, probs),
                    valid_accuracy=accuracy(labels, probs))
-    # Wall-clock of the epoch, training and validation (of its part after a mid-epoch
-    # resume): what a time-to-log-loss curve adds up (pipeline.tools.recipe_study).
+    # Training images of the epoch (all of it, also after a mid-epoch resume) and its
+    # wall-clock, training and validation (of the part this process ran): what a
+    # time-to-log-loss curve adds up (pipeline.lib.results.time_curves).
+    row["images"] = int(seen)
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
 

@@ -180,31 +180,34 @@ def plot_learning_curves(curves: pd.DataFrame, chance: float | None = None) -> "
 def plot_time_to_logloss(curves: pd.DataFrame) -> "Figure":
     """Out-of-fold log loss against training images seen and against hours, per recipe.
 
-    ``curves``: one row per (variant, seed, net, epoch) with ``images`` and ``hours`` (per
-    model, cumulative) and ``oof`` (the log loss of the out-of-fold images after that epoch,
-    no TTA), as :mod:`pipeline.tools.recipe_study` records them. One colour per variant, one
-    line per seed (and net); the x axes are logarithmic, so a recipe that needs a quarter of
-    the images sits a fixed distance to the left of the one it is compared with.
+    ``curves``: one row per (variant, run, epoch) with ``images`` and ``hours`` (per model,
+    summed over the epochs so far) and ``oof`` (the log loss of the out-of-fold images after
+    that epoch, no TTA), as :func:`pipeline.lib.results.time_curves` and
+    :mod:`pipeline.tools.schedule_study` give them; a run is one (``seed``, ``net``, ``fold``)
+    of those columns present. One colour per variant, one line per run; the x axes are
+    logarithmic, so a recipe that needs a quarter of the images sits a fixed distance to the
+    left of the one it is compared with.
     """
     fig = _figure(10, 3.8)
     axes = fig.subplots(1, 2, sharey=True)
     variants = list(dict.fromkeys(curves["variant"]))
+    keys = [c for c in ("seed", "net", "fold") if c in curves]
     for variant, color in zip(variants, _colors(len(variants))):
         runs = curves[curves["variant"] == variant]
-        first = True
-        for _, run in runs.groupby(["seed", "net"], sort=True):
+        groups = runs.groupby(keys, sort=True, dropna=False) if keys else [(None, runs)]
+        for i, (_, run) in enumerate(groups):
             run = run.sort_values("epoch")
             for ax, x in zip(axes, ("images", "hours")):
                 if run[x].notna().all():
                     ax.plot(run[x], run["oof"], color=color, lw=1.2, marker=".", ms=3,
-                            label=variant if first else None)
-            first = False
+                            label=variant if i == 0 else None)
     axes[0].set(xlabel="training images seen per model", ylabel="out-of-fold log loss "
                 "(no TTA)", xscale="log")
     axes[1].set(xlabel="wall-clock hours per model", xscale="log")
     for ax in axes:
         ax.grid(True, which="both", lw=0.3, alpha=0.5)
-    axes[0].legend(fontsize=7)
+    if variants:
+        axes[0].legend(fontsize=7)
     return fig
 
 

@@ -31,7 +31,7 @@ from pipeline.lib.predictions import load_predictions, prediction_files
 
 ENSEMBLE = runs.ENSEMBLE
 _CURVE_COLUMNS = ["net", "fold", "epoch", "lr", "train_loss", "valid_logloss", "valid_accuracy",
-                  "img_s"]
+                  "img_s", "images", "seconds"]
 _NEEDS_ENSEMBLE = "run the pipeline up to the ensemble stage first (dvc repro ensemble)"
 
 
@@ -209,7 +209,8 @@ def _read_json(path: Path) -> Any:
 
 def learning_curves(plots_dir: str | os.PathLike) -> pd.DataFrame:
     """Every ``plots/train--NET--foldK.tsv`` stacked: ``net``, ``fold`` + the per-epoch columns
-    (``epoch lr train_loss valid_logloss valid_accuracy img_s``)."""
+    (``epoch lr train_loss valid_logloss valid_accuracy img_s images seconds``; the last two
+    are missing from runs trained before they were recorded)."""
     frames = []
     for net, fold, path in runs.find(plots_dir, "train", ".tsv"):
         frame = pd.read_csv(path, sep="\t")
@@ -251,9 +252,46 @@ def run_specs(checkpoints_dir: str | os.PathLike) -> pd.DataFrame:
         rows.append({"net": net, "fold": fold,
                      "act": kwargs.get("act", "?"), "bn": kwargs.get("bn"),
                      "epoch": spec.get("epoch"), "finished": spec_path.name == "model.json",
+                     # the fingerprinted train settings leave out the default schedule's name
+                     "schedule": (spec.get("train") or {}).get("schedule", "steps"),
                      "kwargs": {k: v for k, v in kwargs.items() if k not in ("classes",)}})
     return pd.DataFrame(rows, columns=["net", "fold", "act", "bn", "epoch", "finished",
-                                       "kwargs"])
+                                       "schedule", "kwargs"])
+
+
+TIME_COLUMNS = ["variant", "net", "seed", "fold", "epoch", "images", "hours", "oof"]
+
+
+def time_curves(curves: pd.DataFrame, specs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Out-of-fold log loss against training images seen and wall-clock hours, per run.
+
+    From :func:`learning_curves`: one row per (run, epoch) with ``images`` and ``hours`` summed
+    over the epochs so far (``hours``: training and validation; an epoch resumed mid-way counts
+    the part its last process ran), ``oof`` = the epoch's validation log loss (the fold's
+    out-of-fold images, no TTA), ``net`` and ``seed`` from the member name and ``variant`` =
+    the net and its learning-rate schedule (``schedule`` of :func:`run_specs`; ``steps`` for a
+    run without a checkpoint spec). Runs written before the per-epoch ``images`` and
+    ``seconds`` columns existed, or without validation images, are left out.
+    """
+    needed = {"images", "seconds", "valid_logloss"}
+    if curves.empty or not needed <= set(curves):
+        return pd.DataFrame(columns=TIME_COLUMNS)
+    schedules = {} if specs is None or specs.empty else \
+        {(r.net, r.fold): r.schedule for r in specs.itertuples()}
+    frames = []
+    for (member, fold), run in curves.groupby(["net", "fold"], sort=True):
+        run = run.sort_values("epoch")
+        if run[list(needed)].isna().any().any():
+            continue
+        net, seed = runs.parse_member(member)
+        frames.append(pd.DataFrame({
+            "variant": f"{net}, {schedules.get((member, fold), 'steps')}", "net": net,
+            "seed": seed, "fold": fold, "epoch": run["epoch"].values,
+            "images": run["images"].cumsum().values,
+            "hours": run["seconds"].cumsum().values / 3600, "oof": run["valid_logloss"].values}))
+    if not frames:
+        return pd.DataFrame(columns=TIME_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[TIME_COLUMNS]
 
 
 def with_activations(curves: pd.DataFrame, specs: pd.DataFrame) -> pd.DataFrame:
