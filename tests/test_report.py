@@ -30,7 +30,7 @@ NETS = {"lenet": {"act": "rrelu"}, "vgg16": {"act": "relu", "width": 0.0625}}
 FOLDS = (0, 1)
 BUILT = ".built"
 EXPECTED_PNGS = {"ensemble_weights.png", "learning_curves.png", "activations.png",
-                 "tta_curve.png", "confusion.png", "per_class_logloss.png", "mistakes.png",
+                 "time_to_logloss.png", "tta_curve.png", "confusion.png", "per_class_logloss.png", "mistakes.png",
                  "samples.png"}
 
 
@@ -136,6 +136,33 @@ def test_learning_curves_tta_and_activations_from_files(tmp_path):
     assert F.plot_activations(curves[curves["net"] == "a"], specs) is None
     tta = results.tta_curves(metrics)
     assert sorted(tta.loc[tta["net"] == "b", "n"]) == [0, 1, 4]
+
+
+def test_time_curves_sum_images_and_hours_per_run_and_name_the_schedule(tmp_path):
+    plots, ck = tmp_path / "plots", tmp_path / "ck"
+    plots.mkdir()
+    header = "epoch\tlr\ttrain_loss\tvalid_logloss\tvalid_accuracy\timg_s\timages\tseconds\n"
+    for member, fold, schedule in (("a-seed0", 0, "cosine"), ("a-seed1", 0, None),
+                                   ("a", 1, None)):
+        rows = "".join(f"{e}\t0.01\t1\t{3 / e}\t0.5\t10\t100\t{360 * e}\n" for e in (1, 2, 3))
+        (plots / f"train--{member}--fold{fold}.tsv").write_text(header + rows)
+        train = {"lr": 0.01} if schedule is None else {"schedule": schedule, "epochs": 3}
+        write_json(ck / f"{member}--fold{fold}" / "model.json",
+                   {"kwargs": {"act": "relu"}, "epoch": 3, "train": train})
+    (plots / "train--old--fold0.tsv").write_text(  # before images/seconds were recorded
+        "epoch\tlr\ttrain_loss\tvalid_logloss\tvalid_accuracy\timg_s\n1\t0.01\t1\t2\t0.5\t10\n")
+    curves = results.learning_curves(plots)
+    timed = results.time_curves(curves, results.run_specs(ck))
+    assert "old" not in set(timed["net"])
+    first = timed[(timed["seed"] == 0)].sort_values("epoch")
+    assert first["variant"].iloc[0] == "a, cosine"
+    assert first["images"].tolist() == [100, 200, 300]
+    assert first["hours"].tolist() == pytest.approx([0.1, 0.3, 0.6])  # 360, 720, 1080 s
+    assert first["oof"].tolist() == pytest.approx([3, 1.5, 1])
+    assert set(timed.loc[timed["seed"] == 1, "variant"]) == {"a, steps"}
+    assert timed.loc[timed["fold"] == 1, "seed"].isna().all()  # a member without a seed
+    assert results.time_curves(curves[curves["net"] == "old"]).empty
+    assert F.plot_time_to_logloss(timed) is not None
 
 
 def test_settings_resolve_against_the_root(tmp_path):
