@@ -34,7 +34,9 @@ def test_summary_measures_images_to_the_baselines_final_log_loss_per_seed():
             _row("cosine:2", 0, [1.2, 0.9]),    # reaches 1.0 after 200 of 800 images
             _row("cosine:2", 1, [1.2, 1.05]),   # reaches 1.1 after 200 of 800 images
             _row("onecycle:4", 0, [1.5, 1.2, 1.1, 0.95]),  # 400 of 800: not a quarter
-            _row("onecycle:4", 1, [1.5, 1.2, 1.1, 1.0])]
+            _row("onecycle:4", 1, [1.5, 1.2, 1.1, 1.0]),
+            _row("onecycle:2", 0, [0.95, 1.05]),  # a dip below 1.0 on the way does not count
+            _row("onecycle:2", 1, [1.2, 1.0])]
     table, lines = S.summarize(rows)
     got = {(t["run"], t["seed"]): t for t in table}
     assert got[("cosine:2", 0)]["images_to_baseline"] == 200
@@ -42,10 +44,12 @@ def test_summary_measures_images_to_the_baselines_final_log_loss_per_seed():
     assert got[("onecycle:4", 0)]["fraction"] == pytest.approx(0.5)
     assert got[("steps:2", 0)]["images_to_baseline"] is None
     assert got[("steps:8", 1)]["fraction"] == 1.0
+    assert got[("onecycle:2", 0)]["images_to_baseline"] == 100
     verdict = {x.split("|")[1].strip(): x.split("|")[-2].strip() for x in lines
-               if x.count("|") == 7 and ":" in x.split("|")[1]}
-    assert verdict == {"steps:8": "no", "cosine:2": "yes", "onecycle:4": "no", "steps:2": "no"}
-    assert any(x.startswith("| cosine:2 | 2 | 0.9750 | -0.0750 | 2/2 |") for x in lines)
+               if x.count("|") == 8 and ":" in x.split("|")[1]}
+    assert verdict == {"steps:8": "no", "cosine:2": "yes", "onecycle:4": "no", "steps:2": "no",
+                       "onecycle:2": "no"}
+    assert any(x.startswith("| cosine:2 | 2 | 0.25 | 0.9750 | -0.0750 | 2/2 |") for x in lines)
     assert "| steps:2 | 0 | 1.5000 | 1.0000 | not reached |" in "\n".join(lines)
     with pytest.raises(S.StudyError, match="baseline"):
         S.summarize([r for r in rows if r["schedule"] != "steps"])
