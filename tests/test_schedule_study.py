@@ -78,6 +78,9 @@ def test_study_trains_each_schedule_and_plots_the_curves(tmp_path, capsys):
     S.main(argv)  # a rerun trains nothing: every (run, seed) is in results.jsonl
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
     assert "log.txt" in {p.name for p in (out / "steps-2").iterdir()}
+    S.main(argv[:6] + ["--runs", "steps:2", "onecycle:1", "--seeds", "0", "--summary-only"])
+    assert not (out / "onecycle-1").exists()  # not trained: the summary has what is there
+    assert len((out / "curves.csv").read_text().splitlines()) == 1 + 2
 
 
 def test_study_without_a_baseline_is_a_one_line_error(tmp_path):

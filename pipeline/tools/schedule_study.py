@@ -23,7 +23,8 @@ baseline's final log loss having seen at most a quarter of the baseline's images
 final figure counts, not a dip of its curve on the way (an epoch's log loss on a small
 validation fold is noisy, and a run cannot be stopped at a dip nobody knows of in advance). Writes ``DIR/curves.csv``, ``DIR/results.jsonl`` (a rerun
 skips the (run, seed) pairs there; a killed training resumes from its checkpoint),
-``DIR/summary.md`` (also printed) and ``DIR/time_to_logloss.png``.
+``DIR/summary.md`` (also printed) and ``DIR/time_to_logloss.png``; ``--summary-only`` writes
+those of the pairs already trained and trains nothing.
 """
 from __future__ import annotations
 
@@ -215,7 +216,7 @@ def study(args: argparse.Namespace) -> list[str]:
     done = {(r["run"], r["seed"]) for r in rows}
     for seed in args.seeds:
         for schedule, epochs in runs:
-            if (f"{schedule}:{epochs}", seed) in done:
+            if (f"{schedule}:{epochs}", seed) in done or args.summary_only:
                 continue
             row = study_run(args, schedule, epochs, seed)
             rows.append(row)
@@ -225,6 +226,8 @@ def study(args: argparse.Namespace) -> list[str]:
                   f"{row['curve'][-1]['oof']:.4f}", flush=True)
     wanted = {f"{s}:{e}" for s, e in runs}
     rows = [r for r in rows if r["run"] in wanted and r["seed"] in args.seeds]
+    if not rows:
+        raise StudyError(f"nothing trained yet in {results} for these --runs and --seeds")
     _, lines = summarize(rows)
     frame = curves_frame(rows)
     write_text(args.out / "curves.csv", frame.to_csv(index=False))
@@ -248,6 +251,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, help="peak lr of every run (default: params.yaml's)")
+    p.add_argument("--summary-only", action="store_true",
+                   help="train nothing: the tables and plot of the asked (run, seed) pairs "
+                        "already in DIR/results.jsonl")
     p.add_argument("--warmup-fraction", type=float, default=0.2,
                    help="cosine, onecycle: warm-up as a fraction of the run's epochs")
     args = p.parse_args(argv)
