@@ -48,7 +48,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.lib import stage
-from pipeline.lib.errors import PipelineError, Stopped
+from pipeline.lib.errors import Stopped
+from pipeline.lib.inference import InferenceError, inference_precision, prepare_net
 from pipeline.lib.runs import artifact_name, member_name, run_name, training_round
 from pipeline.lib.settings import Paths, TTASection
 from pipeline.lib.signals import graceful_stop
@@ -56,18 +57,8 @@ from pipeline.lib.signals import graceful_stop
 INFERENCE = "inference.json"   # the INT8 decision, kept beside the chunks it applies to
 
 
-class PredictError(PipelineError, ValueError):
-    """Invalid TTA settings or inputs."""
-
-
-def inference_precision(requested: str) -> str:
-    """``tta.precision`` resolved for this machine: the float path, used unless INT8 is."""
-    from pipeline.lib.precision import resolve_precision
-
-    try:
-        return resolve_precision(requested)
-    except ValueError as err:
-        raise PredictError(f"tta.precision: {err}") from err
+# Invalid TTA settings or inputs; the float net and its precision are shared with classify.
+PredictError = InferenceError
 
 
 @dataclass
@@ -117,21 +108,6 @@ def work_settings(net_name: str, fold: int, cfg: TTASection, precision: str,
     settings.update(net=net_name, fold=fold, precision=precision,
                     model=sha256(model_dir / "model.json"), records=sha256(records / META))
     return settings
-
-
-def prepare_net(net, precision: str):
-    """The float inference net: deterministic RReLU, batch norm folded into the layer before
-    it, ``precision`` casts, hybridized (``net`` has its parameters loaded)."""
-    import nets
-
-    # RReLU's inference output is fixed, (l+u)/2; the deterministic graph skips drawing the
-    # unused noise: identical outputs, much faster TTA (BENCHMARKS.md).
-    nets.set_deterministic(net)
-    # Same outputs up to float rounding, one operator and one pass per layer less.
-    nets.fold_batchnorm(net)
-    nets.set_precision(net, precision)
-    net.hybridize(static_alloc=True)
-    return net
 
 
 def inference_net(net_name: str, fold: int, model_dir: Path, spec: dict[str, Any],

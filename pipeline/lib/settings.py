@@ -498,9 +498,19 @@ class ReportSection(Section):
     seed: int = _key(0, dataclasses.replace(SEED, doc="seed of the example choice"))
 
 
+@dataclass(frozen=True)
+class BundleSection(Section):
+    NAME: ClassVar[str] = "bundle"
+    out: str = path("bundle", "folder of the model bundle (and OUT.tar, the same as one file) "
+                    "that classify runs", dvc_param=False)
+    target_precision: float = number(0.9, "out-of-fold precision each class's threshold "
+                                     "must reach; below it an image is unclassified",
+                                     lo=0, hi=1)
+
+
 SECTIONS: dict[str, type] = {s.NAME: s for s in (
     SampleSection, DataSection, Paths, ModelsSection, TrainSection, TTASection, PseudoSection,
-    EnsembleSection, SubmitSection, ScoreSection, ReportSection)}
+    EnsembleSection, SubmitSection, ScoreSection, ReportSection, BundleSection)}
 
 
 # ---------------------------------------------------------------------------------- loading

@@ -1,0 +1,114 @@
+"""Run a bundle's ensemble on model-input images: TTA per model, then the ensemble's blend.
+
+Each model runs as predict ran it (:mod:`pipeline.lib.inference`, :mod:`pipeline.lib.tta`):
+the same TTA views (stored in the bundle), averaging, batch and view-pass sizes, and the
+precision predict's INT8 decision gave it: a model that predicted in INT8 is quantized again
+from the calibration data the bundle carries (the same inputs, hence the same INT8 net), the
+others run in ``tta.precision`` resolved on this machine. The models' probabilities are then
+combined exactly as the ensemble stage combined the test predictions (fold mean per member,
+seed mean per net, weighted blend, temperature), so a bundle classifying the test images
+reproduces ``test--ensemble.npy``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.lib.bundle import Bundle
+
+
+class ArrayReader:
+    """The record-reader interface (:class:`pipeline.lib.records.RecordReader`) over images
+    already decoded in memory, for :func:`pipeline.lib.tta.predict_chunks`."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, i: int) -> tuple[float, np.ndarray]:
+        return 0.0, self.images[i]
+
+
+class Classifier:
+    """The loaded nets of a verified bundle and how to blend them.
+
+    ``int8``: False runs every model in the float path, even those predict ran in INT8
+    (slower, and no longer the bundle's own numbers). ``precision``: the float path's
+    precision, already resolved (:func:`pipeline.lib.inference.inference_precision`).
+    """
+
+    def __init__(self, bundle: Bundle, precision: str, int8: bool = True):
+        from pipeline.lib.checkpoint import load_model
+        from pipeline.lib.inference import prepare_net
+        from pipeline.lib.quantize import check_int8, quantize, warped_inputs
+        from pipeline.lib.tta import TTAPlan
+
+        self.bundle = bundle
+        tta = bundle.tta
+        self.nets: dict[str, Any] = {}
+        self.plans: dict[str, TTAPlan] = {}
+        self.used: dict[str, str] = {}
+        for model in bundle.models:
+            views = bundle.views(model)
+            net = load_model(bundle.model_dir(model))[0]
+            if int8 and model["int8_used"]:
+                check_int8(tta["calib_mode"], tta["int8_keep_fp32"], tta["int8_granularity"])
+                c = bundle.calibration(model)
+                calib = warped_inputs(c["images"], c["inverse"], c["transforms"], views)
+                net = quantize(prepare_net(net, "float32"), calib, tta["calib_mode"],
+                               tta["int8_keep_fp32"], tta["int8_granularity"])
+                self.used[model["dir"]] = "int8"
+            else:
+                net = prepare_net(net, precision)
+                self.used[model["dir"]] = precision
+            self.nets[model["dir"]] = net
+            self.plans[model["dir"]] = TTAPlan(views, tta["mean"], tta["batch_size"],
+                                               tta["max_views"])
+
+    def predict(self, images: np.ndarray, progress: Callable[[float], Any] | None = None,
+                stop: Callable[[], Any] | None = None) -> np.ndarray | None:
+        """Calibrated ensemble probabilities (m, classes) of uint8 model-size images
+        (m, size, size); None if ``stop()`` became true part-way (nothing is kept).
+        ``progress`` receives the share of an image done, batch by batch."""
+        from pipeline.lib.tta import predict_chunks
+
+        m = len(images)
+        share = 1.0 / len(self.nets)
+        reader = ArrayReader(images)
+        probs: dict[str, np.ndarray] = {}
+        for name, net in self.nets.items():
+            done = list(predict_chunks(
+                net, self.plans[name], reader, np.arange(m), [(0, m)], (),
+                None if progress is None else (lambda n: progress(n * share)), stop))
+            if not done or len(done[0][0]) < m:
+                return None
+            probs[name] = done[0][0]
+        return combine(self.bundle.info["ensemble"], probs)
+
+
+def combine(ensemble: dict[str, Any], probs: dict[str, np.ndarray]) -> np.ndarray:
+    """The ensemble's probabilities from each model's (``dir`` -> (m, K) float32), in the
+    ensemble stage's order of operations and dtypes (:mod:`pipeline.ensemble`)."""
+    from pipeline.lib.metrics import apply_temperature, clip_normalize
+
+    blend = None
+    for net in ensemble["nets"]:
+        members = []
+        for member in net["members"]:
+            total = None
+            for fold in member["folds"]:
+                p = probs[fold["dir"]].astype(np.float64)
+                total = p if total is None else total + p
+            members.append((total / len(member["folds"])).astype(np.float32))
+        if len(members) == 1:
+            net_probs = members[0]
+        else:
+            net_probs = np.mean([clip_normalize(p) for p in members], axis=0).astype(np.float32)
+        part = net["weight"] * clip_normalize(net_probs)
+        blend = part if blend is None else blend + part
+    if ensemble["calibration"] == "temperature":
+        blend = apply_temperature(blend, ensemble["temperature"])
+    return blend
