@@ -231,16 +231,16 @@ def _read(root: Path, archive: bool, source, max_pixels: int | None) -> Export:
     objects, extra = _one_per_object(rows, problems)
     if problems:
         raise EcoTaxaError(f"cannot read the EcoTaxa export {root}:\n  " + "\n  ".join(problems))
-    missing = {o.object_id: f"its image {o.image!r} ({o.where}) is missing from the export"
+    missing = {o.object_id: f"missing from the export (object_id {o.object_id!r}, {o.where})"
                for o in objects if not source.has(o.image)}
     if archive and max_pixels is not None:
         limit = BYTES_PER_PIXEL * max_pixels + HEADER_BYTES
         for o in objects:
             info = source.zf.getinfo(o.image) if o.object_id not in missing else None
             if info is not None and info.file_size > limit:
-                missing[o.object_id] = (f"its image {o.image!r} ({o.where}) claims "
-                                        f"{info.file_size:,} bytes, more than an image within "
-                                        f"data.max_pixels takes")
+                missing[o.object_id] = (f"claims {info.file_size:,} bytes, more than an "
+                                        "image within data.max_pixels takes (object_id "
+                                        f"{o.object_id!r}, {o.where})")
     return Export(root, archive, tsvs, objects, missing, extra)
 
 
