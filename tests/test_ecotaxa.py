@@ -364,3 +364,38 @@ def test_an_ndsb_folder_is_not_taken_for_an_export(ndsb_folder, tmp_path):
     message = run_cli(empty, tmp_path / "records", tmp_path)
     assert "or an EcoTaxa export" in message
     shutil.rmtree(empty)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_an_export_trains_predicts_and_submits_under_its_category_names(tmp_path):
+    """ingest -> train -> predict -> submit through the stages' functions: the submission's
+    columns are EcoTaxa's category names in meta's order, its rows the objects to classify,
+    named by object_id, in the export's order."""
+    from pipeline import predict as P
+    from pipeline import train as T
+    from pipeline.lib.checkpoint import load_spec, run_dir
+    from pipeline.lib.predictions import prediction_files
+    from pipeline.lib.settings import TrainSection, TTASection
+    from pipeline.lib.submission import check_submission, read_csv
+    from pipeline.submit import submit
+    from tests.conftest import where
+
+    root = export(tmp_path)
+    records = tmp_path / "records"
+    meta = I.ingest(root, records, I.Settings(size=32), folds=2, workers=1)
+    paths = where(tmp_path, records)
+    T.train(T.Run("lenet", 0, TrainSection.of(epochs=1, batch_size=8, workers=0, act="leaky",
+                                              bn=False, lr_steps=[1]), paths))
+    assert load_spec(run_dir(paths.checkpoints, "lenet", 0))["classes"] == meta["classes"]
+    P.predict("lenet", 0, TTASection.of(n=2, precision="float32", int8=False,
+                                        work=str(tmp_path / "work")), paths)
+    npy, _ = prediction_files(paths.models(1), "test", "lenet", 0)
+    out = tmp_path / "submission.csv"
+    submit(npy, records, out, plain_csv=True)
+    header, rows = read_csv(out)
+    assert header == ["image", *sorted(CATEGORIES)]
+    assert list(rows[0]) == meta["sample_submission"]["images"] == ["st01_90", "st01_91",
+                                                                    "st02_92", "st02_93"]
+    assert check_submission(out, sorted(CATEGORIES), meta["sample_submission"]["images"]) == []
