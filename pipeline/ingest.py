@@ -694,6 +694,8 @@ def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Se
         for writer in writers.values():
             writer.discard()
         raise
+    finally:
+        ecotaxa.close_archives()
 
     seconds = time.perf_counter() - started
     n = len(train) + len(test) + len(bad_names) + len(early)

@@ -142,7 +142,9 @@ def test_a_folder_or_another_encoding_gives_the_same_records(tmp_path, variant):
 def test_several_images_of_an_object_train_on_the_first(tmp_path, capsys):
     rows = good_rows()
     first = rows["st01"][0]
-    second = {**first, "img_rank": 1, "img_file_name": "st01/1/" + first["object_id"] + ".png"}
+    # A second image (rank 1.0: a float column) stored as EcoTaxa stores a same-named one.
+    second = {**first, "img_rank": 1.0,
+              "img_file_name": f"st01/1/{first['object_id']}.png"}
     rows["st01"].insert(0, second)  # the later image listed first: rank decides, not order
     meta = ingest(export(tmp_path, rows), tmp_path / "records")
     entry = next(e for e in meta["train"] if e["name"] == first["object_id"])
@@ -345,6 +347,17 @@ def test_the_real_command_exits_1_with_one_line(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1].startswith(
         f"ingest failed: {root}: not a readable zip archive")
+
+
+def test_read_member_reopens_an_archive_replaced_since(tmp_path):
+    path = tmp_path / "a.zip"
+    for content in (b"first", b"second, longer"):
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("x.png", content)
+        assert ecotaxa.read_member(str(path), "x.png") == content
+    with pytest.raises(ValueError, match="missing from the archive"):
+        ecotaxa.read_member(str(path), "y.png")
+    ecotaxa.close_archives()
 
 
 def test_path_problems():

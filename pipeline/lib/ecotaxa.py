@@ -354,9 +354,10 @@ def _one_per_object(rows: list[_Row], problems: list[str]) -> tuple[list[EcoObje
         if len(group) == 1:
             objects.append(group[0].obj)
             continue
-        ranks = [r.rank for r in group]
-        if all(re.fullmatch(r"\d+", k) for k in ranks) and len(set(map(int, ranks))) == len(ranks):
-            objects.append(min(group, key=lambda r: int(r.rank)).obj)
+        ranks = [_rank(r.rank) for r in group]
+        if None not in ranks and len(set(ranks)) == len(ranks):
+            first = min(range(len(group)), key=lambda i: ranks[i])
+            objects.append(group[first].obj)
             extra += len(group) - 1
             continue
         repeated.append(f"{object_id!r} ({', '.join(r.obj.where for r in group[:3])})")
@@ -367,27 +368,47 @@ def _one_per_object(rows: list[_Row], problems: list[str]) -> tuple[list[EcoObje
     return objects, extra
 
 
+def _rank(text: str) -> int | None:
+    """An ``img_rank`` cell as an integer (``2``, or ``2.0`` from a float column), else None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value.is_integer() and value >= 0 else None
+
+
 # ------------------------------------------------------------------------ reading members
 
-_ARCHIVES: dict[tuple[int, str], zipfile.ZipFile] = {}
+_ARCHIVES: dict[tuple[int, str], tuple[tuple[int, int, int], zipfile.ZipFile]] = {}
 
 
 def read_member(archive: str, member: str) -> bytes:
     """The bytes of ``member`` of the zip ``archive``; ValueError saying why it cannot be read.
 
     Each process keeps its own open handle per archive (a handle inherited over fork would
-    share its file offset with the parent's), so decoding workers read members in parallel.
+    share its file offset with the parent's), so decoding workers read members in parallel;
+    an archive replaced since it was opened (another inode, size or time) is opened again.
     """
     key = (os.getpid(), archive)
-    zf = _ARCHIVES.get(key)
     try:
-        if zf is None:
-            zf = _ARCHIVES[key] = zipfile.ZipFile(archive)
-        return zf.read(member)
+        st = os.stat(archive)
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = _ARCHIVES.get(key)
+        if cached is None or cached[0] != stamp:
+            if cached is not None:
+                cached[1].close()
+            cached = _ARCHIVES[key] = (stamp, zipfile.ZipFile(archive))
+        return cached[1].read(member)
     except KeyError:
         raise ValueError("missing from the archive") from None
     except (zipfile.BadZipFile, EOFError, zlib.error, OSError, NotImplementedError) as exc:
         raise ValueError(f"unreadable from the archive ({_why(exc)})") from None
+
+
+def close_archives() -> None:
+    """Close this process's handles of :func:`read_member` (ingest's end)."""
+    for key in [k for k in _ARCHIVES if k[0] == os.getpid()]:
+        _ARCHIVES.pop(key)[1].close()
 
 
 def _why(exc: BaseException) -> str:
