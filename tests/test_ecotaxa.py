@@ -349,6 +349,26 @@ def test_the_real_command_exits_1_with_one_line(tmp_path):
         f"ingest failed: {root}: not a readable zip archive")
 
 
+@pytest.mark.parametrize("kind", ["zip", "folder"])
+def test_the_notebooks_find_the_originals_inside_the_export(tmp_path, kind):
+    from types import SimpleNamespace
+
+    from pipeline.lib.images import decode_bytes
+    from pipeline.lib.results import read_original
+
+    root = export(tmp_path)
+    if kind == "folder":
+        with zipfile.ZipFile(root) as zf:
+            zf.extractall(tmp_path / "folder")
+        root = tmp_path / "folder"
+    meta = ingest(root, tmp_path / "records")
+    cfg = SimpleNamespace(root=tmp_path)
+    entry = meta["test"][1]
+    expected = decode_bytes(images_of(good_rows())[entry["file"]], 255)
+    assert np.array_equal(read_original(cfg, meta, entry["name"], "test"), expected)
+    assert read_original(cfg, meta, "no such object", "test") is None
+
+
 def test_read_member_reopens_an_archive_replaced_since(tmp_path):
     path = tmp_path / "a.zip"
     for content in (b"first", b"second, longer"):
