@@ -386,7 +386,8 @@ def discover_export(root: Path, folds: int, max_pixels: int | None = None) -> Fo
     ``object_id``, the key EcoTaxa matches an imported row by, so the submission's rows and
     a TSV written from them name the objects; the test rows, in the export's order, are
     recorded as a sample submission's rows are (``sample_submission``). An image missing from
-    the export is a bad file (``data.skip_bad`` skips it)."""
+    the export is a bad file (``data.skip_bad`` skips it, and an object to classify skipped so
+    is left out of those rows: it stays unclassified in EcoTaxa)."""
     try:
         export = ecotaxa.read_export(root, max_pixels)
     except ecotaxa.EcoTaxaError as exc:
@@ -699,6 +700,14 @@ def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Se
 
     seconds = time.perf_counter() - started
     n = len(train) + len(test) + len(bad_names) + len(early)
+    skipped_objects: list[str] = []
+    if found.ecotaxa is not None:
+        # The rows are the objects classified: one skipped as bad (data.skip_bad) stays as it
+        # is in EcoTaxa, so the submission leaves it out rather than failing for it.
+        written = {e["name"] for e in test_entries}
+        skipped_objects = [name for name in sample["images"] if name not in written]
+        sample = dict(sample, images=[e["name"] for e in test_entries])
+        found.ecotaxa["skipped_to_classify"] = skipped_objects
     meta = {
         "version": META_VERSION,
         "root": str(root),
@@ -727,6 +736,9 @@ def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Se
           + f", {n / seconds:.0f} img/s on {workers} worker(s)"
           + (f"; {describe_ignored(ignored)}" if ignored else "")
           + (f"; {describe_export(found.ecotaxa, folds)}" if found.ecotaxa else "")
+          + (f"; {len(skipped_objects)} object(s) to classify skipped as bad "
+             f"[{examples(skipped_objects, 3)}]: the submission leaves them out"
+             if skipped_objects else "")
           + (f"; {len(unsubmitted)} image(s) of {SAMPLE_SUBMISSION} skipped as bad "
              f"[{examples(unsubmitted, 3)}]: a submission will lack their rows"
              if unsubmitted else ""))

@@ -309,6 +309,18 @@ def test_a_hostile_export_is_one_line_and_keeps_the_earlier_records(tmp_path, ca
     assert "st02_0" not in {e["name"] for e in load_meta(records)["train"]}
 
 
+def test_an_object_to_classify_skipped_as_bad_is_left_out_of_the_rows(tmp_path, capsys):
+    rows = good_rows()
+    images = images_of(rows)
+    del images["st01/st01_91.png"]  # the dubious object's image
+    meta = ingest(export(tmp_path, rows, images), tmp_path / "records", skip_bad=True)
+    assert meta["sample_submission"]["images"] == ["st01_90", "st02_92", "st02_93"] == [
+        e["name"] for e in meta["test"]]
+    assert meta["ecotaxa"]["skipped_to_classify"] == ["st01_91"]
+    assert "1 object(s) to classify skipped as bad ['st01_91']: the submission leaves them out" \
+        in capsys.readouterr().out
+
+
 def test_a_damaged_image_in_the_zip_is_a_bad_file(tmp_path):
     rows = good_rows()
     images = images_of(rows)
