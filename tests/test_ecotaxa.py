@@ -244,6 +244,15 @@ def _bad_export(tmp_path: Path, case: str) -> Path:
         tsv.write_text(tsv.read_text(encoding="utf-8-sig").replace(first, "../evil.png", 1),
                        encoding="utf-8-sig")
         return root
+    if case == "row with too many fields":
+        root = tmp_path / "folder"
+        with zipfile.ZipFile(export(tmp_path)) as zf:
+            zf.extractall(root)
+        tsv = root / "ecotaxa_st02.tsv"
+        lines = tsv.read_text(encoding="utf-8-sig").split("\n")
+        lines[3] += '\t"stray"'
+        tsv.write_text("\n".join(lines), encoding="utf-8-sig")
+        return root
     if case == "unknown status":
         return export(tmp_path, _set(rows, "st01", 0, object_annotation_status="validaded"),
                       images_of(rows))
@@ -277,6 +286,8 @@ HOSTILE = [
     ("absolute img_file_name", ["pointing outside the export", "'/etc/passwd'",
                                 "an absolute path"], False),
     ("../ in a folder export", ["pointing outside the export", "'../evil.png'"], False),
+    ("row with too many fields", ["ecotaxa_st02.tsv: 1 row(s) with another number of fields "
+                                  "than the 10 columns of the header: 'line 4 has 11'"], False),
     ("unknown status", ["unknown object_annotation_status", "'validaded'"], False),
     ("category named image", ["EcoTaxa category image", "image column"], False),
     ("nothing to classify", ["no object to classify", "12 validated"], False),
