@@ -100,6 +100,10 @@ class Bundle:
     def model_dir(self, model: dict[str, Any]) -> Path:
         return self.root / model["dir"]
 
+    def spec(self, model: dict[str, Any]) -> dict[str, Any]:
+        """The model's checkpoint spec (``model.json``: net, kwargs, classes, size)."""
+        return json.loads((self.root / model["dir"] / "model.json").read_text(encoding="utf-8"))
+
     def views(self, model: dict[str, Any]) -> np.ndarray:
         return np.load(self.root / model["dir"] / "views.npy", allow_pickle=False)
 
@@ -322,7 +326,8 @@ _SECTIONS = {"classes": list, "preprocessing": dict, "tta": dict, "ensemble": di
              "models": list, "thresholds": dict, "provenance": dict}
 _PREPROCESSING = {"size": int, "background": int, "whiten_background": bool, "format": str,
                   "jpeg_quality": int, "max_pixels": int, "input": dict}
-_TTA = {"mean": str, "batch_size": int, "max_views": int, "n": int, "precision": str}
+_TTA = {"mean": str, "batch_size": int, "max_views": int, "n": int, "precision": str,
+        "int8_keep_fp32": list, "int8_granularity": str, "calib_mode": str}
 
 
 def info_problem(info: Any, files: dict[str, Any]) -> str | None:
@@ -337,6 +342,8 @@ def info_problem(info: Any, files: dict[str, Any]) -> str | None:
             value = where.get(key)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 return f"{(section + '.') if section else ''}{key} missing or not a {kind.__name__}"
+    if info["tta"].get("int8") not in (True, False, "auto"):
+        return "tta.int8 is not true, false or auto"
     classes = info["classes"]
     if not classes or not all(isinstance(c, str) and c for c in classes) \
             or len(set(classes)) != len(classes):

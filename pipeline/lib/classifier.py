@@ -32,15 +32,49 @@ class ArrayReader:
         return 0.0, self.images[i]
 
 
+def run_decisions(bundle: Bundle, int8: bool = True, kept: dict[str, str] | None = None,
+                  say=print) -> dict[str, str]:
+    """What each model of ``bundle`` runs in here (``dir`` -> ``int8``, ``float32`` or
+    ``bfloat16``), decided as predict decides (:func:`pipeline.lib.inference.decide_precision`):
+
+    * the float path: the bundle's ``tta.precision``, ``auto`` measured on this machine for the
+      model's net, input size and view batch (cached), or ``kept[dir]``, the float precision
+      of the work being resumed;
+    * INT8 where predict's guard chose it for this model (``int8_used``; the guard needs the
+      labelled validation images, which a bundle does not carry, so its verdict is kept), the
+      bundle's ``tta.int8`` is not ``false``, and, with ``tta.int8: auto``, INT8 was not
+      measured slower here than the float path; ``int8`` False (``--no-int8``): never.
+
+    Each model's decision line is passed to ``say``."""
+    from pipeline.lib.inference import decide_precision
+
+    tta = bundle.tta
+    used: dict[str, str] = {}
+    for model in bundle.models:
+        kept_float = (kept or {}).get(model["dir"])
+        decision = decide_precision(tta, bundle.spec(model),
+                                    kept_float if kept_float != "int8" else None)
+        line = decision.line()
+        run = decision.precision
+        if int8 and model["int8_used"] and tta.get("int8") is not False:
+            if tta.get("int8") == "auto" and decision.int8_faster is False:
+                line += "; INT8 measured no faster here: the float path"
+            else:
+                run = "int8"
+                line += "; INT8 (predict's guard chose it for this model)"
+        used[model["dir"]] = run
+        say(f"{model['dir']}: {line}")
+    return used
+
+
 class Classifier:
     """The loaded nets of a verified bundle and how to blend them.
 
-    ``int8``: False runs every model in the float path, even those predict ran in INT8
-    (slower, and no longer the bundle's own numbers). ``precision``: the float path's
-    precision, already resolved (:func:`pipeline.lib.inference.inference_precision`).
+    ``used``: what each model runs in (:func:`run_decisions`): ``int8`` (quantized again
+    from the calibration data the bundle carries), else the float precision.
     """
 
-    def __init__(self, bundle: Bundle, precision: str, int8: bool = True):
+    def __init__(self, bundle: Bundle, used: dict[str, str]):
         from pipeline.lib.checkpoint import load_model
         from pipeline.lib.inference import prepare_net
         from pipeline.lib.quantize import check_int8, quantize, warped_inputs
@@ -50,20 +84,18 @@ class Classifier:
         tta = bundle.tta
         self.nets: dict[str, Any] = {}
         self.plans: dict[str, TTAPlan] = {}
-        self.used: dict[str, str] = {}
+        self.used = dict(used)
         for model in bundle.models:
             views = bundle.views(model)
             net = load_model(bundle.model_dir(model))[0]
-            if int8 and model["int8_used"]:
+            if used[model["dir"]] == "int8":
                 check_int8(tta["calib_mode"], tta["int8_keep_fp32"], tta["int8_granularity"])
                 c = bundle.calibration(model)
                 calib = warped_inputs(c["images"], c["inverse"], c["transforms"], views)
                 net = quantize(prepare_net(net, "float32"), calib, tta["calib_mode"],
                                tta["int8_keep_fp32"], tta["int8_granularity"])
-                self.used[model["dir"]] = "int8"
             else:
-                net = prepare_net(net, precision)
-                self.used[model["dir"]] = precision
+                net = prepare_net(net, used[model["dir"]])
             self.nets[model["dir"]] = net
             self.plans[model["dir"]] = TTAPlan(views, tta["mean"], tta["batch_size"],
                                                tta["max_views"])

@@ -60,7 +60,7 @@ def decode(path: str, background: int, max_pixels: int | None = MAX_PIXELS) -> n
 
 def decode_bytes(data: bytes, background: int, max_pixels: int | None = MAX_PIXELS
                  ) -> np.ndarray:
-    """:func:`decode` of a file's content (an image inside an archive, say)."""
+    """:func:`decode` of an image file's bytes (an archive's member, say)."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:

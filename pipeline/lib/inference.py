@@ -8,6 +8,9 @@ exactly the net the out-of-fold and test predictions were.
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from pipeline.lib.errors import PipelineError
 
 
@@ -15,14 +18,31 @@ class InferenceError(PipelineError, ValueError):
     """Invalid inference settings or inputs (TTA, precision, INT8)."""
 
 
-def inference_precision(requested: str) -> str:
-    """``tta.precision`` resolved for this machine: the float path, used unless INT8 is."""
-    from pipeline.lib.precision import resolve_precision
+def decide_precision(tta: dict[str, Any], spec: dict[str, Any], kept: str | None = None):
+    """The :class:`pipeline.lib.precision.Decision` of one model's inference: ``tta``'s
+    ``precision`` (``auto`` decided by measurement on this machine, on the model's net, input
+    size and view batch) and, with ``int8: auto``, whether INT8 measured fast enough to try.
+    ``tta``: the tta settings as a dict (params' section, or a bundle's copy of it);
+    ``spec``: the model's checkpoint spec; ``kept``: the precision of the work being resumed.
+    Predict and classify both decide here, so they take the same decisions."""
+    from pipeline.lib.precision import INFERENCE, choose
 
+    views = max(1, int(tta["n"]))
     try:
-        return resolve_precision(requested)
+        return choose(INFERENCE, tta["precision"], spec["net"], spec["kwargs"], spec["size"],
+                      min(int(tta["batch_size"]) * views, int(tta["max_views"])),
+                      int8=tta["int8"] == "auto",
+                      int8_options={"keep_fp32": list(tta["int8_keep_fp32"]),
+                                    "granularity": tta["int8_granularity"]}, kept=kept)
     except ValueError as err:
         raise InferenceError(f"tta.precision: {err}") from err
+
+
+def kept_precision(started: dict[str, Path]) -> str | None:
+    """Of the chunk folders per float precision (``started``), the precision with the most
+    chunks already computed: what a resumed run keeps (None: nothing to resume)."""
+    counts = {p: sum(1 for _ in d.glob("*.npz")) for p, d in started.items() if d.is_dir()}
+    return max(counts, key=counts.get) if counts and max(counts.values()) else None
 
 
 def prepare_net(net, precision: str):

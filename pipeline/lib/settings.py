@@ -331,7 +331,8 @@ class SampleSection(Section):
 class DataSection(Section):
     NAME: ClassVar[str] = "data"
     root: str = path("data/sample/ndsb", "NDSB folder: train/<class>/*, test/*, "
-                     "sampleSubmission.csv", dvc_param=False)
+                     "sampleSubmission.csv; or an EcoTaxa export: its .zip, or a folder of "
+                     "ecotaxa_*.tsv + images", dvc_param=False)
     size: int = integer(64, "side of the square model input in pixels", lo=8, hi=1024)
     background: int = integer(255, "grey level of the padding (255: white)", lo=0, hi=255)
     format: str = choice("png", ("png", "jpg"), "image encoding inside the records")

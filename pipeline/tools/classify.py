@@ -23,9 +23,12 @@ share of the chunks (a cluster array job, or K processes here); the plain comman
 bar shows images/s and the time left. The work folder is removed once the outputs are
 written.
 
-**Precision.** Each model runs as its predictions did: INT8 where predict's guard chose it
-(quantized again from the calibration data in the bundle), ``tta.precision`` resolved on this
-machine otherwise. ``--no-int8`` runs every model in the float path.
+**Precision.** Each model's precision is decided as predict decides it
+(:func:`pipeline.lib.classifier.run_decisions`), and its decision line printed: the
+bundle's ``tta.precision`` (``auto``: measured on this machine, cached), and INT8 where
+predict's guard chose it for that model (quantized again from the calibration data in the
+bundle) unless, with ``tta.int8: auto``, INT8 measured no faster here. A resumed run keeps
+the precisions its chunks were computed in. ``--no-int8`` runs every model in the float path.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from pipeline.lib import stage
 from pipeline.lib.errors import PipelineError, Stopped
 
 SPLIT = "images"           # the one split of classify's chunk store
+STORE = "classify"         # the chunk store's folder under the work folder
 LISTING = "images.jsonl"   # the listing, kept beside the chunks it indexes
 
 
@@ -60,6 +64,25 @@ def _sweep_listings(work: Path) -> None:
             pass
 
 
+def resumed_runs(work: Path, base: dict[str, Any]) -> dict[str, str] | None:
+    """What each model ran in (``runs``) in the chunk store of the same bundle, inputs and
+    chunks that holds the most finished chunks, or None: a resumed run keeps its models'
+    precisions whatever a new ``auto`` measurement would say, as predict does."""
+    from pipeline.lib.fsutil import read_json
+
+    best, most = None, 0
+    for settings in sorted((work / STORE).glob("*/settings.json")):
+        try:
+            theirs = read_json(settings)
+        except (OSError, ValueError):
+            continue
+        done = sum(1 for _ in settings.parent.glob(f"{SPLIT}-*.npz"))
+        if {k: theirs.get(k) for k in base} == base and isinstance(theirs.get("runs"), dict) \
+                and done > most:
+            best, most = theirs["runs"], done
+    return best
+
+
 def classify(bundle_path: str | os.PathLike, inputs: Sequence[str], out: str | os.PathLike,
              shard: tuple[int, int] = (0, 1), merge_only: bool = False,
              all_probs: bool = False, work: str | os.PathLike | None = None,
@@ -71,7 +94,7 @@ def classify(bundle_path: str | os.PathLike, inputs: Sequence[str], out: str | o
     from pipeline.lib.chunks import (ChunkError, ChunkStore, chunk_bounds, describe_difference,
                                      missing_report, shard_chunks)
     from pipeline.lib.classified import OutputPaths, Writers
-    from pipeline.lib.inference import inference_precision
+    from pipeline.lib.classifier import run_decisions
     from pipeline.lib.inputs import Listing, write_listing
 
     if chunk_images < 1:
@@ -80,16 +103,16 @@ def classify(bundle_path: str | os.PathLike, inputs: Sequence[str], out: str | o
     work = Path(work) if work is not None else outputs.csv.with_name(outputs.csv.name + ".work")
     t0 = time.perf_counter()
     with open_bundle(bundle_path) as bundle:
-        precision = inference_precision(bundle.tta["precision"])
         work.mkdir(parents=True, exist_ok=True)
         _sweep_listings(work)
         listed = work / f".listing.{os.getpid()}.jsonl"
         try:
             n, digest = write_listing(inputs, listed, outputs.ecotaxa.parent.resolve())
             bounds = chunk_bounds(n, chunk_images, bundle.tta["batch_size"])
-            store = ChunkStore(work, "", 0, {
-                "bundle": bundle.id, "listing": digest, "images": n, "precision": precision,
-                "int8": int8, "chunk_images": chunk_images}, name="classify")
+            base = {"bundle": bundle.id, "listing": digest, "images": n,
+                    "chunk_images": chunk_images}
+            used = run_decisions(bundle, int8, resumed_runs(work, base), say=print)
+            store = ChunkStore(work, "", 0, {**base, "runs": used}, name=STORE)
             s, k = shard
             with store.lock(s, k):
                 if (store.dir / LISTING).exists():
@@ -115,7 +138,7 @@ def classify(bundle_path: str | os.PathLike, inputs: Sequence[str], out: str | o
                     print(f"classify: resuming: {len(mine) - len(todo)} of {len(mine)} chunks "
                           "already done")
                 if todo:
-                    compute(bundle, precision, int8, listing, todo, store)
+                    compute(bundle, used, listing, todo, store)
                 if k > 1:
                     print(f"classify: shard {s}/{k} done ({len(mine)} chunks); write the outputs "
                           "with the same command without --shard (or with --merge) once every "
@@ -140,7 +163,7 @@ def classify(bundle_path: str | os.PathLike, inputs: Sequence[str], out: str | o
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def compute(bundle, precision: str, int8: bool, listing, todo: list[int], store) -> None:
+def compute(bundle, used: dict[str, str], listing, todo: list[int], store) -> None:
     """Classify the chunks ``todo`` and save each as soon as it is done; a stop request ends
     the run after the chunk in progress is dropped (the saved ones are kept)."""
     from tqdm import tqdm
@@ -149,7 +172,7 @@ def compute(bundle, precision: str, int8: bool, listing, todo: list[int], store)
     from pipeline.lib.inputs import load_images
     from pipeline.lib.signals import graceful_stop
 
-    classifier = Classifier(bundle, precision, int8)
+    classifier = Classifier(bundle, used)
     total = sum(listing.bounds[i][1] - listing.bounds[i][0] for i in todo)
     bar = tqdm(total=total, unit="img", desc="classify", mininterval=2, dynamic_ncols=True)
     shown = [0.0, 0]  # images done (fractional: model by model), images shown
