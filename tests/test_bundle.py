@@ -121,6 +121,12 @@ def test_bundle_round_trip_reproduces_the_ensemble(made, tmp_path):
 
 
 def test_ecotaxa_table_and_summary_follow_the_predictions(made, tmp_path):
+    """The table passes the checks of EcoTaxa's importer (ecotaxa/ecotaxa_back,
+    py/BO/TSVFile.py open / validate_structure / validate_content, py/BO/Mappings.py): a BOM
+    makes it UTF-8, line 2 is always read as the types ([t] or [f] per column), every
+    column is TABLE_FIELD with a known table prefix, the image is found relative to the
+    table's folder, an (object_id, img_file_name) pair occurs once, a status is one EcoTaxa
+    knows and comes with a category; the score travels as a free numeric object field."""
     out = tmp_path / "sample.csv"
     classify(made.bundle, [str(made.test)], out)
     rows = read_csv(out)
@@ -133,6 +139,9 @@ def test_ecotaxa_table_and_summary_follow_the_predictions(made, tmp_path):
     assert all(t in ("[t]", "[f]") for t in types) and types[header.index("object_score")] \
         == "[f]"
     assert len(body) == len(rows) == 7
+    assert all(h.split("_", 1)[0] in ("object", "img", "sample", "acq", "process")
+               and "_" in h for h in header)
+    assert len({(r[header.index("object_id")], r[0]) for r in body}) == len(body)
     cut = threshold_array(load_bundle(made.bundle).thresholds())
     classes = load_bundle(made.bundle).classes
     for row, line in zip(rows, body):
@@ -144,6 +153,8 @@ def test_ecotaxa_table_and_summary_follow_the_predictions(made, tmp_path):
         assert row["assigned"] == (row["class_1"] if kept else "unclassified")
         assert record["object_annotation_category"] == (row["class_1"] if kept else "")
         assert record["object_annotation_status"] == ("predicted" if kept else "")
+        assert bool(record["object_annotation_status"]) == bool(
+            record["object_annotation_category"])
     summary = {r["class"]: r for r in read_csv(tmp_path / "sample.summary.csv")}
     for c in classes:
         assert int(summary[c]["top1"]) == sum(r["class_1"] == c for r in rows)
@@ -287,12 +298,15 @@ def test_classify_lists_unreadable_images_and_reads_every_kind_of_input(made, tm
     export = tmp_path / "export"
     export.mkdir()
     names = sorted(by_folder)
-    rows = ["img_file_name\tobject_id\tobject_annotation_status", "[t]\t[t]\t[t]"]
+    rows = ["img_file_name\timg_rank\tobject_id\tobject_annotation_status\t"
+            "object_annotation_category", "[t]\t[f]\t[t]\t[t]\t[t]"]
     for i, name in enumerate(names):
         (export / "imgs").mkdir(exist_ok=True)
         shutil.copyfile(folder / "set000" / name, export / "imgs" / name)
-        rows.append(f"imgs/{name}\tobj_{i}\tvalidated")
-    rows.append("imgs/missing.png\tobj_missing\t")
+        rows.append(f"imgs/{name}\t0\tobj_{i}\t" + ("validated\tCalanoida<Copepoda"
+                                                     if i % 2 else "\t"))
+    rows.append(f"imgs/{names[1]}\t1\tobj_0\t\t")  # a second image of obj_0: left out
+    rows.append("imgs/missing.png\t0\tobj_missing\t\t")
     (export / "ecotaxa_export.tsv").write_text("\n".join(rows) + "\n")
     archive = tmp_path / "export.zip"
     with zipfile.ZipFile(archive, "w") as z:
@@ -316,7 +330,7 @@ def test_classify_lists_unreadable_images_and_reads_every_kind_of_input(made, tm
     assert [r[0] for r in table[:7]] == [f"imgs/{n}" for n in names]  # as the export had it
     missing = read_csv(tmp_path / "run" / "kinds.unreadable.csv")
     assert len(missing) == 2 and all("missing.png" in r["image"] for r in missing)
-    assert "not in the archive" in missing[1]["reason"]
+    assert missing[1]["reason"] == "missing from the archive"
 
 
 def test_sharded_classify_equals_one_run(made, tmp_path):
@@ -451,3 +465,89 @@ def test_the_bundle_blends_as_the_ensemble_stage_does():
     expected = apply_temperature(E.blend([m.test for m in nets], [0.7, 0.3]), 1.3)
     got = combine({"nets": spec, "calibration": "temperature", "temperature": 1.3}, probs)
     np.testing.assert_array_equal(got, expected)
+
+
+# ------------------------------------------------------------------------------ EcoTaxa
+
+
+def test_an_ecotaxa_trained_bundle_classifies_the_export_under_its_category_names(tmp_path):
+    """An EcoTaxa export (zip, per-sample TSVs with the type row, images in sample folders)
+    through ingest, train, predict, ensemble and bundle: the bundle's classes are EcoTaxa's
+    category names; classify reads the export zip itself (pipeline.lib.ecotaxa) and gives
+    its objects to classify the ensemble's test probabilities, under their object_id, in an
+    EcoTaxa table whose categories are those names."""
+    from pipeline import ensemble as E
+    from pipeline import ingest as I
+    from pipeline import predict as P
+    from pipeline import train as T
+    from pipeline.lib.predictions import load_predictions
+    from pipeline.lib.settings import TrainSection, TTASection
+    from tests.test_ecotaxa import CATEGORIES, export
+
+    root = export(tmp_path)
+    records = tmp_path / "records"
+    meta = I.ingest(root, records, I.Settings(size=32), folds=2, workers=1)
+    paths = where(tmp_path, records)
+    T.train(T.Run(NET, 0, TrainSection.of(epochs=1, batch_size=8, workers=0, act="leaky",
+                                           bn=False, lr_steps=[1]), paths))
+    P.predict(NET, 0, TTASection.of(n=2, precision="float32", int8=False,
+                                    work=str(tmp_path / "work")), paths)
+    E.ensemble([NET], [0], paths.models(1).parent, records, paths.metrics_file("ensemble"),
+               paths.ensemble, None, "temperature")
+    build(tmp_path, tmp_path / "bundle", n=2, int8=False)
+    bundle = load_bundle(tmp_path / "bundle")
+    assert bundle.classes == meta["classes"] == sorted(CATEGORIES)
+
+    out = tmp_path / "run" / "export.csv"
+    done = classify(tmp_path / "bundle.tar", [str(root)], out, all_probs=True)
+    assert done["images"] == len(meta["train"]) + 4 and done["unreadable"] == 0
+    table = list(csv.reader(io.StringIO((tmp_path / "run" / "ecotaxa_export.tsv").read_text(
+        encoding="utf-8-sig")), delimiter="\t"))
+    header, body = table[0], table[2:]
+    records_tsv = [dict(zip(header, r)) for r in body]
+    probs = {r["object_id"]: np.array([float(c[k]) for k in bundle.classes])
+             for r, c in zip(records_tsv, read_csv(out))}
+    test, names = load_predictions(paths.ensemble, "test", "ensemble")
+    assert names == ["st01_90", "st01_91", "st02_92", "st02_93"]
+    for name, row in zip(names, test):
+        np.testing.assert_allclose(probs[name], row, atol=6e-7)
+    assert {r["object_top1_category"] for r in records_tsv} <= set(CATEGORIES)
+    assert {r["object_annotation_category"] for r in records_tsv} <= set(CATEGORIES) | {""}
+    assert all(r["img_file_name"].startswith(("st01/", "st02/")) for r in records_tsv)
+
+
+# ------------------------------------------------------------------------------ hostile
+
+
+def _command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.classify", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_hostile_inputs_end_in_one_line_and_exit_1(made, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "ecotaxa_x.tsv").write_text("img_file_name\tobject_id\n../../etc/passwd\to1\n")
+    cases = {
+        "missing bundle": ([str(tmp_path / "nope"), str(made.test)],
+                           "bundle " + str(tmp_path / "nope") + " not found"),
+        "bad shard": ([str(made.bundle), str(made.test), "--shard", "3/2"], "--shard"),
+        "merge with shard": ([str(made.bundle), str(made.test), "--shard", "0/2", "--merge"],
+                             "--merge writes the outputs of all shards"),
+        "empty input": ([str(made.bundle), str(empty)], "no images found in"),
+        "missing input": ([str(made.bundle), str(tmp_path / "absent")], "INPUT not found"),
+        "table pointing outside": ([str(made.bundle), str(outside)],
+                                   "pointing outside the export"),
+        "chunk size": ([str(made.bundle), str(made.test), "--chunk-images", "0"],
+                       "--chunk-images must be >= 1"),
+    }
+    for kind, (args, words) in cases.items():
+        done = _command(*args, "--out", str(tmp_path / "o.csv"), cwd=tmp_path)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1, (kind, done.stderr)
+        assert len(lines) == 1 and lines[0].startswith("classify failed: ") \
+            and words in lines[0], (kind, done.stderr)
+        assert not (tmp_path / "o.csv").exists()

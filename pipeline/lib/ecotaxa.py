@@ -52,7 +52,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Any, Callable, Iterator
 
 from pipeline.lib.errors import PipelineError
 from pipeline.lib.names import examples
@@ -130,11 +130,11 @@ def is_export(root: str | os.PathLike) -> bool:
         return root.suffix.lower() == ".zip" or zipfile.is_zipfile(root)
     if not root.is_dir() or (root / "train").is_dir():
         return False
-    return any(_is_tsv(p.relative_to(root).as_posix()) for p in root.rglob("*")
+    return any(is_tsv_name(p.relative_to(root).as_posix()) for p in root.rglob("*")
                if p.is_file())
 
 
-def _is_tsv(relative: str) -> bool:
+def is_tsv_name(relative: str) -> bool:
     """An ``ecotaxa_*.tsv`` that is not an operating system's copy of one (``__MACOSX/``,
     ``._*`` forks) nor inside a hidden folder."""
     parts = relative.split("/")
@@ -181,7 +181,7 @@ class _FolderSource:
 
     def tsvs(self) -> list[str]:
         return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
-                      if p.is_file() and _is_tsv(p.relative_to(self.root).as_posix()))
+                      if p.is_file() and is_tsv_name(p.relative_to(self.root).as_posix()))
 
     def open(self, name: str) -> IO[bytes]:
         return open(self.root / name, "rb")
@@ -199,7 +199,7 @@ class _ZipSource:
         self.names = {i.filename for i in zf.infolist() if not i.is_dir()}
 
     def tsvs(self) -> list[str]:
-        return sorted(n for n in self.names if _is_tsv(n))
+        return sorted(n for n in self.names if is_tsv_name(n))
 
     def open(self, name: str) -> IO[bytes]:
         return self.zf.open(name)
@@ -274,29 +274,36 @@ def _read_tsv(source, tsv: str, problems: list[str]) -> list[_Row]:
 
 def _parse(opener: Callable[[], IO[bytes]], encoding: str, tsv: str, folder: str,
            problems: list[str]) -> list[_Row]:
+    return list(_rows(opener, encoding, tsv, folder, problems, REQUIRED))
+
+
+def _rows(opener: Callable[[], IO[bytes]], encoding: str, tsv: str, folder: str,
+          problems: list[str], required: tuple[str, ...]) -> Iterator[_Row]:
+    """The usable rows of one TSV, streamed; its problems are appended once it is read,
+    aggregated by kind with examples. ``required``: the columns it must have
+    (``object_annotation_status`` and ``_category`` are checked where present)."""
     found: dict[str, list] = {}   # kind of problem -> examples ("line 5: ...")
 
     def note(kind: str, example: str) -> None:
         found.setdefault(kind, []).append(example)
 
-    out: list[_Row] = []
     with opener() as raw:
         text = io.TextIOWrapper(raw, encoding=encoding, newline="")
         reader = csv.reader(text, delimiter="\t", quotechar='"')
         header = next(reader, None)
         if not header:
             problems.append(f"{tsv}: empty file, no header row")
-            return []
+            return
         names = [h.strip(" \t").lower() for h in header]
-        missing = [c for c in REQUIRED if c not in names]
+        missing = [c for c in required if c not in names]
         if missing:
             problems.append(f"{tsv}: missing column(s) {', '.join(missing)} (an EcoTaxa export "
                             "has them when exported with its images)")
-            return []
+            return
         repeated = sorted({n for n in names if names.count(n) > 1 and n})
         if repeated:
             problems.append(f"{tsv}: repeated column(s) {', '.join(repeated)}")
-            return []
+            return
         col = {n: i for i, n in enumerate(names)}
         first = True
         for row in reader:
@@ -313,8 +320,8 @@ def _parse(opener: Callable[[], IO[bytes]], encoding: str, tsv: str, folder: str
                 continue
             value = {n: row[col[n]].strip() for n in (*REQUIRED, HIERARCHY, RANK) if n in col}
             where = f"{tsv} line {line}"
-            object_id, image = value[OBJECT_ID], value[IMAGE]
-            category, raw_status = value[CATEGORY], value[STATUS]
+            object_id, image = value.get(OBJECT_ID, ""), value[IMAGE]
+            category, raw_status = value.get(CATEGORY, ""), value.get(STATUS, "")
             status = STATUSES.get(raw_status.lower())
             if not object_id:
                 note("row(s) without an object_id", f"line {line}")
@@ -336,11 +343,93 @@ def _parse(opener: Callable[[], IO[bytes]], encoding: str, tsv: str, folder: str
                 continue
             image = image.replace("\\", "/")
             path = f"{folder}/{image}" if folder else image
-            out.append(_Row(EcoObject(object_id, path, category, status,
-                                      value.get(HIERARCHY, ""), where), value.get(RANK, "")))
+            yield _Row(EcoObject(object_id, path, category, status,
+                                 value.get(HIERARCHY, ""), where), value.get(RANK, ""))
     for kind, where in found.items():
         problems.append(f"{tsv}: {len(where)} {kind}: {examples(where, EXAMPLES)}")
-    return out
+
+
+# ------------------------------------------------------------------ streaming (to classify)
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """One object of a table being streamed: where its image is (``archive`` and member, or
+    a file), its id, and ``img_file_name`` as the table has it."""
+
+    object_id: str
+    image: str          # a path relative to the export's root, "/"-separated
+    img_file_name: str
+    file: str           # the image file ("" in an archive)
+    archive: str        # the zip holding it ("" for a folder or a table)
+
+
+def stream_objects(root: str | os.PathLike, problems: list[str],
+                   table: str | None = None) -> Iterator[Streamed]:
+    """The objects of the export at ``root`` (a folder or a zip; with ``table``, only that
+    TSV file of the folder ``root``), read row by row, so memory does not grow with the
+    number of objects: what classify reads from an EcoTaxa table or archive.
+
+    Read with ingest's rules (:func:`_rows`: encodings, type row, paths kept inside the
+    export, statuses) but only ``object_id`` and ``img_file_name`` are required: a table to
+    classify need not be annotated. An object exported with all its images contributes its
+    first (``img_rank`` 0 or empty); rows of a later rank are left out (keeping the lowest rank
+    of any object, as ingest does, would hold every object in memory). Problems are appended
+    to ``problems`` as each TSV is finished (the caller refuses the input then)."""
+    root = Path(root)
+    if root.is_dir():
+        source: Any = _FolderSource(root)
+        yield from _stream(root, source, [table] if table else source.tsvs(), problems)
+        return
+    try:
+        with zipfile.ZipFile(root) as zf:
+            source = _ZipSource(root, zf)
+            yield from _stream(root, source, source.tsvs(), problems)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as exc:
+        problems.append(f"{root}: not a readable zip archive ({_why(exc)})")
+
+
+def _stream(root: Path, source, tsvs: list[str], problems: list[str]) -> Iterator[Streamed]:
+    for tsv in tsvs:
+        if path_problem(tsv):
+            problems.append(f"{root}: TSV member named outside the archive ({tsv!r})")
+            continue
+        try:
+            encoding = _encoding(lambda: source.open(tsv))
+            for r in _rows(lambda: source.open(tsv), encoding, tsv, posixpath.dirname(tsv),
+                           problems, (OBJECT_ID, IMAGE)):
+                rank = _rank(r.rank) if r.rank else 0
+                if rank:
+                    continue  # another image of an object listed before
+                img = r.obj.image[len(posixpath.dirname(tsv)) + 1:] if posixpath.dirname(tsv) \
+                    else r.obj.image
+                if isinstance(source, _ZipSource):
+                    yield Streamed(r.obj.object_id, r.obj.image, img, "", str(root))
+                else:
+                    yield Streamed(r.obj.object_id, r.obj.image, img,
+                                   str(source.root / r.obj.image), "")
+        except (UnicodeDecodeError, csv.Error, zipfile.BadZipFile, EOFError, zlib.error,
+                OSError) as exc:
+            problems.append(f"{tsv}: cannot read as an EcoTaxa TSV ({_why(exc)})")
+
+
+def _encoding(opener: Callable[[], IO[bytes]]) -> str:
+    """A TSV's encoding, as :func:`_read_tsv` decides it, found before any row is used:
+    ``utf-8-sig`` with a byte-order mark, else ``utf-8`` if the whole file decodes, else
+    ``latin-1``. Reads the file through once."""
+    with opener() as raw:
+        head = raw.read(3)
+        if head == codecs.BOM_UTF8:
+            return "utf-8-sig"
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:
+            decoder.decode(head)
+            for block in iter(lambda: raw.read(1 << 20), b""):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return "latin-1"
+    return "utf-8"
 
 
 def _one_per_object(rows: list[_Row], problems: list[str]) -> tuple[list[EcoObject], int]:

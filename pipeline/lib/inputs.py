@@ -5,12 +5,14 @@ Each INPUT of ``python -m pipeline.classify`` is
 * a folder: every image file below it (recursively, in sorted order; hidden folders and
   files, ``__MACOSX`` and AppleDouble ``._*`` files are left out; an image is a file with an
   extension PIL opens);
-* an EcoTaxa table (``.tsv``/``.txt`` whose first row has an ``img_file_name`` column):
-  one image per row, its path relative to the table's folder (as EcoTaxa's import reads
-  it), its ``object_id`` kept; the second row of ``[t]``/``[f]`` type markers is skipped;
-* a ``.zip`` archive: its EcoTaxa tables (``ecotaxa*.tsv``/``.txt``, EcoTaxa's own rule;
-  images relative to each table's folder inside the archive), or, without any, every image
-  inside it; images are read from the archive, nothing is extracted;
+* an EcoTaxa table (a ``.tsv`` whose first row has an ``img_file_name`` column), or a
+  folder or ``.zip`` that is an EcoTaxa export (``ecotaxa_*.tsv`` files and their images):
+  one image per object, its path relative to its table's folder (as EcoTaxa's import reads
+  it), its ``object_id`` kept. These are read by :mod:`pipeline.lib.ecotaxa`, the reader
+  ingest trains from, streamed (:func:`pipeline.lib.ecotaxa.stream_objects`): the same
+  encodings, type row, statuses and paths kept inside the export; a table it refuses is
+  refused here in one line; images are read from the archive, nothing is extracted;
+* any other ``.zip`` archive: every image inside it;
 * any other text file: a list of image paths, one per line (relative ones to the list's
   folder; blank lines and ``#`` comments skipped);
 * an image file: itself.
@@ -29,11 +31,8 @@ cannot be read or decoded becomes a blank image and a reason, and the run goes o
 """
 from __future__ import annotations
 
-import codecs
-import csv
 import functools
 import hashlib
-import io
 import json
 import os
 import posixpath
@@ -46,9 +45,7 @@ import numpy as np
 
 from pipeline.lib.errors import PipelineError
 
-ECOTAXA_IMAGE = "img_file_name"
-ECOTAXA_ID = "object_id"
-TYPE_MARKERS = ("[t]", "[f]")
+ECOTAXA_IMAGE = "img_file_name"  # the column that makes a .tsv an EcoTaxa table
 
 
 class InputError(PipelineError, ValueError):
@@ -108,6 +105,8 @@ def entries(inputs: Sequence[str], tsv_dir: Path) -> Iterator[Entry]:
     """Every image of ``inputs`` in order (module docstring); ``tsv_dir``: the folder of the
     EcoTaxa table being written (image paths of folders and lists are made relative to it).
     An INPUT that does not exist is an :class:`InputError` naming all such at once."""
+    from pipeline.lib import ecotaxa
+
     missing = [i for i in inputs if not os.path.exists(i)]
     if missing:
         raise InputError(f"INPUT not found: {missing[:5]}"
@@ -115,15 +114,22 @@ def entries(inputs: Sequence[str], tsv_dir: Path) -> Iterator[Entry]:
     for given in inputs:
         path = Path(given)
         if path.is_dir():
-            yield from _folder(given, tsv_dir)
-        elif zipfile.is_zipfile(path) and path.suffix.lower() == ".zip":
-            yield from _archive(given)
+            if ecotaxa.is_export(path):
+                yield from _export(given, path, None)
+            else:
+                yield from _folder(given, tsv_dir)
+        elif path.suffix.lower() == ".zip":
+            if not zipfile.is_zipfile(path):
+                raise InputError(f"{given}: not a readable zip archive")
+            if _zip_has_tables(path):
+                yield from _export(given, path, None)
+            else:
+                yield from _archive(given)
         elif _is_image_name(path.name):
             yield Entry(str(path.resolve()), None, given, _object_id(given),
                         _relative_img(str(path.resolve()), tsv_dir))
-        elif _ecotaxa_header(path) is not None:
-            with _open_text(path) as fh:
-                yield from _table(fh, given, str(path.parent.resolve()), None)
+        elif _ecotaxa_header(path):
+            yield from _export(given, path.parent, path.name)
         else:
             yield from _file_list(given, tsv_dir)
 
@@ -142,96 +148,71 @@ def _folder(given: str, tsv_dir: Path) -> Iterator[Entry]:
 
 def _file_list(given: str, tsv_dir: Path) -> Iterator[Entry]:
     base = Path(given).resolve().parent
-    with _open_text(Path(given)) as fh:
-        for line in fh:
-            line = line.rstrip("\r\n")
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            full = str(base / line) if not os.path.isabs(line) else line
-            yield Entry(full, None, line, _object_id(line), _relative_img(full, tsv_dir))
+    try:
+        with open(given, encoding="utf-8-sig", newline="") as fh:
+            for line in fh:
+                line = line.rstrip("\r\n")
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                full = str(base / line) if not os.path.isabs(line) else line
+                yield Entry(full, None, line, _object_id(line), _relative_img(full, tsv_dir))
+    except UnicodeDecodeError as err:
+        raise InputError(f"{given}: neither an image, an EcoTaxa table nor a UTF-8 list of "
+                         f"image paths ({err.reason} at byte {err.start})") from None
+
+
+def _zip_has_tables(path: Path) -> bool:
+    from pipeline.lib import ecotaxa
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(ecotaxa.is_tsv_name(n) for n in z.namelist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as err:
+        raise InputError(f"{path}: not a readable zip archive ({err})") from None
 
 
 def _archive(given: str) -> Iterator[Entry]:
+    """Every image of a zip that is not an EcoTaxa export."""
     try:
         with zipfile.ZipFile(given) as z:
             names = sorted(n for n in z.namelist() if not n.endswith("/")
                            and "__MACOSX" not in n.split("/"))
-            tables = [n for n in names if posixpath.basename(n).lower().startswith("ecotaxa")
-                      and n.lower().endswith((".tsv", ".txt"))]
-            source = str(Path(given).resolve())
-            if not tables:
-                for n in names:
-                    if _is_image_name(n):
-                        yield Entry(source, n, f"{given}/{n}", _object_id(n), n)
-                return
-            for t in tables:
-                with z.open(t) as raw:
-                    encoding = _encoding(raw)
-                with z.open(t) as raw, io.TextIOWrapper(raw, encoding=encoding,
-                                                        newline="") as fh:
-                    yield from _table(fh, f"{given}/{t}", source, posixpath.dirname(t))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as err:
         raise InputError(f"{given}: not a readable zip archive ({err})") from None
+    source = str(Path(given).resolve())
+    for n in names:
+        if _is_image_name(n):
+            yield Entry(source, n, f"{given}/{n}", _object_id(n), n)
 
 
-def _table(fh, given: str, base: str, member_dir: str | None) -> Iterator[Entry]:
-    """The rows of an EcoTaxa table read from ``fh``; images relative to ``base`` (a folder)
-    or, with ``member_dir`` not None, to that folder inside the archive ``base``."""
-    reader = csv.reader(fh, delimiter="\t", quotechar='"')
-    header = [h.strip(" \t").lower() for h in next(reader, [])]
-    if ECOTAXA_IMAGE not in header:
-        raise InputError(f"{given}: no {ECOTAXA_IMAGE} column in the first row: not an "
-                         "EcoTaxa table")
-    image, ident = header.index(ECOTAXA_IMAGE), (header.index(ECOTAXA_ID)
-                                                  if ECOTAXA_ID in header else None)
-    shown = posixpath.dirname(given) if member_dir is not None else os.path.dirname(given)
-    for number, row in enumerate(reader, start=2):
-        values = [v.strip() for v in row]
-        if number == 2 and values and all(v.lower() in TYPE_MARKERS for v in values if v):
-            continue
-        if not any(values):
-            continue
-        img = values[image] if image < len(values) else ""
-        object_id = (values[ident] if ident is not None and ident < len(values) else "") \
-            or _object_id(img or f"row{number}")
-        name = f"{shown}/{img}" if shown else img
-        if not img:
-            yield Entry(None, None, f"{given} row {number}", object_id, "")
-        elif member_dir is not None:
-            member = posixpath.normpath(posixpath.join(member_dir, img))
-            yield Entry(base, member, name, object_id, img)
+def _export(given: str, root: Path, table: str | None) -> Iterator[Entry]:
+    """The objects of an EcoTaxa export (``root``: a folder or a zip) or of one ``table`` in
+    the folder ``root``, read by :func:`pipeline.lib.ecotaxa.stream_objects`; the input is
+    refused in one line, naming every problem, once its tables are read."""
+    from pipeline.lib import ecotaxa
+
+    problems: list[str] = []
+    shown = os.path.dirname(given) if table else given
+    for obj in ecotaxa.stream_objects(root.resolve(), problems, table):
+        name = f"{shown}/{obj.image}" if shown else obj.image
+        if obj.archive:
+            yield Entry(obj.archive, obj.image, name, obj.object_id, obj.img_file_name)
         else:
-            yield Entry(os.path.join(base, img), None, name, object_id, img)
+            yield Entry(obj.file, None, name, obj.object_id, obj.img_file_name)
+    if problems:
+        raise InputError(f"{given}: not a usable EcoTaxa table: " + "; ".join(problems))
 
 
-def _ecotaxa_header(path: Path) -> list[str] | None:
-    """The fields of ``path``'s first row if it is an EcoTaxa table, else None."""
+def _ecotaxa_header(path: Path) -> bool:
+    """Whether ``path`` is a ``.tsv`` whose first row has an ``img_file_name`` column."""
+    if path.suffix.lower() != ".tsv":
+        return False
     try:
-        with _open_text(path) as fh:
-            first = fh.readline()
-    except (OSError, UnicodeDecodeError):
-        return None
-    fields = [f.strip(" \t\r\n").lower() for f in first.split("\t")]
-    return fields if ECOTAXA_IMAGE in fields else None
-
-
-def _encoding(raw) -> str:
-    """``utf-8-sig`` if the binary stream decodes as UTF-8 (a BOM or not), else ``latin-1``
-    (what EcoTaxa's import assumes without a BOM). Reads the stream through once."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    try:
-        for block in iter(lambda: raw.read(1 << 20), b""):
-            decoder.decode(block)
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return "latin-1"
-    return "utf-8-sig"
-
-
-def _open_text(path: Path):
-    with open(path, "rb") as raw:
-        encoding = _encoding(raw)
-    return open(path, encoding=encoding, newline="")
+        with open(path, "rb") as fh:
+            first = fh.readline(1 << 20).decode("utf-8-sig", errors="replace")
+    except OSError:
+        return False
+    return ECOTAXA_IMAGE in [f.strip(" \t\r\n").lower() for f in first.split("\t")]
 
 
 # ------------------------------------------------------------------------------ listing
@@ -309,22 +290,19 @@ def load_images(chunk: Sequence[Entry], prep: dict[str, Any]
     size = prep["size"]
     images = np.full((len(chunk), size, size), prep["background"], dtype=np.uint8)
     reasons = [""] * len(chunk)
-    archives: dict[str, zipfile.ZipFile] = {}
-    try:
-        for i, entry in enumerate(chunk):
-            try:
-                images[i] = model_image(_read(entry, archives), prep)
-            except ValueError as err:
-                reasons[i] = str(err)
-    finally:
-        for z in archives.values():
-            z.close()
+    for i, entry in enumerate(chunk):
+        try:
+            images[i] = model_image(_read(entry), prep)
+        except ValueError as err:
+            reasons[i] = str(err)
     return images, reasons
 
 
-def _read(entry: Entry, archives: dict[str, zipfile.ZipFile]) -> bytes:
-    """The bytes of ``entry``'s image; ValueError saying why they cannot be read."""
-    import zlib
+def _read(entry: Entry) -> bytes:
+    """The bytes of ``entry``'s image; ValueError saying why they cannot be read. Archive
+    members are read in place through :func:`pipeline.lib.ecotaxa.read_member` (one open
+    handle per archive and process)."""
+    from pipeline.lib import ecotaxa
 
     if entry.source is None:
         raise ValueError(f"no {ECOTAXA_IMAGE} in this row")
@@ -333,11 +311,4 @@ def _read(entry: Entry, archives: dict[str, zipfile.ZipFile]) -> bytes:
             return Path(entry.source).read_bytes()
         except OSError as exc:
             raise ValueError(f"unreadable ({exc.strerror or exc})") from None
-    try:
-        if entry.source not in archives:
-            archives[entry.source] = zipfile.ZipFile(entry.source)
-        return archives[entry.source].read(entry.member)
-    except KeyError:
-        raise ValueError(f"not in the archive {entry.source}") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
-        raise ValueError(f"damaged archive member ({err})") from None
+    return ecotaxa.read_member(entry.source, entry.member)

@@ -95,6 +95,7 @@ def classify(bundle_path: str | os.PathLike, inputs: Sequence[str], out: str | o
                                      missing_report, shard_chunks)
     from pipeline.lib.classified import OutputPaths, Writers
     from pipeline.lib.classifier import run_decisions
+    from pipeline.lib.ecotaxa import close_archives
     from pipeline.lib.inputs import Listing, write_listing
 
     if chunk_images < 1:
@@ -155,6 +156,7 @@ def classify(bundle_path: str | os.PathLike, inputs: Sequence[str], out: str | o
                         w.add(listing.chunk(i), arrays["probs"], list(arrays["error"]))
         finally:
             listed.unlink(missing_ok=True)
+            close_archives()
         store.remove()
     summary = w.summary()
     return {"images": n, "read": n - w.unreadable, "unreadable": w.unreadable,
