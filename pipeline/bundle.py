@@ -84,8 +84,24 @@ def make_bundle(out: str | Path, paths, models, tta, ensemble_cfg, data,
     """Write the bundle of the ensemble ``paths`` point at (module docstring); return the
     bundle's metrics. ``models``, ``tta``, ``ensemble_cfg``, ``data``: the typed sections the
     ensemble and its models were made with; ``settings``: what to record as provenance."""
+    import tempfile
+
+    from pipeline.lib.fsutil import temp_prefix
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    # The ONNX exports wait beside the bundle until it is built (a killed run's are swept).
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(f"{out}.onnx"),
+                                     dir=Path(out).parent) as exports:
+        return _make_bundle(out, paths, models, tta, ensemble_cfg, data, target_precision,
+                            settings, Path(exports))
+
+
+def _make_bundle(out, paths, models, tta, ensemble_cfg, data, target_precision: float,
+                 settings: dict[str, Any] | None, exports: Path) -> dict[str, Any]:
     from pipeline.lib.bundle import archive_path, model_dir_name, write_bundle
-    from pipeline.lib.checkpoint import load_spec, run_dir
+    from pipeline.lib.checkpoint import load_model, load_spec, run_dir
+    from pipeline.lib.inference import prepare_net
+    from pipeline.lib.onnxmodel import export_onnx
     from pipeline.lib.fsutil import read_json, sha256, sweep_stale, write_json
     from pipeline.lib.predictions import load_predictions
     from pipeline.lib.quantize import calibration_images, calibration_plan
@@ -141,11 +157,16 @@ def make_bundle(out: str | Path, paths, models, tta, ensemble_cfg, data,
                     calib = {"images": images, "inverse": inverse.astype(np.int64),
                              "transforms": transforms.astype(np.int64)}
                 rel = model_dir_name(member, fold)
+                onnx_file = exports / rel / "model.onnx"
+                export_onnx(prepare_net(load_model(ck)[0], "float32"), spec["size"], onnx_file,
+                            doc=f"{run_name(member, fold)}: float32 inference net, input "
+                                f"(N, 1, {spec['size']}, {spec['size']}), output logits of "
+                                f"{len(classes)} classes (bundle.json's order)")
                 entries.append({"dir": rel, "net": net, "member": member, "fold": fold,
                                 "int8_used": bool(about.get("int8_used")),
                                 "int8_guard": about.get("int8_guard"),
                                 "valid_logloss": about.get("valid_logloss")})
-                files.append((rel, ck, views, calib))
+                files.append((rel, ck, views, calib, onnx_file))
     if missing:
         raise BundleError(f"{len(missing)} model(s) of the ensemble have no checkpoint or no "
                           f"predict metrics: {missing[:5]}: run train and predict for them "
@@ -224,7 +245,7 @@ def _run(cfg, args) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     stage.run("bundle", ("bundle", "models", "tta", "ensemble", "data", "paths"), _run, argv,
-              doc=__doc__)
+              doc=__doc__, threads=True)
 
 
 if __name__ == "__main__":

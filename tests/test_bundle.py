@@ -551,3 +551,67 @@ def test_hostile_inputs_end_in_one_line_and_exit_1(made, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("classify failed: ") \
             and words in lines[0], (kind, done.stderr)
         assert not (tmp_path / "o.csv").exists()
+
+
+# ------------------------------------------------------------------------------ ONNX
+
+
+def test_classify_runtime_onnx_matches_mxnet_float32(made, tmp_path):
+    """Every model of the bundle carries MXNet's own ONNX export; classify --runtime onnx
+    runs it in ONNX Runtime and gives the float32 MXNet probabilities within 1e-4."""
+    import onnx
+
+    from pipeline.lib.classifier import Classifier, run_decisions
+    from pipeline.lib.inputs import Listing, load_images, write_listing
+
+    bundle = load_bundle(made.bundle)
+    for model in bundle.models:
+        graph = onnx.load(str(bundle.onnx(model))).graph
+        assert [i.name for i in graph.input] == ["data"]
+        assert graph.input[0].type.tensor_type.shape.dim[2].dim_value == 32
+    listed = tmp_path / "list.jsonl"
+    n, _ = write_listing([str(made.test)], listed, tmp_path)
+    images, reasons = load_images(Listing(listed, [(0, n)]).chunk(0), bundle.preprocessing)
+    assert not any(reasons)
+    said: list[str] = []
+    used = run_decisions(bundle, runtime="onnx", say=said.append)
+    assert set(used.values()) == {"onnx"} and "ONNX Runtime" in said[0]
+    got = Classifier(bundle, used).predict(images)
+    want = Classifier(bundle, {m["dir"]: "float32" for m in bundle.models}).predict(images)
+    assert np.abs(got - want).max() <= 1e-4 and got.shape == (7, 3)
+
+    by_onnx, by_mxnet = tmp_path / "onnx.csv", tmp_path / "mxnet.csv"
+    classify(made.tar, [str(made.test)], by_onnx, all_probs=True, runtime="onnx")
+    classify(made.bundle, [str(made.test)], by_mxnet, all_probs=True, int8=False)
+    a, b = probabilities(by_onnx, bundle.classes), probabilities(by_mxnet, bundle.classes)
+    assert a.keys() == b.keys() and max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-4
+
+
+@pytest.mark.parametrize("net", ["ndsb_net1", "tinynet"])
+def test_the_sample_nets_export_to_onnx_with_rrelu_as_its_leaky_slope(net, tmp_path):
+    """The nets the sample trains (params.yaml models.nets), built as train builds them
+    (RReLU, batch norm), exported from predict's float32 inference net: only standard ONNX
+    operators (RReLU is LeakyRelu with slope (l+u)/2, batch norm folded away), and ONNX
+    Runtime's probabilities equal MXNet's within 1e-4."""
+    import mxnet as mx
+    import onnx
+
+    import nets
+    from pipeline.lib.inference import prepare_net
+    from pipeline.lib.onnxmodel import OnnxNet, export_onnx
+    from pipeline.lib.settings import DataSection, TrainSection
+    from pipeline.lib.tta import average
+
+    cfg, size = TrainSection.of(), DataSection.of().size
+    model = nets.get_model(net, classes=121, act=cfg.act, bn=cfg.bn, in_channels=1)
+    model.initialize(mx.init.Xavier(magnitude=2.0))
+    x = mx.nd.random.uniform(shape=(6, 1, size, size))
+    model(x)
+    prepared = prepare_net(model, "float32")
+    want = average(prepared(x).asnumpy()[:, None].astype(np.float64), "probs")
+    path = export_onnx(prepared, size, tmp_path / "model.onnx")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert cfg.act == "rrelu" and "LeakyRelu" in ops
+    assert not ops & {"BatchNormalization", "RandomUniform", "RandomNormal"}
+    got = average(OnnxNet(path)(x).asnumpy()[:, None].astype(np.float64), "probs")
+    assert np.abs(got - want).max() <= 1e-4

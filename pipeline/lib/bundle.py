@@ -11,6 +11,8 @@ project's environment, without the records, the checkpoints or params.yaml. Layo
       models/{member}--fold{k}/
         model.json             the checkpoint's spec (net, kwargs, classes, input, training)
         model.params           its weights (the file predict loaded)
+        model.onnx             the same float32 inference net exported by MXNet's ONNX exporter
+                               (classify --runtime onnx; :mod:`pipeline.lib.onnxmodel`)
         views.npy              the (T, 2, 3) TTA matrices predict used for this model
         calib.npz              INT8 only: the calibration images, their views (see below)
 
@@ -56,7 +58,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from pipeline.lib.errors import PipelineError
-from pipeline.lib.fsutil import atomic_path, sha256, write_json, write_text
+from pipeline.lib.fsutil import atomic_path, sha256, temp_prefix, write_json, write_text
 
 FORMAT = "ndsb-plankton-bundle"
 VERSION = 1
@@ -64,7 +66,7 @@ MANIFEST = "manifest.json"
 INFO = "bundle.json"
 THRESHOLDS = "thresholds.csv"
 MODELS = "models"
-MODEL_FILES = ("model.json", "model.params", "views.npy")
+MODEL_FILES = ("model.json", "model.params", "model.onnx", "views.npy")
 CALIB = "calib.npz"
 TAR_SUFFIX = ".tar"
 
@@ -107,6 +109,10 @@ class Bundle:
     def views(self, model: dict[str, Any]) -> np.ndarray:
         return np.load(self.root / model["dir"] / "views.npy", allow_pickle=False)
 
+    def onnx(self, model: dict[str, Any]) -> Path:
+        """The model's ONNX export (``model.onnx``)."""
+        return self.root / model["dir"] / "model.onnx"
+
     def calibration(self, model: dict[str, Any]) -> dict[str, np.ndarray]:
         with np.load(self.root / model["dir"] / CALIB, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -141,24 +147,26 @@ def _csv_field(text: str) -> str:
 
 
 def write_bundle(out: str | os.PathLike, info: dict[str, Any],
-                 models: Sequence[tuple[str, Path, np.ndarray, dict[str, np.ndarray] | None]],
+                 models: Sequence[tuple[str, Path, np.ndarray, dict[str, np.ndarray] | None,
+                                        Path]],
                  archive: bool = True) -> str:
     """Write the bundle folder ``out`` (replacing an older one only once the new one is
     complete) and, with ``archive``, ``out`` + ``.tar``; return the bundle's id.
 
     ``models``: per entry of ``info["models"]`` (same order), its ``dir`` inside the bundle,
-    the checkpoint folder to copy ``model.json`` and ``model.params`` from, its TTA matrices
-    and its INT8 calibration arrays (None: float only).
+    the checkpoint folder to copy ``model.json`` and ``model.params`` from, its TTA matrices,
+    its INT8 calibration arrays (None: float only) and its ONNX export.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    build = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     try:
-        for rel, source, views, calib in models:
+        for rel, source, views, calib, onnx_file in models:
             target = build / rel
             target.mkdir(parents=True)
             for name in ("model.json", "model.params"):
                 shutil.copyfile(source / name, target / name)
+            shutil.copyfile(onnx_file, target / "model.onnx")
             np.save(target / "views.npy", np.asarray(views, dtype=np.float64))
             if calib is not None:
                 np.savez(target / CALIB, **calib)

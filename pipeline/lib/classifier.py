@@ -32,10 +32,15 @@ class ArrayReader:
         return 0.0, self.images[i]
 
 
+RUNTIMES = ("mxnet", "onnx")
+ONNX = "onnx"
+
+
 def run_decisions(bundle: Bundle, int8: bool = True, kept: dict[str, str] | None = None,
-                  say=print) -> dict[str, str]:
-    """What each model of ``bundle`` runs in here (``dir`` -> ``int8``, ``float32`` or
-    ``bfloat16``), decided as predict decides (:func:`pipeline.lib.inference.decide_precision`):
+                  say=print, runtime: str = "mxnet") -> dict[str, str]:
+    """What each model of ``bundle`` runs in here (``dir`` -> ``int8``, ``float32``,
+    ``bfloat16`` or ``onnx``), decided as predict decides
+    (:func:`pipeline.lib.inference.decide_precision`):
 
     * the float path: the bundle's ``tta.precision``, ``auto`` measured on this machine for the
       model's net, input size and view batch (cached), or ``kept[dir]``, the float precision
@@ -45,11 +50,20 @@ def run_decisions(bundle: Bundle, int8: bool = True, kept: dict[str, str] | None
       bundle's ``tta.int8`` is not ``false``, and, with ``tta.int8: auto``, INT8 was not
       measured slower here than the float path; ``int8`` False (``--no-int8``): never.
 
-    Each model's decision line is passed to ``say``."""
+    ``runtime="onnx"``: every model's float32 ``model.onnx`` in ONNX Runtime
+    (:mod:`pipeline.lib.onnxmodel`). Each model's decision line is passed to ``say``."""
     from pipeline.lib.inference import decide_precision
 
     tta = bundle.tta
     used: dict[str, str] = {}
+    if runtime == ONNX:
+        from pipeline.lib.onnxmodel import runtime_version
+
+        version = runtime_version()
+        for model in bundle.models:
+            used[model["dir"]] = ONNX
+            say(f"{model['dir']}: ONNX Runtime {version}: the float32 graph (model.onnx)")
+        return used
     for model in bundle.models:
         kept_float = (kept or {}).get(model["dir"])
         decision = decide_precision(tta, bundle.spec(model),
@@ -87,8 +101,12 @@ class Classifier:
         self.used = dict(used)
         for model in bundle.models:
             views = bundle.views(model)
-            net = load_model(bundle.model_dir(model))[0]
-            if used[model["dir"]] == "int8":
+            net = None if used[model["dir"]] == ONNX else load_model(bundle.model_dir(model))[0]
+            if used[model["dir"]] == ONNX:
+                from pipeline.lib.onnxmodel import OnnxNet
+
+                net = OnnxNet(bundle.onnx(model), _threads())
+            elif used[model["dir"]] == "int8":
                 check_int8(tta["calib_mode"], tta["int8_keep_fp32"], tta["int8_granularity"])
                 c = bundle.calibration(model)
                 calib = warped_inputs(c["images"], c["inverse"], c["transforms"], views)
@@ -119,6 +137,15 @@ class Classifier:
                 return None
             probs[name] = done[0][0]
         return combine(self.bundle.info["ensemble"], probs)
+
+
+def _threads() -> int | None:
+    """ONNX Runtime's threads: those MXNet was given (``OMP_NUM_THREADS``), else its own
+    default (one per core)."""
+    import os
+
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def combine(ensemble: dict[str, Any], probs: dict[str, np.ndarray]) -> np.ndarray:

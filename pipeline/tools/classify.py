@@ -29,6 +29,9 @@ bundle's ``tta.precision`` (``auto``: measured on this machine, cached), and INT
 predict's guard chose it for that model (quantized again from the calibration data in the
 bundle) unless, with ``tta.int8: auto``, INT8 measured no faster here. A resumed run keeps
 the precisions its chunks were computed in. ``--no-int8`` runs every model in the float path.
+``--runtime onnx`` runs every model's float32 ``model.onnx`` (MXNet's own ONNX export, in the
+bundle) in ONNX Runtime instead (:mod:`pipeline.lib.onnxmodel`); the TTA views and the blend
+are the same code.
 """
 from __future__ import annotations
 
@@ -86,7 +89,8 @@ def resumed_runs(work: Path, base: dict[str, Any]) -> dict[str, str] | None:
 def classify(bundle_path: str | os.PathLike, inputs: Sequence[str], out: str | os.PathLike,
              shard: tuple[int, int] = (0, 1), merge_only: bool = False,
              all_probs: bool = False, work: str | os.PathLike | None = None,
-             chunk_images: int = 256, int8: bool = True) -> dict[str, Any]:
+             chunk_images: int = 256, int8: bool = True, runtime: str = "mxnet"
+             ) -> dict[str, Any]:
     """Classify ``inputs`` with the bundle at ``bundle_path`` into the outputs of ``out``
     (module docstring); return what was done. With ``shard=(s, K)``, K > 1, only that
     shard's chunks are computed and no output is written."""
@@ -98,6 +102,10 @@ def classify(bundle_path: str | os.PathLike, inputs: Sequence[str], out: str | o
     from pipeline.lib.ecotaxa import close_archives
     from pipeline.lib.inputs import Listing, write_listing
 
+    from pipeline.lib.classifier import RUNTIMES
+
+    if runtime not in RUNTIMES:
+        raise ClassifyError(f"--runtime must be one of {RUNTIMES}, got {runtime!r}")
     if chunk_images < 1:
         raise ClassifyError(f"--chunk-images must be >= 1, got {chunk_images}")
     outputs = OutputPaths.of(out)
@@ -112,7 +120,7 @@ def classify(bundle_path: str | os.PathLike, inputs: Sequence[str], out: str | o
             bounds = chunk_bounds(n, chunk_images, bundle.tta["batch_size"])
             base = {"bundle": bundle.id, "listing": digest, "images": n,
                     "chunk_images": chunk_images}
-            used = run_decisions(bundle, int8, resumed_runs(work, base), say=print)
+            used = run_decisions(bundle, int8, resumed_runs(work, base), print, runtime)
             store = ChunkStore(work, "", 0, {**base, "runs": used}, name=STORE)
             s, k = shard
             with store.lock(s, k):
@@ -231,6 +239,9 @@ def _arguments(parser) -> None:
     parser.add_argument("--no-int8", action="store_true",
                         help="run every model in the float path, also those predict ran "
                              "in INT8")
+    parser.add_argument("--runtime", choices=("mxnet", "onnx"), default="mxnet",
+                        help="mxnet (default): each model as predict ran it; onnx: each "
+                             "model's float32 model.onnx in ONNX Runtime")
 
 
 def _run(cfg, args) -> str:
@@ -241,7 +252,7 @@ def _run(cfg, args) -> str:
         raise ClassifyError("--merge writes the outputs of all shards: use it without "
                             "--shard")
     done = classify(args.bundle, args.inputs, args.out, shard, args.merge, args.all_probs,
-                    args.work, args.chunk_images, not args.no_int8)
+                    args.work, args.chunk_images, not args.no_int8, args.runtime)
     if "shard" in done:
         return None
     return (f"classify: {done['images']} images ({done['unreadable']} unreadable) in "
