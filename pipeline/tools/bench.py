@@ -345,7 +345,8 @@ def run_probe(argv: list[str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ the run
 
 # The precision of each TTA variant's network; "predict" runs in --infer-precision.
-VARIANT_PRECISION = {"fused": "float32", "int8": "int8", "bfloat16": "bfloat16"}
+VARIANT_PRECISION = {"fused": "float32", "int8": "int8", "bfloat16": "bfloat16",
+                     "onnx": "float32"}
 
 
 def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
@@ -427,10 +428,19 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
             bf16 = hybridize(inference_copy(plain, args, "bfloat16", workdir), "static")
             bf16_rate = infer_rate(bf16, args.batch, args.size, args.seconds)
             variants["bfloat16"] = bf16
+        # classify --runtime onnx: predict's fp32 net exported by MXNet's ONNX exporter, in
+        # ONNX Runtime with the same threads, timed right after the MXNet paths
+        from pipeline.lib.onnxmodel import OnnxNet, export_onnx
+
+        onnx_net = OnnxNet(export_onnx(predict32, args.size, workdir / "bench-net.onnx"),
+                           args.threads or None)
+        onnx_rate = infer_rate(onnx_net, args.batch, args.size, args.seconds)
+        variants["onnx"] = onnx_net
         yield {"what": "int8", **common, "precision": "int8",
                # each rate's own precision (the line compares them)
                "precisions": {"infer_img_s": "float32", "deterministic_img_s": "float32",
                               "fused_img_s": "float32", "int8_img_s": "int8",
+                              "onnx_img_s": "float32 (ONNX Runtime)",
                               **({"bf16_img_s": "bfloat16"} if bf16 else {})},
                "calib_mode": DEFAULT_CALIB_MODE,
                "keep_fp32": list(DEFAULT_KEEP_FP32), "calib_images": len(calib),
@@ -442,6 +452,10 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
                "int8_over_fused": round(int8_rate / fused_rate, 2),
                "fused_vs_fp32": logit_error(plain, fused, calib),
                "int8_vs_fp32": logit_error(plain, quantized, calib),
+               "onnx_img_s": round(onnx_rate, 2),
+               "onnx_over_fp32": round(onnx_rate / results["infer32"], 2),
+               "onnx_over_int8": round(onnx_rate / int8_rate, 2),
+               "onnx_vs_fp32": logit_error(plain, onnx_net, calib),
                **({"bf16_img_s": round(bf16_rate, 2),
                    "bf16_over_fp32": round(bf16_rate / results["infer32"], 2),
                    "bf16_vs_fp32": logit_error(plain, bf16, calib)} if bf16 else {}),
