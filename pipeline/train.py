@@ -12,10 +12,10 @@ and every fold in ``models.folds``; ``--fold -1`` trains on all labelled images)
 * Devices: ``ctx`` and ``kvstore`` (:mod:`pipeline.lib.devices`): one or several devices, or
   several machines under :mod:`pipeline.tools.launch` with ``dist_sync``.
 * Precision (``precision``, default ``auto``): ``bfloat16`` runs the convolutions in bfloat16
-  with float32 master weights (:mod:`nets.precision`); ``auto`` picks it where its kernels are
-  fast (AVX512-BF16 or AMX), float32 elsewhere
-  (:mod:`pipeline.lib.precision`; the measurements are in BENCHMARKS.md). The requested
-  precision is part of the checkpoint's fingerprint; the one used is recorded in it.
+  with float32 master weights (:mod:`nets.precision`); ``auto`` takes the faster of the paths
+  this machine runs, timed on this network's real shape on first use and cached
+  (:mod:`pipeline.lib.precision`). The precision used is part of the checkpoint's fingerprint
+  and recorded in it; a resumed run keeps it, whatever a new timing would pick.
 * Every epoch: train loss, validation log loss and accuracy go to ``plots/train--{run}.tsv``
   (``dvc plots``) and a crash-safe checkpoint (:mod:`pipeline.lib.checkpoint`); a rerun resumes from
   the newest intact one. A NaN/inf loss, validation output or weight stops the run with a

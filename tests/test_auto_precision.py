@@ -205,6 +205,43 @@ def test_a_real_measurement_times_every_candidate(measuring):
     assert again.source == "cached" and again.rates == d.rates
 
 
+def test_ctrl_c_while_timing_stops_it_and_records_nothing(measuring, monkeypatch):
+    """A Ctrl-C that arrives during INT8 calibration (inside MXNet's callbacks, which swallow
+    exceptions) still stops the measurement, as a KeyboardInterrupt, and caches nothing."""
+    import os
+    import signal
+
+    from pipeline.lib import quantize as Q
+
+    real = Q.quantize
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        os.kill(os.getpid(), signal.SIGINT)  # lands while calibrating
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Q, "quantize", interrupted)
+    opts = {"keep_fp32": ["first_conv"], "granularity": "tensor-wise"}
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        prec.choose(prec.INFERENCE, "auto", "lenet", KW, 32, 8, int8=True, int8_options=opts,
+                    budget=30.0)
+    assert calls and time.perf_counter() - t0 < 20  # stopped, not timed to the budget
+    assert not list(measuring.glob("*.json"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_time_in_turns_stops_when_asked():
+    from pipeline.lib import speedtest
+
+    done = []
+    steps = {"a": lambda: done.append("a") or 1, "b": lambda: done.append("b") or 1}
+    with pytest.raises(speedtest.Stopped):
+        speedtest.time_in_turns(steps, budget=60.0, stopped=lambda: len(done) >= 3 or None)
+    assert len(done) == 3
+
+
 # ------------------------------------------------------------------ resume keeps precision
 
 @pytest.fixture(scope="module")

@@ -303,17 +303,34 @@ def measure(kind: str, net: str, kwargs: dict[str, Any], size: int, batch: int,
             candidates: Sequence[str], int8_options: dict[str, Any] | None = None,
             budget: float = BUDGET) -> tuple[dict[str, float], dict[str, str], float]:
     """(rates, errors, seconds): each candidate's images/s, timed now (a path that fails to
-    build or run gets rate 0 and its error)."""
+    build or run gets rate 0 and its error).
+
+    A Ctrl-C or SIGTERM meanwhile stops the timing after the call in progress and is then
+    delivered again, to whatever handled it before (a stage's one-line "interrupted", exit
+    130/143): without this, one arriving inside MXNet's INT8 calibration callback would be
+    swallowed there (ctypes ignores exceptions in callbacks) and the Ctrl-C lost."""
+    import signal
     import time
 
     from pipeline.lib import speedtest
+    from pipeline.lib.signals import graceful_stop
 
     t0 = time.perf_counter()
-    if kind == TRAINING:
-        rates, errors = speedtest.training_rates(net, kwargs, size, batch, candidates, budget)
-    else:
-        rates, errors = speedtest.inference_rates(net, kwargs, size, batch, candidates, budget,
-                                                  **(int8_options or {}))
+    signum = None
+    with graceful_stop(f"auto: timing the {kind} precision paths") as stop:
+        try:
+            if kind == TRAINING:
+                rates, errors = speedtest.training_rates(net, kwargs, size, batch, candidates,
+                                                         budget, stopped=stop)
+            else:
+                rates, errors = speedtest.inference_rates(
+                    net, kwargs, size, batch, candidates, budget, stopped=stop,
+                    **(int8_options or {}))
+        except speedtest.Stopped:
+            signum = stop()
+    if signum is not None:  # the handlers of before are back: they get the signal now
+        signal.raise_signal(signum)
+        raise KeyboardInterrupt  # a handler that let it pass: stop anyway, nothing recorded
     return rates, errors, time.perf_counter() - t0
 
 

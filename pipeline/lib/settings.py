@@ -397,7 +397,8 @@ class TrainSection(Section):
     ctx: str = text("cpu", "devices: cpu | cpu:0,1 | gpu | gpu:0,1",
                     pattern=r"(cpu|gpu)(:\d+(,\d+)*)?", form="cpu, gpu, cpu:I,J or gpu:I,J")
     precision: str = choice("auto", ("float32", "bfloat16", "auto"),
-                            "auto: bfloat16 where its kernels are fast, float32 elsewhere")
+                            "auto: the faster of float32 and bfloat16 as measured on this "
+                            "machine for this net and input (cached); float32 where only it runs")
     kvstore: str = choice("device", ("device", "local", "nccl", "dist_sync",
                                      "dist_device_sync"), "gradient aggregation")
     workers: int = integer(1, "data-loader processes (0: decode in the trainer)", lo=0,
@@ -437,7 +438,8 @@ class TTASection(Section):
     batch_size: int = integer(4, "images warped together (batch_size x n views)", lo=1)
     max_views: int = integer(128, "views per forward pass (bounds memory)", lo=1)
     precision: str = choice("auto", ("float32", "bfloat16", "auto"),
-                            "float path: auto = bfloat16 where its kernels are fast")
+                            "float path: auto = the faster of float32 and bfloat16 as measured "
+                            "on this machine (cached)")
     int8: Any = choice("auto", (True, False, "auto"),
                        "INT8 inference; auto: unless its validation log loss is worse by "
                        "more than int8_tolerance")

@@ -30,13 +30,24 @@ MIN_TURNS = 2
 MAX_TURNS = 8
 
 
+class Stopped(Exception):
+    """A stop signal arrived while timing (:func:`time_in_turns`'s ``stopped``)."""
+
+
 def time_in_turns(steps: dict[str, Callable[[], int]], budget: float, min_turns: int = MIN_TURNS,
-                  max_turns: int = MAX_TURNS) -> tuple[dict[str, float], dict[str, str]]:
+                  max_turns: int = MAX_TURNS, stopped: Callable[[], Any] = lambda: None
+                  ) -> tuple[dict[str, float], dict[str, str]]:
     """(rates, errors): items per second of each callable (which returns the items it
     processed), timed in turns until ``budget`` seconds have passed (at least ``min_turns``,
     at most ``max_turns`` turns), each the median over the turns. A callable that raises in
-    its untimed call is left out with rate 0 and the error (a path oneDNN cannot build)."""
+    its untimed call is left out with rate 0 and the error (a path oneDNN cannot build).
+    ``stopped`` is asked after every call; when it answers, :class:`Stopped` is raised."""
     errors: dict[str, str] = {}
+
+    def check() -> None:
+        if stopped():
+            raise Stopped()
+
     for name, step in list(steps.items()):
         try:
             for _ in range(WARMUP):
@@ -44,6 +55,7 @@ def time_in_turns(steps: dict[str, Callable[[], int]], budget: float, min_turns:
         except Exception as err:  # noqa: BLE001 - any failure disqualifies the path
             errors[name] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
             del steps[name]
+        check()
     rates: dict[str, list[float]] = {name: [] for name in steps}
     start = time.perf_counter()
     for turn in range(max_turns):
@@ -51,6 +63,7 @@ def time_in_turns(steps: dict[str, Callable[[], int]], budget: float, min_turns:
             t0 = time.perf_counter()
             items = step()
             rates[name].append(items / max(time.perf_counter() - t0, 1e-9))
+            check()
         if turn + 1 >= min_turns and time.perf_counter() - start >= budget:
             break
     out = {name: float(np.median(r)) for name, r in rates.items()}
@@ -79,8 +92,8 @@ def _build(net_name: str, kwargs: dict[str, Any], precision: str, deterministic:
 
 
 def training_rates(net_name: str, kwargs: dict[str, Any], size: int, batch: int,
-                   precisions: Sequence[str], budget: float
-                   ) -> tuple[dict[str, float], dict[str, str]]:
+                   precisions: Sequence[str], budget: float,
+                   stopped: Callable[[], Any] = lambda: None) -> tuple[dict[str, float], dict[str, str]]:
     """(rates, errors) of :func:`time_in_turns`: training images/s of ``net_name``
     (``get_model`` ``kwargs``) at ``size`` px and ``batch`` images per step, per precision."""
     import mxnet as mx
@@ -104,14 +117,14 @@ def training_rates(net_name: str, kwargs: dict[str, Any], size: int, batch: int,
             return batch
 
         steps[precision] = step
-    return time_in_turns(steps, budget)
+    return time_in_turns(steps, budget, stopped=stopped)
 
 
 def inference_rates(net_name: str, kwargs: dict[str, Any], size: int, batch: int,
                     precisions: Sequence[str], budget: float,
                     keep_fp32: Sequence[str] = ("first_conv",),
-                    granularity: str = "tensor-wise"
-                    ) -> tuple[dict[str, float], dict[str, str]]:
+                    granularity: str = "tensor-wise",
+                    stopped: Callable[[], Any] = lambda: None) -> tuple[dict[str, float], dict[str, str]]:
     """(rates, errors) of :func:`time_in_turns`: inference images/s (one forward of ``batch``
     images, result on the host) of the net predict runs, per precision (``float32``,
     ``bfloat16``, ``int8``)."""
@@ -135,4 +148,4 @@ def inference_rates(net_name: str, kwargs: dict[str, Any], size: int, batch: int
             return len(state["net"](x).asnumpy())
 
         steps[precision] = step
-    return time_in_turns(steps, budget)
+    return time_in_turns(steps, budget, stopped=stopped)

@@ -25,6 +25,9 @@ line when run back to back. ``--what`` adds further lines (``--what all`` = ever
 * ``ingest`` :func:`pipeline.ingest.ingest` of NDSB-sized synthetic images (24..300 px) on all
   cores, at 64 px and at ``--size``.
 * ``cost``   multiply-adds per image (:func:`nets.summary.summarize`) and the GFLOP/s achieved.
+* ``auto``   (always, last) the training and inference precision ``auto`` resolves to here, as
+  train and predict decide it (:func:`pipeline.lib.precision.choose`): the cached measurement,
+  or one made now, with each candidate's images/s.
 * ``memory`` peak RSS of training at ``--memory-batch`` and of 100-fold TTA (the real
   :func:`pipeline.lib.tta.predict_split`) over two numbers of test images, each in its own
   subprocess so every peak is separate.
@@ -522,8 +525,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--what", type=_csv(str), default=_csv(str)(DEFAULT_WHAT),
                    help=f"comma list of {','.join(MODES)} or 'all' (default {DEFAULT_WHAT})")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="training precision (as train.precision; auto = bfloat16 where its "
-                        "kernels are fast); pass float32 to compare with the fp32 reference")
+                   help="training precision (as train.precision; auto = the faster path measured "
+                        "on this machine, cached); pass float32 to compare with the fp32 "
+                        "reference")
     p.add_argument("--infer-precision", default="auto",
                    choices=["auto", "float32", "bfloat16"],
                    help="the infer line's precision (as tta.precision, predict's default auto)")
@@ -562,14 +566,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pipeline.lib.runtime import enable_amx
 
     args.amx = enable_amx()
-    from pipeline.lib.precision import resolve_precision
-
-    args.precision = resolve_precision(args.precision)
-    args.infer_precision = resolve_precision(args.infer_precision)
-    if args.probe:
+    if args.probe:  # a subprocess of this bench: its precisions are already decided
         probe = probe_train if args.probe == "train" else probe_tta
         print(json.dumps(probe(args)), flush=True)
         return
+    decisions = decide_precisions(args)
     with contextlib.ExitStack() as stack:
         workdir = Path(args.workdir) if args.workdir else Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="ndsb-bench-")))
@@ -577,6 +578,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         cpu, day = cpu_kind(), time.strftime("%Y-%m-%d", time.gmtime())
         for record in run(args, workdir):
             print(json.dumps(stamp(record, cpu, day)), flush=True)
+        for decision in decisions:
+            print(json.dumps(stamp({"what": "auto", "kind": decision.kind, "net": args.net,
+                                    "act": args.act, "batch": args.batch, "size": args.size,
+                                    "precision": decision.precision, **decision.as_dict()},
+                                   cpu, day)), flush=True)
+
+
+def decide_precisions(args: argparse.Namespace) -> list:
+    """``--precision`` and ``--infer-precision`` as train and predict decide them
+    (:func:`pipeline.lib.precision.choose`): ``auto`` is the decision cached for this machine
+    and network shape, measured now if there is none. The decisions are printed (one line
+    each) and, at the end, as ``"what": "auto"`` JSON lines."""
+    from pipeline.lib.precision import INFERENCE, TRAINING, choose
+
+    kwargs: dict[str, Any] = dict(classes=CLASSES, act=args.act, bn=args.bn, in_channels=1)
+    if args.act == "rrelu" and args.rrelu_impl != "auto":
+        kwargs["act_kw"] = {"impl": args.rrelu_impl}
+    try:
+        train = choose(TRAINING, args.precision, args.net, kwargs, args.size, args.batch)
+        infer = choose(INFERENCE, args.infer_precision, args.net, kwargs, args.size,
+                       args.batch)
+    except ValueError as err:
+        raise SystemExit(f"bench: {err}") from None
+    for decision in (train, infer):
+        print(decision.line(), file=sys.stderr, flush=True)
+    args.precision, args.infer_precision = train.precision, infer.precision
+    return [train, infer]
 
 
 def stamp(record: dict[str, Any], cpu: str, day: str) -> dict[str, Any]:
