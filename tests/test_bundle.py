@@ -352,7 +352,6 @@ def test_sharded_classify_equals_one_run(made, tmp_path):
     assert not (tmp_path / "sharded" / "r.csv.work").exists()
 
 
-@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_resumes_and_equals_uninterrupted(made, tmp_path):
     """A folder with a corrupt image, classified by the command in chunks of 4 with a
     40-view bundle: killed (-9) once some chunks are saved, rerun, its outputs are those of
