@@ -98,16 +98,17 @@ def make_bundle(out: str | Path, paths, models, tta, ensemble_cfg, data,
 
 def _make_bundle(out, paths, models, tta, ensemble_cfg, data, target_precision: float,
                  settings: dict[str, Any] | None, exports: Path) -> dict[str, Any]:
-    from pipeline.lib.bundle import archive_path, model_dir_name, write_bundle
+    from pipeline.lib.bundle import archive_path, model_dir_name, thresholds_csv, write_bundle
     from pipeline.lib.checkpoint import load_model, load_spec, run_dir
     from pipeline.lib.inference import prepare_net
     from pipeline.lib.onnxmodel import export_onnx
-    from pipeline.lib.fsutil import read_json, sha256, sweep_stale, write_json
+    from pipeline.lib.fsutil import read_json, sha256, sweep_stale, write_json, write_text
     from pipeline.lib.predictions import load_predictions
     from pipeline.lib.quantize import calibration_images, calibration_plan
     from pipeline.lib.records import RecordReader, fold_indices, load_meta
     from pipeline.lib.runs import ENSEMBLE, artifact_name, pseudo_name, run_name
-    from pipeline.lib.thresholds import apply_thresholds, fit_thresholds, threshold_array
+    from pipeline.lib.thresholds import (PLOTS_FILE, apply_thresholds, fit_thresholds,
+                                         threshold_array)
     from pipeline.lib.tta import plan as tta_plan
 
     records = Path(paths.records)
@@ -225,6 +226,9 @@ def _make_bundle(out, paths, models, tta, ensemble_cfg, data, target_precision: 
     metrics["bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     metrics["archive"] = str(archive_path(out))
     write_json(paths.metrics_file("bundle"), metrics)
+    # The report's copy of each class's threshold, precision and recall (dvc.yaml: a bundle
+    # output the report depends on).
+    write_text(Path(paths.plots) / PLOTS_FILE, thresholds_csv(thresholds))
     return metrics
 
 

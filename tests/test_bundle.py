@@ -120,6 +120,31 @@ def test_bundle_round_trip_reproduces_the_ensemble(made, tmp_path):
     assert not (tmp_path / "res.csv.work").exists()
 
 
+def test_the_report_shows_each_classs_threshold(made):
+    """The bundle stage leaves its thresholds under paths.plots, and the report turns them
+    into a section: each class with its threshold, precision and recall."""
+    from types import SimpleNamespace
+
+    from pipeline import report as R
+    from pipeline.lib.thresholds import PLOTS_FILE
+
+    plots = Path(made.paths.plots) / PLOTS_FILE
+    assert plots.read_bytes() == (made.bundle / "thresholds.csv").read_bytes()
+    sections = []
+    R._thresholds_section(SimpleNamespace(plots=made.paths.plots), sections)
+    (section,) = sections
+    records = load_bundle(made.bundle).thresholds()
+    assert list(section.table["class"]) == [r["class"] for r in records]
+    assert {"threshold", "precision", "recall"} <= set(section.table.columns)
+    reached = sum(r["threshold"] is not None for r in records)
+    assert f"{reached} of {len(records)} classes reach the target" in section.text
+    html = R.render_html(sections, "t")
+    assert all(r["class"] in html for r in records)
+    sections = []
+    R._thresholds_section(SimpleNamespace(plots=made.paths.plots + "-none"), sections)
+    assert sections == []  # no bundle: no section
+
+
 def test_ecotaxa_table_and_summary_follow_the_predictions(made, tmp_path):
     """The table passes the checks of EcoTaxa's importer (ecotaxa/ecotaxa_back,
     py/BO/TSVFile.py open / validate_structure / validate_content, py/BO/Mappings.py): a BOM

@@ -26,6 +26,9 @@ from typing import Any, Sequence
 import numpy as np
 
 UNCLASSIFIED = "unclassified"
+# The bundle stage also writes the fitted thresholds (as the bundle's own thresholds.csv) under
+# paths.plots by this name, for the report.
+PLOTS_FILE = "thresholds.csv"
 
 
 def fit_thresholds(probs: np.ndarray, y: np.ndarray, classes: Sequence[str],
