@@ -232,7 +232,8 @@ class ChunkStore:
         """Hold the lock of ``shard s/K`` (``0/1`` = the whole run) while the block runs; a
         second process asking for the same shard fails at once, naming the holder."""
         self.open()
-        what = "this model's prediction" if shards == 1 else f"shard {shard}/{shards}"
+        what = (f"the work of {self.model_dir.name}" if shards == 1
+                else f"shard {shard}/{shards}")
         try:
             # Kept after the run: shards() reads the shard count from the lock files' names.
             with hold_lock(self.dir / f"shard-{shard}of{shards}.lock", what):
