@@ -107,7 +107,7 @@ def _make_bundle(out, paths, models, tta, ensemble_cfg, data, target_precision: 
     from pipeline.lib.quantize import calibration_images, calibration_plan
     from pipeline.lib.records import RecordReader, fold_indices, load_meta
     from pipeline.lib.runs import ENSEMBLE, artifact_name, pseudo_name, run_name
-    from pipeline.lib.thresholds import (PLOTS_FILE, apply_thresholds, fit_thresholds,
+    from pipeline.lib.thresholds import (METRICS_FILE, apply_thresholds, fit_thresholds,
                                          threshold_array)
     from pipeline.lib.tta import plan as tta_plan
 
@@ -228,7 +228,7 @@ def _make_bundle(out, paths, models, tta, ensemble_cfg, data, target_precision: 
     write_json(paths.metrics_file("bundle"), metrics)
     # The report's copy of each class's threshold, precision and recall (dvc.yaml: a bundle
     # output the report depends on).
-    write_text(Path(paths.plots) / PLOTS_FILE, thresholds_csv(thresholds))
+    write_text(Path(paths.metrics) / METRICS_FILE, thresholds_csv(thresholds))
     return metrics
 
 

@@ -128,11 +128,11 @@ def _prediction_sections(cfg: ReportSettings, oof: Oof, sections: list[Section],
 
 
 def _thresholds_section(cfg: ReportSettings, sections: list[Section]) -> None:
-    """The bundle's per-class thresholds (``plots/thresholds.csv``, written by the bundle
+    """The bundle's per-class thresholds (``metrics/thresholds.csv``, written by the bundle
     stage), when there are any: what classify keeps and what it calls ``unclassified``."""
-    from pipeline.lib.thresholds import PLOTS_FILE, UNCLASSIFIED
+    from pipeline.lib.thresholds import METRICS_FILE, UNCLASSIFIED
 
-    path = Path(cfg.plots) / PLOTS_FILE
+    path = Path(cfg.metrics) / METRICS_FILE
     if not path.is_file():
         return
     table = pd.read_csv(path, keep_default_na=False, na_values=[""])

@@ -126,12 +126,12 @@ def test_the_report_shows_each_classs_threshold(made):
     from types import SimpleNamespace
 
     from pipeline import report as R
-    from pipeline.lib.thresholds import PLOTS_FILE
+    from pipeline.lib.thresholds import METRICS_FILE
 
-    plots = Path(made.paths.plots) / PLOTS_FILE
-    assert plots.read_bytes() == (made.bundle / "thresholds.csv").read_bytes()
+    table = Path(made.paths.metrics) / METRICS_FILE
+    assert table.read_bytes() == (made.bundle / "thresholds.csv").read_bytes()
     sections = []
-    R._thresholds_section(SimpleNamespace(plots=made.paths.plots), sections)
+    R._thresholds_section(SimpleNamespace(metrics=made.paths.metrics), sections)
     (section,) = sections
     records = load_bundle(made.bundle).thresholds()
     assert list(section.table["class"]) == [r["class"] for r in records]
@@ -141,7 +141,7 @@ def test_the_report_shows_each_classs_threshold(made):
     html = R.render_html(sections, "t")
     assert all(r["class"] in html for r in records)
     sections = []
-    R._thresholds_section(SimpleNamespace(plots=made.paths.plots + "-none"), sections)
+    R._thresholds_section(SimpleNamespace(metrics=made.paths.metrics + "-none"), sections)
     assert sections == []  # no bundle: no section
 
 

@@ -27,8 +27,9 @@ import numpy as np
 
 UNCLASSIFIED = "unclassified"
 # The bundle stage also writes the fitted thresholds (as the bundle's own thresholds.csv) under
-# paths.plots by this name, for the report.
-PLOTS_FILE = "thresholds.csv"
+# paths.metrics by this name, for the report (not under paths.plots: `dvc plots` draws every
+# file there as a learning curve).
+METRICS_FILE = "thresholds.csv"
 
 
 def fit_thresholds(probs: np.ndarray, y: np.ndarray, classes: Sequence[str],
