@@ -227,6 +227,12 @@ def _skipped(path: Path, base: Path, ignored: dict[str, list[str]]) -> bool:
     return True
 
 
+def class_name_problem(cls: str) -> str | None:
+    """Why ``cls`` cannot head a submission column (None if it can)."""
+    return "it is the image column's name" if cls == IMAGE_COLUMN else \
+        name_problem(cls, image=False)
+
+
 def discover(root: str | os.PathLike
              ) -> tuple[list[str], list[Item], list[Item], list[str], dict[str, list[str]]]:
     """Classes, train items, test items, structural problems (missing folders, ...) and the
@@ -261,9 +267,7 @@ def discover(root: str | os.PathLike
         problems.append(f"{train_dir}: no class folders")
     classes = class_order(root, folders)
     for cls in classes:
-        why = "it is the image column's name" if cls == IMAGE_COLUMN else \
-            name_problem(cls, image=False)
-        if why:
+        if why := class_name_problem(cls):
             problems.append(f"{shown(train_dir / cls)}: a class folder's name heads a submission "
                             f"column, this one cannot ({why}): rename the folder")
     index = {c: i for i, c in enumerate(classes)}
@@ -403,9 +407,7 @@ def discover_export(root: Path, folds: int, max_pixels: int | None = None) -> Fo
     classes = sorted({o.category for o in validated})
     problems = []
     for cls in classes:
-        why = "it is the image column's name" if cls == IMAGE_COLUMN else \
-            name_problem(cls, image=False)
-        if why:
+        if why := class_name_problem(cls):
             problems.append(f"EcoTaxa category {shown(cls)} of {root} heads a submission column, "
                             f"this one cannot ({why}): rename the category in EcoTaxa")
     if not others:
