@@ -6,6 +6,11 @@ Input (``data.root``)::
     test/*              unlabelled images (names must be unique)
     sampleSubmission.csv (optional) its header fixes the class order of the submission
 
+or an EcoTaxa export (a ``.zip``, or a folder holding ``ecotaxa_*.tsv`` files and their
+images; see :mod:`pipeline.lib.ecotaxa` and :func:`discover_export`): validated objects train
+under their ``object_annotation_category``, the other objects are the test images, each known
+by its ``object_id``.
+
 The files operating systems leave behind (``Thumbs.db``, ``desktop.ini``, ``.DS_Store``,
 macOS resource forks: ``._*`` files and anything under ``__MACOSX/``) are not images: they are
 left out wherever they are, so copying or unzipping the data on another system gives the same
@@ -35,18 +40,19 @@ import functools
 import os
 import signal
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from pipeline.lib import stage
+from pipeline.lib import ecotaxa, stage
 from pipeline.lib.errors import PipelineError
 from pipeline.lib.fsutil import (OutOfSpaceError, free_bytes, out_of_space, sha256,
                                  sweep_stale, temp_prefix, write_json)
-from pipeline.lib.images import MAX_PIXELS, decode, fit_square, whiten
+from pipeline.lib.images import MAX_PIXELS, decode, decode_bytes, fit_square, whiten
 from pipeline.lib.names import duplicates, examples
 from pipeline.lib.records import BAD_FILES, META, META_VERSION, rec_paths
 from pipeline.lib.runtime import available_cpus
@@ -76,11 +82,17 @@ class IngestError(PipelineError, ValueError):
 
 @dataclass(frozen=True)
 class Item:
-    """One image to ingest: where it is, the name it is known by, its label (-1 for test)."""
+    """One image to ingest: where it is, the name it is known by, its label (-1 for test).
+
+    An image inside an EcoTaxa export also has ``file``, its path inside the export; when
+    the export is a zip, ``archive`` is the zip, the image is its member ``file`` and
+    ``path`` is only what messages show."""
 
     path: str
     name: str
     label: int
+    file: str = ""
+    archive: str = ""
 
 
 @dataclass(frozen=True)
@@ -215,6 +227,12 @@ def _skipped(path: Path, base: Path, ignored: dict[str, list[str]]) -> bool:
     return True
 
 
+def class_name_problem(cls: str) -> str | None:
+    """Why ``cls`` cannot head a submission column (None if it can)."""
+    return "it is the image column's name" if cls == IMAGE_COLUMN else \
+        name_problem(cls, image=False)
+
+
 def discover(root: str | os.PathLike
              ) -> tuple[list[str], list[Item], list[Item], list[str], dict[str, list[str]]]:
     """Classes, train items, test items, structural problems (missing folders, ...) and the
@@ -223,11 +241,13 @@ def discover(root: str | os.PathLike
     problems: list[str] = []
     train_dir, test_dir = root / "train", root / "test"
     if not root.is_dir():
-        raise IngestError(f"data.root {root} is not a folder")
+        raise IngestError(f"data.root {root} is not a folder" + (
+            " (nor a zip file: an EcoTaxa export is a .zip, or a folder holding its "
+            "ecotaxa_*.tsv files)" if root.is_file() else ""))
     for folder in (train_dir, test_dir):
         if not folder.is_dir():
             problems.append(f"{folder}: missing folder (expected the NDSB layout train/<class>/*,"
-                            " test/*)")
+                            " test/*, or an EcoTaxa export: ecotaxa_*.tsv files and their images)")
     if problems:
         raise IngestError("\n".join(problems))
 
@@ -247,9 +267,7 @@ def discover(root: str | os.PathLike
         problems.append(f"{train_dir}: no class folders")
     classes = class_order(root, folders)
     for cls in classes:
-        why = "it is the image column's name" if cls == IMAGE_COLUMN else \
-            name_problem(cls, image=False)
-        if why:
+        if why := class_name_problem(cls):
             problems.append(f"{shown(train_dir / cls)}: a class folder's name heads a submission "
                             f"column, this one cannot ({why}): rename the folder")
     index = {c: i for i, c in enumerate(classes)}
@@ -344,6 +362,95 @@ def sample_rows(root: Path, test: Sequence[Item], bad_names: Iterable[Item] = ()
     return record, problems
 
 
+# ---------------------------------------------------------------- EcoTaxa exports
+
+@dataclass
+class Found:
+    """What discovery found in ``data.root``: classes, items, problems (structural: nothing is
+    ingested), files left out (by kind), the record of the rows a submission must have, images
+    known bad before decoding (item -> reason, skippable) and, for an EcoTaxa export, what
+    ``meta.json`` records of it."""
+
+    classes: list[str]
+    train: list[Item]
+    test: list[Item]
+    problems: list[str]
+    ignored: dict[str, list[str]]
+    sample: dict[str, Any] | None = None
+    bad: dict[Item, str] = field(default_factory=dict)
+    ecotaxa: dict[str, Any] | None = None
+
+
+def discover_export(root: Path, folds: int, max_pixels: int | None = None) -> Found:
+    """An EcoTaxa export (see :mod:`pipeline.lib.ecotaxa`) as ingest's classes and items.
+
+    Validated objects are the labelled images, under their ``object_annotation_category``
+    (the names kept as EcoTaxa spells them; classes sorted); every other object (predicted,
+    dubious, discarded, unannotated) is a test image, to classify. Each image is known by its
+    ``object_id``, the key EcoTaxa matches an imported row by, so the submission's rows and
+    a TSV written from them name the objects; the test rows, in the export's order, are
+    recorded as a sample submission's rows are (``sample_submission``). An image missing from
+    the export is a bad file (``data.skip_bad`` skips it, and an object to classify skipped so
+    is left out of those rows: it stays unclassified in EcoTaxa)."""
+    try:
+        export = ecotaxa.read_export(root, max_pixels)
+    except ecotaxa.EcoTaxaError as exc:
+        raise IngestError(str(exc)) from None
+    validated = [o for o in export.objects if o.status == ecotaxa.VALIDATED]
+    others = [o for o in export.objects if o.status != ecotaxa.VALIDATED]
+    statuses = export.statuses()
+    shown_statuses = ", ".join(f"{n} {s}" for s, n in statuses.items()) or "no objects"
+    if not validated:
+        raise IngestError(f"EcoTaxa export {root} has no validated object ({shown_statuses}): "
+                          "only validated objects can train a model; validate some in EcoTaxa "
+                          "and export again")
+    classes = sorted({o.category for o in validated})
+    problems = []
+    for cls in classes:
+        if why := class_name_problem(cls):
+            problems.append(f"EcoTaxa category {shown(cls)} of {root} heads a submission column, "
+                            f"this one cannot ({why}): rename the category in EcoTaxa")
+    if not others:
+        problems.append(f"EcoTaxa export {root} has no object to classify ({shown_statuses}): "
+                        "the pipeline predicts the objects that are not validated; export the "
+                        "project with them too")
+    index = {c: i for i, c in enumerate(classes)}
+
+    def item(obj: ecotaxa.EcoObject, label: int) -> Item:
+        path, archive, _ = export.location(obj)
+        return Item(path, obj.object_id, label, obj.image, archive)
+
+    train = [item(o, index[o.category]) for o in validated]
+    test = [item(o, -1) for o in others]
+    bad = {i: export.missing[i.name] for i in train + test if i.name in export.missing}
+    counts = Counter(o.category for o in validated)
+    lineage = {}
+    for o in validated:
+        lineage.setdefault(o.category, o.hierarchy)
+    record = {
+        "export": str(root), "tsv": export.tsvs, "statuses": statuses,
+        "test": "every object not validated", "hierarchy": lineage,
+        "extra_images": export.extra_images,
+        "few": {c: counts[c] for c in classes if counts[c] < folds},
+    }
+    sample = {"file": f"EcoTaxa export {root.name}", "images": [o.object_id for o in others]}
+    return Found(classes, train, test, problems, {}, sample, bad, record)
+
+
+def describe_export(record: dict[str, Any], folds: int) -> str:
+    """``EcoTaxa export: 40 validated, 12 predicted; ...`` for the summary line."""
+    parts = ["EcoTaxa export: " + ", ".join(f"{n} {s}" for s, n in record["statuses"].items())]
+    if record["extra_images"]:
+        parts.append(f"{record['extra_images']} more image(s) of objects with several left "
+                     "out (the first, lowest img_rank, is used)")
+    few = record["few"]
+    if few:
+        parts.append(f"{len(few)} class(es) with fewer validated objects than data.folds = "
+                     f"{folds} ({examples([f'{c} ({n})' for c, n in few.items()], 3)}): some "
+                     "folds train without them")
+    return "; ".join(parts)
+
+
 # ---------------------------------------------------------------- decoding and conversion
 
 def encode_record(index: int, label: int, img: np.ndarray, settings: Settings) -> bytes:
@@ -360,7 +467,11 @@ def _process(job: tuple[int, Item, Settings]) -> tuple[int, bytes | None, int, i
     """Worker: (index, record payload or None, width, height, error)."""
     index, item, settings = job
     try:
-        gray = decode(item.path, settings.background, settings.max_pixels)
+        if item.archive:
+            gray = decode_bytes(ecotaxa.read_member(item.archive, item.file),
+                                settings.background, settings.max_pixels)
+        else:
+            gray = decode(item.path, settings.background, settings.max_pixels)
     except ValueError as exc:
         return index, None, 0, 0, str(exc)
     h, w = gray.shape
@@ -477,6 +588,8 @@ def _convert(items: Sequence[Item], settings: Settings, writer: _SplitWriter, wo
             if bad and not skip_bad:
                 continue
             entry: dict[str, Any] = {"name": item.name, "width": w, "height": h}
+            if item.file:
+                entry["file"] = item.file
             if item.label >= 0:
                 entry["label"] = item.label
             # Record ids are positions among the written records (skipped files leave no gap).
@@ -523,21 +636,31 @@ def _reindex(payload: bytes, index: int) -> bytes:
 def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Settings,
            folds: int = 3, seed: int = 0, skip_bad: bool = False, workers: int = 0
            ) -> dict[str, Any]:
-    """Convert ``root`` (NDSB layout) into ``records_dir``; return the meta dict written."""
+    """Convert ``root`` (NDSB layout or EcoTaxa export) into ``records_dir``; return the meta
+    dict written."""
     root, records_dir = Path(root), Path(records_dir)
-    classes, train, test, problems, ignored = discover(root)
+    if ecotaxa.is_export(root):
+        found = discover_export(root, folds, settings.max_pixels)
+    else:
+        found = Found(*discover(root))
+    classes, train, test, problems, ignored = (found.classes, found.train, found.test,
+                                               found.problems, found.ignored)
     # Names no submission can carry are bad files, found before anything is decoded.
     bad_names = {item: why for item in train + test
                  if (why := name_problem(item.name, image=item.label < 0))}
-    sample, sample_problems = sample_rows(root, test, bad_names)
-    problems += sample_problems
+    if found.ecotaxa is None:
+        sample, sample_problems = sample_rows(root, test, bad_names)
+        problems += sample_problems
+    else:
+        sample = found.sample
+    early = {item: why for item, why in found.bad.items() if item not in bad_names}
     if train and folds > len(train):
         problems.append(f"data.folds = {folds} but {root} has {len(train)} labelled images: "
                         "every fold needs validation images; lower data.folds")
     if problems and not (skip_bad and _only_skippable(problems)):
         raise IngestError(f"cannot ingest {root}:\n  " + "\n  ".join(problems))
-    train = [item for item in train if item not in bad_names]
-    test = [item for item in test if item not in bad_names]
+    train = [item for item in train if item not in bad_names and item not in early]
+    test = [item for item in test if item not in bad_names and item not in early]
     records_dir.mkdir(parents=True, exist_ok=True)
     sweep_stale("ingest", records_dir)
     workers = workers or available_cpus()
@@ -556,6 +679,7 @@ def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Se
                                               skip_bad)
         bad = [{"path": item.path, "reason": f"its name {item.name!r} cannot go into a "
                  f"submission ({why}): rename the file"} for item, why in bad_names.items()]
+        bad += [{"path": item.path, "reason": why} for item, why in early.items()]
         bad += bad_train + bad_test
         if bad and not skip_bad:
             raise IngestError(_bad_message(bad))
@@ -573,9 +697,19 @@ def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Se
         for writer in writers.values():
             writer.discard()
         raise
+    finally:
+        ecotaxa.close_archives()
 
     seconds = time.perf_counter() - started
-    n = len(train) + len(test) + len(bad_names)
+    n = len(train) + len(test) + len(bad_names) + len(early)
+    skipped_objects: list[str] = []
+    if found.ecotaxa is not None:
+        # The rows are the objects classified: one skipped as bad (data.skip_bad) stays as it
+        # is in EcoTaxa, so the submission leaves it out rather than failing for it.
+        written = {e["name"] for e in test_entries}
+        skipped_objects = [name for name in sample["images"] if name not in written]
+        sample = dict(sample, images=[e["name"] for e in test_entries])
+        found.ecotaxa["skipped_to_classify"] = skipped_objects
     meta = {
         "version": META_VERSION,
         "root": str(root),
@@ -589,6 +723,9 @@ def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Se
         "files": files,
         "sha256": checksums,  # checked when the records are opened (RecordReader)
         "sample_submission": sample,
+        # For an EcoTaxa export: its TSVs, the objects by status, each class's lineage
+        # (object_annotation_hierarchy), the classes with fewer validated objects than folds.
+        "ecotaxa": found.ecotaxa,
         "train": train_entries,
         "test": test_entries,
     }
@@ -600,6 +737,10 @@ def ingest(root: str | os.PathLike, records_dir: str | os.PathLike, settings: Se
           + (f" (listed in {records_dir / BAD_FILES})" if bad else "")
           + f", {n / seconds:.0f} img/s on {workers} worker(s)"
           + (f"; {describe_ignored(ignored)}" if ignored else "")
+          + (f"; {describe_export(found.ecotaxa, folds)}" if found.ecotaxa else "")
+          + (f"; {len(skipped_objects)} object(s) to classify skipped as bad "
+             f"[{examples(skipped_objects, 3)}]: the submission leaves them out"
+             if skipped_objects else "")
           + (f"; {len(unsubmitted)} image(s) of {SAMPLE_SUBMISSION} skipped as bad "
              f"[{examples(unsubmitted, 3)}]: a submission will lack their rows"
              if unsubmitted else ""))

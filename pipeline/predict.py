@@ -48,7 +48,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.lib import stage
-from pipeline.lib.errors import PipelineError, Stopped
+from pipeline.lib.errors import Stopped
+from pipeline.lib.inference import (
+    InferenceError, decide_precision, kept_precision, prepare_net)
 from pipeline.lib.runs import artifact_name, member_name, run_name, training_round
 from pipeline.lib.settings import Paths, TTASection
 from pipeline.lib.signals import graceful_stop
@@ -56,18 +58,25 @@ from pipeline.lib.signals import graceful_stop
 INFERENCE = "inference.json"   # the INT8 decision, kept beside the chunks it applies to
 
 
-class PredictError(PipelineError, ValueError):
-    """Invalid TTA settings or inputs."""
+# Invalid TTA settings or inputs; the float net and its precision are shared with classify.
+PredictError = InferenceError
 
 
-def inference_precision(requested: str) -> str:
-    """``tta.precision`` resolved for this machine: the float path, used unless INT8 is."""
-    from pipeline.lib.precision import resolve_precision
+def inference_decision(net_name: str, fold: int, cfg: TTASection, spec: dict[str, Any],
+                       model_dir: Path, records: Path):
+    """``tta.precision`` (and, with ``tta.int8: auto``, whether INT8 is fast enough to try)
+    for this model on this machine (:func:`pipeline.lib.inference.decide_precision`). A
+    prediction being resumed keeps the float precision its chunks were computed in."""
+    from pipeline.lib.chunks import ChunkStore
+    from pipeline.lib.precision import float_candidates
 
-    try:
-        return resolve_precision(requested)
-    except ValueError as err:
-        raise PredictError(f"tta.precision: {err}") from err
+    kept = None
+    if cfg.precision == "auto":
+        started = {p: ChunkStore(cfg.work, net_name, fold,
+                                 work_settings(net_name, fold, cfg, p, model_dir, records)).dir
+                   for p in float_candidates()}
+        kept = kept_precision(started)
+    return decide_precision(cfg.as_dict(), spec, kept)
 
 
 @dataclass
@@ -119,24 +128,9 @@ def work_settings(net_name: str, fold: int, cfg: TTASection, precision: str,
     return settings
 
 
-def prepare_net(net, precision: str):
-    """The float inference net: deterministic RReLU, batch norm folded into the layer before
-    it, ``precision`` casts, hybridized (``net`` has its parameters loaded)."""
-    import nets
-
-    # RReLU's inference output is fixed, (l+u)/2; the deterministic graph skips drawing the
-    # unused noise: identical outputs, much faster TTA (BENCHMARKS.md).
-    nets.set_deterministic(net)
-    # Same outputs up to float rounding, one operator and one pass per layer less.
-    nets.fold_batchnorm(net)
-    nets.set_precision(net, precision)
-    net.hybridize(static_alloc=True)
-    return net
-
-
 def inference_net(net_name: str, fold: int, model_dir: Path, spec: dict[str, Any],
                   records: Path, meta: dict[str, Any], cfg: TTASection, plan, precision: str,
-                  store) -> tuple[Any, dict[str, Any]]:
+                  store, int8_faster: bool | None = None) -> tuple[Any, dict[str, Any]]:
     """The net predict runs and the metrics that describe it.
 
     ``int8: false``: the float net. ``true``: the INT8 net, calibrated on TTA views of the
@@ -156,6 +150,12 @@ def inference_net(net_name: str, fold: int, model_dir: Path, spec: dict[str, Any
     decided = store.dir / INFERENCE
     about = read_json(decided) if decided.exists() else None
     if about is not None and not about["int8_used"]:
+        return prepare_net(load_model(model_dir)[0], precision), about
+    if about is None and mode == "auto" and int8_faster is False:
+        about = {"int8": mode, "int8_used": False,
+                 "int8_skipped": "INT8 was measured no faster than the float path here"}
+        print(f"{run_name(net_name, fold)}: {about['int8_skipped']}: predicting in {precision}")
+        write_json(decided, about)
         return prepare_net(load_model(model_dir)[0], precision), about
     train_idx, valid_idx = fold_indices(meta, fold)
     if len(train_idx) == 0:
@@ -296,7 +296,9 @@ def predict(net_name: str, fold: int, cfg: TTASection, paths: Paths,
     if spec["classes"] != meta["classes"] or spec["size"] != meta["size"]:
         raise PredictError(f"{name} was trained on other records "
                            "(classes or size differ from meta.json); retrain it")
-    precision = inference_precision(cfg.precision)
+    decision = inference_decision(net_name, fold, cfg, spec, model_dir, records)
+    precision = decision.precision
+    print(f"{name}: {decision.line()}")
     plan = tta_plan(cfg.ranges or spec["augment"], cfg.n, spec["size"], cfg.method, cfg.seed,
                     cfg.mean, cfg.batch_size, cfg.max_views)
     store = ChunkStore(cfg.work, net_name, fold,
@@ -330,7 +332,7 @@ def predict(net_name: str, fold: int, cfg: TTASection, paths: Paths,
         about = None
         if any(todo.values()):
             net, about = inference_net(net_name, fold, model_dir, spec, records, meta, cfg,
-                                       plan, precision, store)
+                                       plan, precision, store, decision.int8_faster)
             with graceful_stop(f"predict {name}") as stop:
                 for p in parts:
                     stopped = todo[p.name] and compute_chunks(
@@ -354,7 +356,8 @@ def predict(net_name: str, fold: int, cfg: TTASection, paths: Paths,
             about = {"int8": cfg.int8, "int8_used": False}
         metrics: dict[str, Any] = {"net": net_name, "fold": fold, "tta_n": cfg.n,
                                    "tta_mean": cfg.mean, "tta_method": cfg.method,
-                                   "precision": "int8" if about["int8_used"] else precision}
+                                   "precision": "int8" if about["int8_used"] else precision,
+                                   "precision_decision": decision.as_dict()}
         metrics.update(about)
         metrics["chunks"] = {"total": sum(len(p.bounds) for p in parts), "resumed": done}
         for p in parts:

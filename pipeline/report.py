@@ -64,6 +64,7 @@ def build_sections(cfg: ReportSettings, meta: dict[str, Any], oof: Oof
     for part in (_ensemble_section, _training_sections, _tta_section):
         part(cfg, meta, sections, figures)
     _prediction_sections(cfg, oof, sections, figures)
+    _thresholds_section(cfg, sections)
     _sample_section(cfg, meta, sections, figures)
     return sections, figures
 
@@ -136,6 +137,29 @@ def _prediction_sections(cfg: ReportSettings, oof: Oof, sections: list[Section],
     sections.append(Section("Most confident mistakes", "Wrong OOF predictions with the "
                             "highest confidence (the records the nets saw).", "mistakes.png",
                             mistakes.drop(columns="index")))
+
+
+def _thresholds_section(cfg: ReportSettings, sections: list[Section]) -> None:
+    """The bundle's per-class thresholds (``metrics/thresholds.csv``, written by the bundle
+    stage), when there are any: what classify keeps and what it calls ``unclassified``."""
+    from pipeline.lib.thresholds import METRICS_FILE, UNCLASSIFIED
+
+    path = Path(cfg.metrics) / METRICS_FILE
+    if not path.is_file():
+        return
+    table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    reached = int(table["threshold"].notna().sum())
+    predicted = int(table["predicted"].sum())
+    kept = int(table["kept"].fillna(0).sum())
+    share = f"{kept / predicted:.1%}" if predicted else "none"
+    sections.append(Section(
+        "Per-class thresholds (bundle)",
+        f"The thresholds classify applies (fitted on the calibrated out-of-fold ensemble for "
+        f"bundle.target_precision): {reached} of {len(table)} classes reach the target; out "
+        f"of fold {share} of the images keep their top-1 class, the rest are "
+        f"{UNCLASSIFIED!r}. Precision and recall are at each class's threshold (empty: the "
+        "class never reaches the target, all its predictions are unclassified); "
+        "precision_top1 is without a threshold.", None, table))
 
 
 def _sample_section(cfg: ReportSettings, meta: dict[str, Any], sections: list[Section],

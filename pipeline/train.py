@@ -13,10 +13,10 @@ and every fold in ``models.folds``; ``--fold -1`` trains on all labelled images)
 * Devices: ``ctx`` and ``kvstore`` (:mod:`pipeline.lib.devices`): one or several devices, or
   several machines under :mod:`pipeline.tools.launch` with ``dist_sync``.
 * Precision (``precision``, default ``auto``): ``bfloat16`` runs the convolutions in bfloat16
-  with float32 master weights (:mod:`nets.precision`); ``auto`` picks it where its kernels are
-  fast (AVX512-BF16 or AMX), float32 elsewhere
-  (:mod:`pipeline.lib.precision`; the measurements are in BENCHMARKS.md). The requested
-  precision is part of the checkpoint's fingerprint; the one used is recorded in it.
+  with float32 master weights (:mod:`nets.precision`); ``auto`` takes the faster of the paths
+  this machine runs, timed on this network's real shape on first use and cached
+  (:mod:`pipeline.lib.precision`). The precision used is part of the checkpoint's fingerprint
+  and recorded in it; a resumed run keeps it, whatever a new timing would pick.
 * Every epoch: train loss, validation log loss and accuracy go to ``plots/train--{run}.tsv``
   (``dvc plots``) and a crash-safe checkpoint (:mod:`pipeline.lib.checkpoint`); a rerun resumes from
   the newest intact one. A NaN/inf loss, validation output or weight stops the run with a
@@ -172,26 +172,31 @@ def model_kwargs(run: Run, classes: int) -> dict[str, Any]:
     return kw
 
 
-def build(run: Run, classes: int, ctxs: list):
+def build(run: Run, meta: dict[str, Any], ctxs: list):
     """Network with initialized parameters on ``ctxs`` (MSRA/Xavier gain per activation).
 
-    Returns ``(net, get_model kwargs, precision actually used)``.
+    Returns ``(net, get_model kwargs, precision decision)``: ``train.precision: auto`` is
+    measured (:func:`pipeline.lib.precision.choose`), except that a run being resumed keeps
+    the precision its checkpoint was trained with (:func:`kept_precision`).
     """
     import mxnet as mx
 
     import nets
     from nets.precision import set_precision
-    from pipeline.lib.precision import resolve_precision
+    from pipeline.lib.precision import TRAINING, choose
 
-    kwargs = model_kwargs(run, classes)
+    kwargs = model_kwargs(run, len(meta["classes"]))
     try:
         net = nets.get_model(run.net, **kwargs)
     except ValueError as err:  # unknown net or keyword: the registry lists the valid ones
         raise TrainingError(f"--net / train.net_kwargs: {err}") from None
     try:
-        precision = resolve_precision(run.cfg.precision, ctxs)
+        decision = choose(TRAINING, run.cfg.precision, run.net, kwargs, meta["size"],
+                          run.cfg.batch_size // max(1, len(ctxs)), ctxs,
+                          kept=kept_precision(run, meta, repr(net)))
     except ValueError as err:
         raise TrainingError(f"train.precision: {err}") from err
+    precision = decision.precision
     set_precision(net, precision)
     if any(c.device_type == "gpu" for c in ctxs):
         from nets.activations import set_rrelu_impl
@@ -204,7 +209,26 @@ def build(run: Run, classes: int, ctxs: list):
     # statistics, so every resumed run (after kill -9, a graceful stop or at an epoch
     # boundary) would differ from an uninterrupted one. Training speed is the same without.
     net.hybridize(static_alloc=True, static_shape=False)
-    return net, kwargs, precision
+    return net, kwargs, decision
+
+
+def architecture(net_repr: str, precision: str) -> str:
+    """What of the built network enters the fingerprint: its layers and the precision used."""
+    return f"{net_repr}\nprecision={precision}"
+
+
+def kept_precision(run: Run, meta: dict[str, Any], net_repr: str) -> str | None:
+    """The precision of the checkpoint this run would resume (the mid-epoch one or the newest
+    epoch), if its fingerprint matches this run's settings in that precision; else None.
+    ``auto`` keeps it, so timing noise never restarts a run."""
+    from pipeline.lib import checkpoint
+
+    for record in (checkpoint.partial(run.ckpt_dir), checkpoint.latest(run.ckpt_dir)):
+        used = record.get("precision") if record else None
+        if used and record.get("fingerprint") == fingerprint(
+                run.net, run.fold, run.settings, meta, architecture(net_repr, used)):
+            return used
+    return None
 
 
 def evaluate(net, loader, ctx, stop: Callable[[], int | None] = lambda: None
@@ -325,14 +349,17 @@ def open_session(run: Run, held: contextlib.ExitStack | None = None) -> Session:
                                         prefetch=cfg.prefetch)
     valid_loader = BatchLoader(reader, valid_idx, 2 * batch, None, workers=0)
 
-    net, kwargs, precision = build(run, len(meta["classes"]), ctxs)
+    net, kwargs, decision = build(run, meta, ctxs)
+    precision = decision.precision
+    if rank == 0:
+        print(f"train {run.name}: {decision.line()}")
     trainer = sgd.make_trainer(net, cfg.lr, cfg.momentum, cfg.wd, kvstore=kv)
     spec = {"net": run.net, "kwargs": kwargs, "classes": meta["classes"], "size": meta["size"],
             "input": {"invert": True, "scale": 1 / 255, "background": meta["background"]},
             "augment": ranges.to_dict(), "fold": run.fold,
             "fingerprint": fingerprint(run.net, run.fold, run.settings, meta,
-                                       f"{repr(net)}\nprecision={precision}"),
-            "precision": precision,
+                                       architecture(repr(net), precision)),
+            "precision": precision, "precision_decision": decision.as_dict(),
             # Randomness is derived, not stored: this is all it takes to replay any epoch.
             "rng": {"seed": cfg.seed,
                     "shuffle": "numpy default_rng([seed + rank, epoch])",
@@ -367,8 +394,14 @@ def _resume(s: Session) -> None:
     name, wanted = s.run.name, s.run.cfg.epochs
     resumed = checkpoint.latest(s.run.ckpt_dir)
     if resumed is not None and resumed.get("fingerprint") != s.spec["fingerprint"]:
-        print(f"train {name}: {_why_afresh(resumed.get('train'), s.spec['train'])}; "
-              "starting afresh")
+        theirs = resumed.get("precision")
+        why = _why_afresh(resumed.get("train"), s.spec["train"])
+        if theirs and theirs != s.spec["precision"] and resumed.get("fingerprint") == \
+                fingerprint(s.run.net, s.run.fold, s.run.settings, s.meta,
+                            architecture(repr(s.net), theirs)):
+            why = (f"the checkpoint was trained in {theirs}, this run is in "
+                   f"{s.spec['precision']} ({s.run.cfg.precision} here)")
+        print(f"train {name}: {why}; starting afresh")
         resumed = None
         if s.rank == 0:
             checkpoint.clear(s.run.ckpt_dir)
@@ -560,7 +593,8 @@ def finish(s: Session, stop: Callable[[], int | None] = lambda: None) -> dict[st
     metrics = dict(history[-1])
     # The settings the weights were trained with (DVC shows params as asked; these are as used).
     metrics.update(net=run.net, member=run.member, fold=run.fold, epochs=len(history),
-                   precision=s.spec["precision"], seed=cfg.seed, origin=s.origin,
+                   precision=s.spec["precision"],
+                   precision_decision=s.spec["precision_decision"], seed=cfg.seed, origin=s.origin,
                    train_images=int(len(s.train_idx)), valid_images=int(len(s.valid_idx)),
                    chance_logloss=math.log(len(s.meta["classes"])))
     write_json(run.metrics_path, metrics)

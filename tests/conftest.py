@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import signal
+import tempfile
 
 import numpy as np
 import pytest
@@ -24,6 +25,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # Two MXNet engine threads, as the stages run (pipeline.lib.runtime.configure_threads).
 os.environ.setdefault("MXNET_CPU_WORKER_NTHREADS", "2")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# `auto` precision is measured on first use (pipeline.lib.precision): a test's outcome must not
+# depend on timing, so the stages the tests run use the CPU-flag rule, and the measurement and
+# its cache are tested on their own (tests/test_auto_precision.py) in a folder of their own.
+os.environ.setdefault("NDSB_AUTO", "flags")
+os.environ.setdefault("NDSB_AUTO_CACHE", tempfile.mkdtemp(prefix="ndsb-auto-"))
 # As the stages do (pipeline.lib.runtime): AMX kernels on CPUs that have them, before oneDNN runs.
 from pipeline.lib.runtime import enable_amx  # noqa: E402
 

@@ -44,6 +44,14 @@ def test_bench_prints_reference_fields_and_data_line():
         assert line["cpu"] == head["cpu"] and line["cpu"].strip() and "precision" in line
         assert len(line["date"]) == 10
     assert data["precision"] is None  # no network in the data line
+    # the decisions `auto` took (as train and predict take them), last, one per kind
+    auto = {l["kind"]: l for l in lines if l.get("what") == "auto"}
+    assert set(auto) == {"training", "inference"} and lines[-1]["what"] == "auto"
+    assert auto["training"]["used"] == auto["training"]["precision"] == head["precision"]
+    assert auto["inference"]["used"] == head["infer_precision"]
+    assert all(l["requested"] == "auto" and l["source"] in ("only candidate", "flags")
+               for l in auto.values())  # the tests run with NDSB_AUTO=flags
+    assert "auto: " + head["precision"] + " for training here" in done.stderr
 
 
 def test_bench_precision_and_rrelu_impl_flags():
@@ -55,6 +63,9 @@ def test_bench_precision_and_rrelu_impl_flags():
     assert done.returncode == 0, done.stderr[-2000:]
     head = json.loads(done.stdout.splitlines()[0])
     assert head["precision"] == "float32" and head["rrelu_impl"] == "ops"
+    auto = next(json.loads(l) for l in done.stdout.splitlines() if '"training"' in l)
+    assert (auto["requested"], auto["used"], auto["source"]) == ("float32", "float32",
+                                                                 "explicit")
     assert _positive(head["train_img_s"])
 
 

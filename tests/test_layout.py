@@ -15,7 +15,7 @@ import yaml
 from pipeline.tools import stagedeps
 
 ROOT = Path(__file__).resolve().parents[1]
-ALIASES = {"bench", "launch", "synth"}  # old `python -m pipeline.X` commands of the tools
+ALIASES = {"bench", "classify", "launch", "synth"}  # `python -m pipeline.X` of tools
 
 
 def test_every_file_a_stage_reaches_is_in_its_deps_and_no_code_dep_is_stale():

@@ -177,10 +177,20 @@ def test_int8_settings_are_validated(trained):
         quantize(net, np.zeros((2, 1, 32, 32), np.float32), mode="kl")
 
 
-def test_precision_settings_are_validated():
-    assert P.inference_precision("float32") == "float32"
-    with pytest.raises(P.PredictError, match="tta.precision"):
-        P.inference_precision("half")
+def test_explicit_inference_precision_is_used_or_refused_in_one_line(tmp_path):
+    from pipeline.lib.precision import bfloat16_supported
+
+    spec = {"net": NET, "kwargs": {"classes": 3, "in_channels": 1}, "size": 32}
+    d = P.inference_decision(NET, 0, TTASection.of(precision="float32", work=str(tmp_path)),
+                             spec, tmp_path, tmp_path)
+    assert (d.precision, d.source) == ("float32", "explicit")
+    bf16 = TTASection.of(precision="bfloat16", work=str(tmp_path))
+    if bfloat16_supported():
+        assert P.inference_decision(NET, 0, bf16, spec, tmp_path, tmp_path).precision == \
+            "bfloat16"
+    else:
+        with pytest.raises(P.PredictError, match="tta.precision: precision bfloat16 needs"):
+            P.inference_decision(NET, 0, bf16, spec, tmp_path, tmp_path)
 
 
 def test_tta_settings_are_validated_all_at_once():

@@ -11,13 +11,13 @@ from pipeline.tools import rehearse as R
 def test_stage_order_and_thesis_cost_arithmetic():
     params = {"models": {"nets": ["a"], "folds": [0, 1], "seeds": [0], "pseudo_nets": []}}
     assert R.stage_order(params) == ["ingest", "train@a-0-0", "train@a-1-0", "predict@a-0-0",
-                                     "predict@a-1-0", "pseudo", "ensemble", "submit", "score",
-                                     "report"]
+                                     "predict@a-1-0", "pseudo", "ensemble", "bundle",
+                                     "submit", "score", "report"]
     params["models"].update(seeds=[0, 3], pseudo_nets=["a"], folds=[1])
     assert R.stage_order(params) == ["ingest", "train@a-1-0", "train@a-1-3", "predict@a-1-0",
                                      "predict@a-1-3", "pseudo", "train_pl@a-1-0",
                                      "train_pl@a-1-3", "predict_pl@a-1-0", "predict_pl@a-1-3",
-                                     "ensemble", "submit", "score", "report"]
+                                     "ensemble", "bundle", "submit", "score", "report"]
     bench = {"main": {"train_img_s": 20.0}, "tta_predict": {"views_s": 100.0},
              "tta_int8": {"views_s": 400.0}}
     cost = R.thesis_cost(bench, n_train=3600, n_test=7200, folds=2, epochs=10, views=100)

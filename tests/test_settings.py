@@ -79,6 +79,7 @@ BAD = [
     ("data.folds", 1, "data.folds: an integer in [2, 100], got 1"),
     ("data.workers", -2, "data.workers: an integer >= 0"),
     ("sample.train_fraction", 1.0, "sample.train_fraction: a number in (0, 1), got 1.0"),
+    ("bundle.target_precision", 1.5, "bundle.target_precision: a number in [0, 1], got 1.5"),
     ("paths.records", "", "paths.records: a path, got ''"),
     ("paths.checkpoints", None, "paths.checkpoints: a path, got None"),
     ("train.bogus", 1, "train: unknown key(s) ['bogus']; valid keys: ['net_kwargs'"),

@@ -157,7 +157,10 @@ def test_two_contexts_equal_one_context_with_same_global_batch(records, tmp_path
     a, b = (params_of(tmp_path / d / "ck" / f"{NET}--fold0") for d in ("one", "two"))
     import mxnet as mx
 
-    initial = T.build(T.Run(NET, 0, one, where(tmp_path / "one", records)), 3, D.parse_ctx("cpu"))[0]
+    from pipeline.lib.records import load_meta
+
+    initial = T.build(T.Run(NET, 0, one, where(tmp_path / "one", records)),
+                      load_meta(records), D.parse_ctx("cpu"))[0]
     initial(mx.nd.zeros((1, 1, 32, 32)))  # finish deferred initialization
     moved = 0.0
     for key in a:

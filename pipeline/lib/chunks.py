@@ -119,10 +119,12 @@ class ChunkStore:
     """The chunk files of one model's prediction under one fingerprint of its settings."""
 
     def __init__(self, work: str | os.PathLike, net: str, fold: int,
-                 settings: dict[str, Any]) -> None:
+                 settings: dict[str, Any], name: str | None = None) -> None:
+        """``name``: the folder of the store under ``work`` when it is not one model's
+        (``{net}--fold{k}``), e.g. classify's."""
         self.settings = settings
         self.fingerprint = fingerprint(settings)
-        self.model_dir = Path(work) / run_name(net, fold)
+        self.model_dir = Path(work) / (name or run_name(net, fold))
         self.dir = self.model_dir / self.fingerprint
 
     def open(self) -> None:
@@ -230,7 +232,8 @@ class ChunkStore:
         """Hold the lock of ``shard s/K`` (``0/1`` = the whole run) while the block runs; a
         second process asking for the same shard fails at once, naming the holder."""
         self.open()
-        what = "this model's prediction" if shards == 1 else f"shard {shard}/{shards}"
+        what = (f"the work of {self.model_dir.name}" if shards == 1
+                else f"shard {shard}/{shards}")
         try:
             # Kept after the run: shards() reads the shard count from the lock files' names.
             with hold_lock(self.dir / f"shard-{shard}of{shards}.lock", what):

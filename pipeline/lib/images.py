@@ -51,12 +51,18 @@ def decode(path: str, background: int, max_pixels: int | None = MAX_PIXELS) -> n
     pixel is decoded, so a decompression bomb (a small file claiming a huge size) is refused
     without allocating it. ``None`` means no limit.
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ValueError(f"unreadable ({exc.strerror or exc})") from None
+    return decode_bytes(data, background, max_pixels)
+
+
+def decode_bytes(data: bytes, background: int, max_pixels: int | None = MAX_PIXELS
+                 ) -> np.ndarray:
+    """:func:`decode` of an image file's bytes (an archive's member, say)."""
+    from PIL import Image, UnidentifiedImageError
+
     if not data:
         raise ValueError("zero-byte file")
     try:

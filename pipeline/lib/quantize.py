@@ -81,14 +81,27 @@ def calibration_inputs(reader, records: np.ndarray, transforms: np.ndarray,
                        matrices: np.ndarray) -> np.ndarray:
     """Model inputs (N, 1, H, W): record ``records[i]`` warped by ``matrices[transforms[i]]``,
     the same batched warp predict applies (:func:`pipeline.lib.augment.warp_batch`)."""
+    images, inverse = calibration_images(reader, records)
+    return warped_inputs(images, inverse, transforms, matrices)
+
+
+def calibration_images(reader, records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images (U, H, W) of the distinct ``records``, index into them of each record):
+    what calibration needs from the records, small enough to travel in a model bundle."""
+    unique, inverse = np.unique(records, return_inverse=True)
+    return np.stack([reader.read(int(i))[1] for i in unique]), inverse
+
+
+def warped_inputs(images: np.ndarray, inverse: np.ndarray, transforms: np.ndarray,
+                  matrices: np.ndarray) -> np.ndarray:
+    """Calibration inputs (N, 1, H, W): ``images[inverse[i]]`` warped by
+    ``matrices[transforms[i]]`` (see :func:`calibration_inputs`)."""
     import mxnet as mx
 
     from pipeline.lib.augment import warp_batch
     from pipeline.lib.data import to_input
 
-    unique, inverse = np.unique(records, return_inverse=True)
-    images = to_input(np.stack([reader.read(int(i))[1] for i in unique]))[inverse]
-    return warp_batch(mx.nd.array(images), matrices[transforms]).asnumpy()
+    return warp_batch(mx.nd.array(to_input(images)[inverse]), matrices[transforms]).asnumpy()
 
 
 def layer_names(net, keep_fp32: Sequence[str]) -> list[str]:
@@ -230,13 +243,18 @@ def int8_net(net, reader, train_idx: Sequence[int], matrices: np.ndarray, calib_
     """(INT8 net, calibration summary for the metrics) of ``net``, calibrated on
     ``calib_images`` TTA views (``matrices``) of the training records ``train_idx``, chosen
     with ``seed``; the ``keep_fp32`` layers stay float32 (:data:`KEEP_FP32`)."""
-    if isinstance(keep_fp32, str) or not isinstance(keep_fp32, (list, tuple)):
-        raise QuantizeError(f"tta.int8_keep_fp32 must be a list (e.g. [first_conv]), "
-                            f"got {keep_fp32!r}")
-    check_options(calib_mode, granularity)
+    check_int8(calib_mode, keep_fp32, granularity)
     records, transforms = calibration_plan(train_idx, calib_images, len(matrices), seed)
     calib = calibration_inputs(reader, records, transforms, matrices)
     qnet = quantize(net, calib, calib_mode, keep_fp32, granularity)
     return qnet, {"calib_views": len(calib), "calib_records": int(len(np.unique(records))),
                   "calib_mode": calib_mode, "keep_fp32": list(keep_fp32),
                   "int8_granularity": granularity}
+
+
+def check_int8(calib_mode: str, keep_fp32: Sequence[str], granularity: str) -> None:
+    """Raise :class:`QuantizeError` for INT8 settings :func:`quantize` cannot use."""
+    if isinstance(keep_fp32, str) or not isinstance(keep_fp32, (list, tuple)):
+        raise QuantizeError(f"tta.int8_keep_fp32 must be a list (e.g. [first_conv]), "
+                            f"got {keep_fp32!r}")
+    check_options(calib_mode, granularity)

@@ -38,14 +38,15 @@ META_VERSION = 1
 RERUN = "rerun ingest (dvc repro -f ingest)"
 # What ingest writes into meta.json, with its type. A meta.json with a "version" (written by
 # ingest) must have all of these; one without (a test's or a tool's) needs "classes" and
-# "test", and the others it has must be of these types. "sha256" and "sample_submission" came
-# later: optional, so records ingested before still load.
+# "test", and the others it has must be of these types. "sha256", "sample_submission" and
+# "ecotaxa" (what ingest read of an EcoTaxa export) came later: optional, so records ingested
+# before still load.
 META_KEYS: dict[str, type | tuple[type, ...]] = {
     "version": int, "root": str, "classes": list, "size": int, "background": int,
     "format": str, "whiten_background": bool, "folds": int, "seed": int, "files": dict,
     "train": list, "test": list}
 OPTIONAL_KEYS: dict[str, type | tuple[type, ...]] = {
-    "sha256": dict, "sample_submission": (dict, type(None))}
+    "sha256": dict, "sample_submission": (dict, type(None)), "ecotaxa": (dict, type(None))}
 # RecordIO framing (dmlc-core recordio.h): a record is uint32 magic, uint32 (cflag << 29 |
 # length), the data padded to 4 bytes; cflag 0 is a whole record, 1/2/3 the first, middle and
 # last part of one split where its data held the magic number. Ingest's data starts with

@@ -14,6 +14,7 @@ run made elsewhere.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +26,7 @@ from pipeline.lib import settings as settings_mod
 from pipeline.lib import records, runs
 from pipeline.lib.errors import PipelineError
 from pipeline.lib.fsutil import read_json
-from pipeline.lib.images import decode
+from pipeline.lib.images import decode, decode_bytes
 from pipeline.lib.metrics import ndsb_log_loss, per_class_log_loss
 from pipeline.lib.predictions import load_predictions, prediction_files
 
@@ -162,16 +163,30 @@ def read_records(records_dir: str | os.PathLike, indices: Sequence[int],
 
 def original_path(cfg: ReportSettings, meta: dict[str, Any], name: str, split: str = "train"
                   ) -> Path:
-    """Where ingest read image ``name``: ``meta['root']`` (``data.root``) + ``train/``|``test/``."""
+    """Where ingest read image ``name``: ``meta['root']`` (``data.root``) + ``train/``|``test/``;
+    from an EcoTaxa export, the record's ``file`` inside the export (a zip's member: the zip
+    then, see :func:`read_original`)."""
     folder = Path(meta["root"])
     folder = folder if folder.is_absolute() else cfg.root / folder
-    return folder / split / name
+    if meta.get("ecotaxa") is None:
+        return folder / split / name
+    file = next((e.get("file") for e in meta.get(split, []) if e["name"] == name), None)
+    return folder if file is None or folder.is_file() else folder / file
 
 
 def read_original(cfg: ReportSettings, meta: dict[str, Any], name: str, split: str = "train"
                   ) -> np.ndarray | None:
     """The original image decoded exactly as ingest decodes it, or ``None`` if it is gone."""
     path = original_path(cfg, meta, name, split)
+    if meta.get("ecotaxa") is not None and path.is_file() and zipfile.is_zipfile(path):
+        from pipeline.lib.ecotaxa import read_member
+
+        file = next((e.get("file") for e in meta.get(split, []) if e["name"] == name), None)
+        try:
+            return decode_bytes(read_member(str(path), file), int(meta["background"])) \
+                if file else None
+        except ValueError:  # the export changed since ingest: the original is gone
+            return None
     if not path.is_file():
         return None
     return decode(str(path), int(meta["background"]))

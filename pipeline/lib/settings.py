@@ -331,7 +331,8 @@ class SampleSection(Section):
 class DataSection(Section):
     NAME: ClassVar[str] = "data"
     root: str = path("data/sample/ndsb", "NDSB folder: train/<class>/*, test/*, "
-                     "sampleSubmission.csv", dvc_param=False)
+                     "sampleSubmission.csv; or an EcoTaxa export: its .zip, or a folder of "
+                     "ecotaxa_*.tsv + images", dvc_param=False)
     size: int = integer(64, "side of the square model input in pixels", lo=8, hi=1024)
     background: int = integer(255, "grey level of the padding (255: white)", lo=0, hi=255)
     format: str = choice("png", ("png", "jpg"), "image encoding inside the records")
@@ -409,7 +410,8 @@ class TrainSection(Section):
     ctx: str = text("cpu", "devices: cpu | cpu:0,1 | gpu | gpu:0,1",
                     pattern=r"(cpu|gpu)(:\d+(,\d+)*)?", form="cpu, gpu, cpu:I,J or gpu:I,J")
     precision: str = choice("auto", ("float32", "bfloat16", "auto"),
-                            "auto: bfloat16 where its kernels are fast, float32 elsewhere")
+                            "auto: the faster of float32 and bfloat16 as measured on this "
+                            "machine for this net and input (cached); float32 where only it runs")
     kvstore: str = choice("device", ("device", "local", "nccl", "dist_sync",
                                      "dist_device_sync"), "gradient aggregation")
     workers: int = integer(1, "data-loader processes (0: decode in the trainer)", lo=0,
@@ -459,7 +461,8 @@ class TTASection(Section):
     batch_size: int = integer(4, "images warped together (batch_size x n views)", lo=1)
     max_views: int = integer(128, "views per forward pass (bounds memory)", lo=1)
     precision: str = choice("auto", ("float32", "bfloat16", "auto"),
-                            "float path: auto = bfloat16 where its kernels are fast")
+                            "float path: auto = the faster of float32 and bfloat16 as measured "
+                            "on this machine (cached)")
     int8: Any = choice("auto", (True, False, "auto"),
                        "INT8 inference; auto: unless its validation log loss is worse by "
                        "more than int8_tolerance")
@@ -521,9 +524,19 @@ class ReportSection(Section):
     seed: int = _key(0, dataclasses.replace(SEED, doc="seed of the example choice"))
 
 
+@dataclass(frozen=True)
+class BundleSection(Section):
+    NAME: ClassVar[str] = "bundle"
+    out: str = path("bundle", "folder of the model bundle (and OUT.tar, the same as one file) "
+                    "that classify runs", dvc_param=False)
+    target_precision: float = number(0.9, "out-of-fold precision each class's threshold "
+                                     "must reach; below it an image is unclassified",
+                                     lo=0, hi=1)
+
+
 SECTIONS: dict[str, type] = {s.NAME: s for s in (
     SampleSection, DataSection, Paths, ModelsSection, TrainSection, TTASection, PseudoSection,
-    EnsembleSection, SubmitSection, ScoreSection, ReportSection)}
+    EnsembleSection, SubmitSection, ScoreSection, ReportSection, BundleSection)}
 
 
 # ---------------------------------------------------------------------------------- loading

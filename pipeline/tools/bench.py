@@ -25,6 +25,9 @@ line when run back to back. ``--what`` adds further lines (``--what all`` = ever
 * ``ingest`` :func:`pipeline.ingest.ingest` of NDSB-sized synthetic images (24..300 px) on all
   cores, at 64 px and at ``--size``.
 * ``cost``   multiply-adds per image (:func:`nets.summary.summarize`) and the GFLOP/s achieved.
+* ``auto``   (always, last) the training and inference precision ``auto`` resolves to here, as
+  train and predict decide it (:func:`pipeline.lib.precision.choose`): the cached measurement,
+  or one made now, with each candidate's images/s.
 * ``memory`` peak RSS of training at ``--memory-batch`` and of 100-fold TTA (the real
   :func:`pipeline.lib.tta.predict_split`) over two numbers of test images, each in its own
   subprocess so every peak is separate.
@@ -345,7 +348,8 @@ def run_probe(argv: list[str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ the run
 
 # The precision of each TTA variant's network; "predict" runs in --infer-precision.
-VARIANT_PRECISION = {"fused": "float32", "int8": "int8", "bfloat16": "bfloat16"}
+VARIANT_PRECISION = {"fused": "float32", "int8": "int8", "bfloat16": "bfloat16",
+                     "onnx": "float32"}
 
 
 def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
@@ -427,10 +431,19 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
             bf16 = hybridize(inference_copy(plain, args, "bfloat16", workdir), "static")
             bf16_rate = infer_rate(bf16, args.batch, args.size, args.seconds)
             variants["bfloat16"] = bf16
+        # classify --runtime onnx: predict's fp32 net exported by MXNet's ONNX exporter, in
+        # ONNX Runtime with the same threads, timed right after the MXNet paths
+        from pipeline.lib.onnxmodel import OnnxNet, export_onnx
+
+        onnx_net = OnnxNet(export_onnx(predict32, args.size, workdir / "bench-net.onnx"),
+                           args.threads or None)
+        onnx_rate = infer_rate(onnx_net, args.batch, args.size, args.seconds)
+        variants["onnx"] = onnx_net
         yield {"what": "int8", **common, "precision": "int8",
                # each rate's own precision (the line compares them)
                "precisions": {"infer_img_s": "float32", "deterministic_img_s": "float32",
                               "fused_img_s": "float32", "int8_img_s": "int8",
+                              "onnx_img_s": "float32 (ONNX Runtime)",
                               **({"bf16_img_s": "bfloat16"} if bf16 else {})},
                "calib_mode": DEFAULT_CALIB_MODE,
                "keep_fp32": list(DEFAULT_KEEP_FP32), "calib_images": len(calib),
@@ -442,6 +455,10 @@ def run(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, Any]]:
                "int8_over_fused": round(int8_rate / fused_rate, 2),
                "fused_vs_fp32": logit_error(plain, fused, calib),
                "int8_vs_fp32": logit_error(plain, quantized, calib),
+               "onnx_img_s": round(onnx_rate, 2),
+               "onnx_over_fp32": round(onnx_rate / results["infer32"], 2),
+               "onnx_over_int8": round(onnx_rate / int8_rate, 2),
+               "onnx_vs_fp32": logit_error(plain, onnx_net, calib),
                **({"bf16_img_s": round(bf16_rate, 2),
                    "bf16_over_fp32": round(bf16_rate / results["infer32"], 2),
                    "bf16_vs_fp32": logit_error(plain, bf16, calib)} if bf16 else {}),
@@ -508,8 +525,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--what", type=_csv(str), default=_csv(str)(DEFAULT_WHAT),
                    help=f"comma list of {','.join(MODES)} or 'all' (default {DEFAULT_WHAT})")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="training precision (as train.precision; auto = bfloat16 where its "
-                        "kernels are fast); pass float32 to compare with the fp32 reference")
+                   help="training precision (as train.precision; auto = the faster path measured "
+                        "on this machine, cached); pass float32 to compare with the fp32 "
+                        "reference")
     p.add_argument("--infer-precision", default="auto",
                    choices=["auto", "float32", "bfloat16"],
                    help="the infer line's precision (as tta.precision, predict's default auto)")
@@ -548,14 +566,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pipeline.lib.runtime import enable_amx
 
     args.amx = enable_amx()
-    from pipeline.lib.precision import resolve_precision
-
-    args.precision = resolve_precision(args.precision)
-    args.infer_precision = resolve_precision(args.infer_precision)
-    if args.probe:
+    if args.probe:  # a subprocess of this bench: its precisions are already decided
         probe = probe_train if args.probe == "train" else probe_tta
         print(json.dumps(probe(args)), flush=True)
         return
+    decisions = decide_precisions(args)
     with contextlib.ExitStack() as stack:
         workdir = Path(args.workdir) if args.workdir else Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="ndsb-bench-")))
@@ -563,6 +578,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         cpu, day = cpu_kind(), time.strftime("%Y-%m-%d", time.gmtime())
         for record in run(args, workdir):
             print(json.dumps(stamp(record, cpu, day)), flush=True)
+        for decision in decisions:
+            print(json.dumps(stamp({"what": "auto", "kind": decision.kind, "net": args.net,
+                                    "act": args.act, "batch": args.batch, "size": args.size,
+                                    "precision": decision.precision, **decision.as_dict()},
+                                   cpu, day)), flush=True)
+
+
+def decide_precisions(args: argparse.Namespace) -> list:
+    """``--precision`` and ``--infer-precision`` as train and predict decide them
+    (:func:`pipeline.lib.precision.choose`): ``auto`` is the decision cached for this machine
+    and network shape, measured now if there is none. The decisions are printed (one line
+    each) and, at the end, as ``"what": "auto"`` JSON lines."""
+    from pipeline.lib.precision import INFERENCE, TRAINING, choose
+
+    kwargs: dict[str, Any] = dict(classes=CLASSES, act=args.act, bn=args.bn, in_channels=1)
+    if args.act == "rrelu" and args.rrelu_impl != "auto":
+        kwargs["act_kw"] = {"impl": args.rrelu_impl}
+    try:
+        train = choose(TRAINING, args.precision, args.net, kwargs, args.size, args.batch)
+        infer = choose(INFERENCE, args.infer_precision, args.net, kwargs, args.size,
+                       args.batch)
+    except ValueError as err:
+        raise SystemExit(f"bench: {err}") from None
+    for decision in (train, infer):
+        print(decision.line(), file=sys.stderr, flush=True)
+    args.precision, args.infer_precision = train.precision, infer.precision
+    return [train, infer]
 
 
 def stamp(record: dict[str, Any], cpu: str, day: str) -> dict[str, Any]:

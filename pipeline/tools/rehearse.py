@@ -90,7 +90,7 @@ def stage_order(params: dict[str, Any]) -> list[str]:
     first, second = grid(models["nets"]), grid(models.get("pseudo_nets") or [])
     return (["ingest"] + [f"train@{m}" for m in first] + [f"predict@{m}" for m in first]
             + ["pseudo"] + [f"train_pl@{m}" for m in second]
-            + [f"predict_pl@{m}" for m in second] + ["ensemble", "submit", "score", "report"])
+            + [f"predict_pl@{m}" for m in second] + ["ensemble", "bundle", "submit", "score", "report"])
 
 
 def thesis_cost(bench: dict[str, dict[str, Any]], n_train: int, n_test: int, folds: int,
