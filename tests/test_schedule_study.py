@@ -51,6 +51,10 @@ def test_summary_measures_images_to_the_baselines_final_log_loss_per_seed():
                        "onecycle:2": "no"}
     assert any(x.startswith("| cosine:2 | 2 | 0.25 | 0.9750 | -0.0750 | 2/2 |") for x in lines)
     assert "| steps:2 | 0 | 1.5000 | 1.0000 | not reached |" in "\n".join(lines)
+    _, lines = S.summarize(rows + [_row("cosine:3", 7, [1.0, 1.0, 1.0])])  # seed 7: no baseline
+    assert "| cosine:3 | 7 | 1.0000 | nan | not reached |" in "\n".join(lines)
+    assert not any(x.startswith("| cosine:3 | 1 |") or x.startswith("| cosine:3 | 0 |")
+                   for x in lines)  # nothing to pair it with: no summary line
     with pytest.raises(S.StudyError, match="baseline"):
         S.summarize([r for r in rows if r["schedule"] != "steps"])
 

@@ -187,10 +187,11 @@ def summarize(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
               "|---|---|---|---|---|---|---|"]
     for run in dict.fromkeys(t["run"] for t in table):
         mine = [t for t in table if t["run"] == run and t["seed"] in base]
+        if not mine:  # no seed of it has a baseline run to pair with
+            continue
         diffs = [t["oof"] - t["baseline_oof"] for t in mine]
-        rule = bool(mine) and all(t["budget"] <= RULE and t["oof"] <= t["baseline_oof"]
-                                  for t in mine)
-        budget = f"{mine[0]['budget']:.3g}" if mine else ""
+        rule = all(t["budget"] <= RULE and t["oof"] <= t["baseline_oof"] for t in mine)
+        budget = f"{mine[0]['budget']:.3g}"
         lines.append(f"| {run} | {len(mine)} | {budget} | "
                      f"{sum(t['oof'] for t in mine) / len(mine):.4f} | "
                      f"{sum(diffs) / len(diffs):+.4f} | {sum(d < 0 for d in diffs)}/{len(diffs)}"
