@@ -13,7 +13,7 @@ export DVC_NO_UPDATE_CHECK := 1
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
-	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 9) <= v <= (3, 11) else "Python 3.9-3.11 required (MXNet 1.9.1 needs numpy 1.23.5); found %d.%d: set PYTHON=python3.11" % v)'
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 11) else "Python 3.11 required (MXNet 1.9.1 needs numpy 1.23.5, and constraints.txt pins a set resolved for 3.11); found %d.%d: set PYTHON=python3.11" % v)'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade "pip>=23"
 	# numpy stays pinned in every install: a newer one breaks `import mxnet` (np.bool).
