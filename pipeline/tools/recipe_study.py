@@ -25,14 +25,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from pipeline.tools import studies
+
+ROOT = studies.ROOT
 VARIANTS = ("base", "ls", "ema", "pl", "bf16")
 
 
@@ -52,9 +53,7 @@ def params_file(path: Path, args: argparse.Namespace, variant: str) -> Path:
         train["precision"] = args.base_precision
     if variant == "bf16":
         train["precision"] = "bfloat16"
-    params["paths"].update(records=str(args.records), checkpoints=str(run / "checkpoints"),
-                           metrics=str(run / "metrics"), plots=str(run / "plots"),
-                           predictions=str(run / "predictions"))
+    studies.point_paths(params, args.records, run)
     params["tta"].update(n=args.tta_n, work=str(run / "work"))
     params["pseudo"].update(fraction=args.pseudo_fraction)
     params["models"].update(nets=list(args.nets), folds=list(args.folds), pseudo_nets=[])
@@ -64,12 +63,10 @@ def params_file(path: Path, args: argparse.Namespace, variant: str) -> Path:
 
 
 def sh(cmd: Sequence[str], log: Path) -> None:
-    with open(log, "a") as out:
-        out.write("$ " + " ".join(cmd) + "\n")
-        out.flush()
-        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    if code:
-        sys.exit(f"recipe_study: {' '.join(cmd)} failed (exit {code}); see {log}")
+    try:
+        studies.sh(cmd, log)
+    except studies.StudyError as err:
+        sys.exit(f"recipe_study: {err}")
 
 
 def train_and_predict(args: argparse.Namespace, variant: str, seed: int, params: Path) -> None:

@@ -32,25 +32,20 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from pipeline.lib.errors import PipelineError, stage_errors
+from pipeline.lib.errors import stage_errors
 from pipeline.lib.fsutil import write_text
 from pipeline.lib.schedule import SCHEDULES
+from pipeline.tools.studies import ROOT, StudyError, point_paths, sh
 
-ROOT = Path(__file__).resolve().parents[2]
 # The thesis' steps (§6.2): 0.01 for 400 epochs, 0.001 for 80, 0.0001 for 80, of 560.
 THESIS_STEPS = (400 / 560, 480 / 560)
 RULE = 0.25  # the issue's rule: at most a quarter of the baseline's training images
-
-
-class StudyError(PipelineError, ValueError):
-    """A study that cannot run as asked (bad ``--runs``, no baseline, a failed stage)."""
 
 
 def parse_run(text: str) -> tuple[str, int]:
@@ -85,22 +80,11 @@ def params_file(run_dir: Path, schedule: str, epochs: int, args: argparse.Namesp
     """The repository's params.yaml with the run's settings; its files under ``run_dir``."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(run_settings(schedule, epochs, args))
-    params["paths"].update(records=str(args.records), checkpoints=str(run_dir / "checkpoints"),
-                           metrics=str(run_dir / "metrics"), plots=str(run_dir / "plots"),
-                           predictions=str(run_dir / "predictions"))
+    point_paths(params, args.records, run_dir)
     params["models"].update(nets=[args.net], folds=list(args.folds), pseudo_nets=[])
     path = run_dir / "params.yaml"
     write_text(path, yaml.safe_dump(params))
     return path
-
-
-def sh(cmd: Sequence[str], log: Path) -> None:
-    with open(log, "a") as out:
-        out.write("$ " + " ".join(cmd) + "\n")
-        out.flush()
-        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    if code:
-        raise StudyError(f"{' '.join(cmd)} failed (exit {code}); see {log}")
 
 
 def read_curve(plots: Path, metrics: Path, member: str, folds: Sequence[int]
