@@ -76,7 +76,10 @@ def inference_decision(net_name: str, fold: int, cfg: TTASection, spec: dict[str
                                  work_settings(net_name, fold, cfg, p, model_dir, records)).dir
                    for p in float_candidates()}
         kept = kept_precision(started)
-    return decide_precision(cfg.as_dict(), spec, kept)
+    return decide_precision(spec, precision=cfg.precision, int8=cfg.int8, n=cfg.n,
+                            batch_size=cfg.batch_size, max_views=cfg.max_views,
+                            keep_fp32=cfg.int8_keep_fp32, granularity=cfg.int8_granularity,
+                            kept=kept)
 
 
 @dataclass

@@ -66,8 +66,11 @@ def run_decisions(bundle: Bundle, int8: bool = True, kept: dict[str, str] | None
         return used
     for model in bundle.models:
         kept_float = (kept or {}).get(model["dir"])
-        decision = decide_precision(tta, bundle.spec(model),
-                                    kept_float if kept_float != "int8" else None)
+        decision = decide_precision(
+            bundle.spec(model), precision=tta["precision"], int8=tta["int8"], n=tta["n"],
+            batch_size=tta["batch_size"], max_views=tta["max_views"],
+            keep_fp32=tta["int8_keep_fp32"], granularity=tta["int8_granularity"],
+            kept=kept_float if kept_float != "int8" else None)
         line = decision.line()
         run = decision.precision
         if int8 and model["int8_used"] and tta.get("int8") is not False:

@@ -9,7 +9,7 @@ exactly the net the out-of-fold and test predictions were.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pipeline.lib.errors import PipelineError
 
@@ -18,22 +18,24 @@ class InferenceError(PipelineError, ValueError):
     """Invalid inference settings or inputs (TTA, precision, INT8)."""
 
 
-def decide_precision(tta: dict[str, Any], spec: dict[str, Any], kept: str | None = None):
-    """The :class:`pipeline.lib.precision.Decision` of one model's inference: ``tta``'s
-    ``precision`` (``auto`` decided by measurement on this machine, on the model's net, input
-    size and view batch) and, with ``int8: auto``, whether INT8 measured fast enough to try.
-    ``tta``: the tta settings as a dict (params' section, or a bundle's copy of it);
-    ``spec``: the model's checkpoint spec; ``kept``: the precision of the work being resumed.
-    Predict and classify both decide here, so they take the same decisions."""
+def decide_precision(spec: dict[str, Any], *, precision: str, int8: Any, n: int,
+                     batch_size: int, max_views: int, keep_fp32: Sequence[str],
+                     granularity: str, kept: str | None = None):
+    """The :class:`pipeline.lib.precision.Decision` of one model's inference: ``precision``
+    (``tta.precision``; ``auto`` decided by measurement on this machine, on the model's net,
+    input size and view batch: ``batch_size`` images x ``n`` views, at most ``max_views``)
+    and, with ``int8`` ``auto``, whether INT8 (``keep_fp32``, ``granularity``) measured fast
+    enough to try. ``spec``: the model's checkpoint spec; ``kept``: the precision of the
+    work being resumed. Predict and classify both decide here, so they take the same
+    decisions."""
     from pipeline.lib.precision import INFERENCE, choose
 
-    views = max(1, int(tta["n"]))
     try:
-        return choose(INFERENCE, tta["precision"], spec["net"], spec["kwargs"], spec["size"],
-                      min(int(tta["batch_size"]) * views, int(tta["max_views"])),
-                      int8=tta["int8"] == "auto",
-                      int8_options={"keep_fp32": list(tta["int8_keep_fp32"]),
-                                    "granularity": tta["int8_granularity"]}, kept=kept)
+        return choose(INFERENCE, precision, spec["net"], spec["kwargs"], spec["size"],
+                      min(int(batch_size) * max(1, int(n)), int(max_views)),
+                      int8=int8 == "auto",
+                      int8_options={"keep_fp32": list(keep_fp32), "granularity": granularity},
+                      kept=kept)
     except ValueError as err:
         raise InferenceError(f"tta.precision: {err}") from err
 
