@@ -113,11 +113,19 @@ class Run:
     # batch they fill. The run is then the net {net}-pl (pipeline.lib.runs.pseudo_name).
     pseudo: Path | None = None
     pseudo_fraction: float = 0.25
+    # > 0 (second round only): start from the first round's final weights of the same
+    # (net, seed, fold) and train only the schedule's last ``finetune_epochs`` epochs.
+    finetune_epochs: int = 0
     member: str = field(init=False)
     name: str = field(init=False)
     # What the second round's weights depend on beyond train (its fingerprint): the fraction
-    # and the targets' hash, so new targets start a new second round.
+    # and the targets' hash, so new targets start a new second round; when fine-tuning, the
+    # first epoch and the first-round weights' hash too.
     pseudo_info: dict[str, Any] | None = field(init=False, default=None)
+    # Fine-tuning: the first-round run folder the weights come from, and the 0-based epoch
+    # of the schedule the second round starts at (0: a full second round from scratch).
+    init_dir: Path | None = field(init=False, default=None)
+    first_epoch: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.member = member_name(pseudo_name(self.net) if self.pseudo else self.net, self.seed)
@@ -133,7 +141,31 @@ class Run:
                 raise TrainingError(f"{npy} not found: run the pseudo stage first "
                                     "(python -m pipeline.pseudo)")
             self.pseudo_info = {"fraction": float(f), "targets": sha256(npy)}
+            if self.finetune_epochs:
+                self._finetune_from_first_round()
+        elif self.finetune_epochs:
+            raise TrainingError("pseudo.finetune_epochs applies to a second round only "
+                                "(--pseudo)")
         self.name = run_name(self.member, self.fold)
+
+    def _finetune_from_first_round(self) -> None:
+        n, epochs = self.finetune_epochs, self.cfg.epochs
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= epochs:
+            raise TrainingError(f"pseudo.finetune_epochs must be an integer in [0, "
+                                f"train.epochs = {epochs}], got {n!r}")
+        first = member_name(self.net, self.seed)
+        self.init_dir = checkpoint.run_dir(self.paths.checkpoints, first, self.fold)
+        spec = self.init_dir / "model.json"
+        if not spec.is_file() or not (self.init_dir / "model.params").is_file():
+            seed = f" --seed {self.seed}" if self.seed is not None else ""
+            raise TrainingError(
+                f"pseudo.finetune_epochs = {n} fine-tunes the first-round model "
+                f"{run_name(first, self.fold)}, but {self.init_dir} holds no finished model: "
+                f"train it first (python -m pipeline.train --net {self.net} --fold "
+                f"{self.fold}{seed}) or set pseudo.finetune_epochs: 0")
+        self.first_epoch = epochs - n
+        self.pseudo_info["finetune"] = {"epochs": n, "from_epoch": self.first_epoch,
+                                        "init": sha256(self.init_dir / "model.params")}
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -422,7 +454,7 @@ def _resume(s: Session) -> None:
         resumed = None
         if s.rank == 0:
             checkpoint.clear(s.run.ckpt_dir)
-    done = resumed["epoch"] if resumed is not None else 0
+    done = resumed["epoch"] if resumed is not None else s.run.first_epoch
     part = checkpoint.partial(s.run.ckpt_dir) if s.n_workers == 1 else None
     if part is not None and part.get("fingerprint") == s.spec["fingerprint"] \
             and part["epoch"] == done and done < wanted:
@@ -435,8 +467,7 @@ def _resume(s: Session) -> None:
     if part is not None and s.rank == 0:
         checkpoint.clear_partial(s.run.ckpt_dir)  # of other settings, or already passed
     if resumed is None:
-        if s.rank == 0:
-            checkpoint.clear(s.run.ckpt_dir)
+        _start_fresh(s)
         return
     _load(s, resumed)
     if done < wanted:
@@ -445,6 +476,35 @@ def _resume(s: Session) -> None:
     else:
         s.origin = f"already trained ({done} epochs)"
         print(f"train {name}: already trained for {done} epochs")
+
+
+def _start_fresh(s: Session) -> None:
+    """No checkpoint of these settings: the initialized weights at epoch 0, or, for a second
+    round that fine-tunes (``pseudo.finetune_epochs``), the first round's final weights at
+    the schedule's epoch ``first_epoch``, with a fresh optimizer state."""
+    run = s.run
+    if s.rank == 0:
+        checkpoint.clear(run.ckpt_dir)
+    if run.init_dir is None:
+        return
+    spec = checkpoint.load_spec(run.init_dir)
+    mine = json.loads(json.dumps({k: s.spec[k] for k in ("net", "kwargs", "classes", "size")}))
+    differ = [k for k, v in mine.items() if spec.get(k) != v]
+    if differ:
+        raise TrainingError(f"{run.name}: the first-round model in {run.init_dir} differs from "
+                            f"this run in {', '.join(differ)}: retrain the first round on "
+                            "these records and settings, or set pseudo.finetune_epochs: 0")
+    params = run.init_dir / "model.params"
+    if spec.get("sha256", {}).get("params") != run.pseudo_info["finetune"]["init"]:
+        raise TrainingError(f"{params} does not match its model.json (damaged or replaced): "
+                            "retrain the first round, or set pseudo.finetune_epochs: 0")
+    s.net.load_parameters(str(params), ctx=s.ctxs)
+    if s.average is not None:
+        s.average.load_from_net(0)
+    s.start = run.first_epoch
+    s.origin = (f"fine-tuned from {run.init_dir.name} (epochs {run.first_epoch + 1}-"
+                f"{run.cfg.epochs} of the schedule)")
+    print(f"train {run.name}: {s.origin}")
 
 
 def _why_afresh(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
@@ -663,7 +723,8 @@ def _run(cfg, args) -> str:
     if args.seed is not None and args.seed < 0:
         raise TrainingError(f"--seed must be >= 0, got {args.seed}")
     run = Run(args.net, args.fold, cfg.train, cfg.paths, args.seed,
-              cfg.paths.pseudo if args.pseudo else None, cfg.pseudo.fraction)
+              cfg.paths.pseudo if args.pseudo else None, cfg.pseudo.fraction,
+              cfg.pseudo.finetune_epochs if args.pseudo else 0)
     return json.dumps(train(run))
 
 

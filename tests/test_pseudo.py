@@ -1,6 +1,7 @@
 """Pseudo-labels: per-fold soft targets without leakage, mixed batches, the second round."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -136,3 +137,82 @@ def test_second_round_trains_as_its_own_net_and_follows_its_targets(records, tmp
     with pytest.raises(T.TrainingError, match="must leave room"):
         T.train(T.Run(NET, 0, config(tmp_path, batch_size=2), where(tmp_path, records), pseudo=pl,
                       pseudo_fraction=0.1))
+
+
+def _params(path: Path) -> dict[str, np.ndarray]:
+    import mxnet as mx
+
+    return {k: v.asnumpy() for k, v in mx.nd.load(str(path)).items()}
+
+
+def test_second_round_can_fine_tune_the_first_rounds_model(records, tmp_path):
+    """pseudo.finetune_epochs = n: the second round starts from the first round's final
+    weights (same net, seed, fold) and trains the schedule's last n epochs; it resumes like
+    any run, and new first-round weights start it afresh."""
+    meta = load_meta(records)
+    pl, paths = tmp_path / "pl", where(tmp_path, records)
+    names = [t["name"] for t in meta["test"]]
+    save_predictions(pl, "test", "pseudo", 0, np.full((len(names), 3), 1 / 3, np.float32), names)
+    cfg = config(tmp_path, epochs=3, lr_steps=[2])
+
+    def second(n: int = 2, c: TrainSection = cfg) -> T.Run:
+        return T.Run(NET, 0, c, paths, seed=1, pseudo=pl, pseudo_fraction=0.25,
+                     finetune_epochs=n)
+
+    with pytest.raises(T.TrainingError, match="holds no finished model: train it first "
+                                              r"\(python -m pipeline.train --net lenet --fold 0 "
+                                              r"--seed 1\)"):
+        second()
+    T.train(T.Run(NET, 0, cfg, paths, seed=1))
+    first = tmp_path / "ck" / f"{NET}-seed1--fold0"
+    run = second()
+    assert run.first_epoch == 1 and run.init_dir == first
+    with contextlib.ExitStack() as held:  # the session starts from the first round's weights
+        s = T.open_session(run, held)
+        s.train_loader.close()
+        start = {k: v.data().asnumpy() for k, v in s.net._collect_params_with_prefix().items()}
+        assert s.start == 1 and s.origin.startswith(f"fine-tuned from {NET}-seed1--fold0")
+    for k, v in _params(first / "model.params").items():
+        np.testing.assert_array_equal(start[k], v)
+
+    metrics = T.train(run)
+    spec = json.loads((tmp_path / "ck" / run.name / "model.json").read_text())
+    assert [h["epoch"] for h in spec["history"]] == [2, 3] and metrics["epochs"] == 2
+    assert [h["lr"] for h in spec["history"]] == pytest.approx([0.01, 0.001])
+    assert spec["train"]["pseudo"]["finetune"]["from_epoch"] == 1
+    done = _params(tmp_path / "ck" / run.name / "model.params")
+    # kill -9 after its first epoch: the rerun continues from there, to the same weights.
+    for f in (tmp_path / "ck" / run.name).glob("epoch-0003*"):
+        f.unlink()
+    assert T.train(second())["origin"] == "resumed after epoch 2"
+    for k, v in _params(tmp_path / "ck" / run.name / "model.params").items():
+        np.testing.assert_array_equal(done[k], v)
+    assert T.train(second())["origin"] == "already trained (3 epochs)"
+    # Another n or new first-round weights: a new second round.
+    assert T.train(second(1))["origin"].startswith("fine-tuned from")
+    T.train(T.Run(NET, 0, config(tmp_path, epochs=3, lr_steps=[2], lr=0.02), paths, seed=1))
+    assert T.train(second(1))["origin"].startswith("fine-tuned from")
+    # Damaged first-round weights, a first round of another shape, bad values: one line each.
+    (first / "model.params").write_bytes(b"damaged")
+    with pytest.raises(T.TrainingError, match="does not match its model.json"):
+        T.train(second(1))
+    T.train(T.Run(NET, 0, config(tmp_path, epochs=3, lr_steps=[2],
+                                 net_kwargs={NET: {"width": 2}}), paths, seed=1))
+    with pytest.raises(T.TrainingError, match="differs from this run in kwargs"):
+        T.train(second(1))
+    with pytest.raises(T.TrainingError, match=r"must be an integer in \[0, train.epochs = 3\]"):
+        second(4)
+    with pytest.raises(T.TrainingError, match="applies to a second round only"):
+        T.Run(NET, 0, cfg, paths, seed=1, finetune_epochs=1)
+
+
+def test_finetune_epochs_is_checked_against_train_epochs():
+    from pipeline.lib.settings import SettingsError, check
+
+    with pytest.raises(SettingsError, match=r"pseudo.finetune_epochs: at most train.epochs "
+                                            r"\(4\), got 5"):
+        check({"train": {"epochs": 4, "lr_steps": [2]}, "pseudo": {"finetune_epochs": 5}})
+    with pytest.raises(SettingsError, match="pseudo.finetune_epochs: an integer >= 0, got -1"):
+        check({"pseudo": {"finetune_epochs": -1}})
+    assert check({"train": {"epochs": 4, "lr_steps": [2]},
+                  "pseudo": {"finetune_epochs": 4}})["pseudo"].finetune_epochs == 4

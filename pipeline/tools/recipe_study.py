@@ -10,6 +10,8 @@ through the stages' own commands (``python -m pipeline.train`` / ``predict`` / `
 * ``ema``: ``train.ema_half_life`` = ``--ema-half-life`` epochs;
 * ``pl``: a second round on pseudo-labels from the base variant's fold models of the same
   seed (``pseudo.fraction`` = ``--pseudo-fraction``), blended with the base nets;
+* ``plft``: the same second round, but fine-tuning each base model over the schedule's last
+  ``--pseudo-finetune-epochs`` epochs (``pseudo.finetune_epochs``) instead of training anew;
 * ``bf16``: ``train.precision: bfloat16`` (is bfloat16 training as good as float32 on this
   CPU? run the base with ``--base-precision float32``);
 
@@ -31,10 +33,12 @@ from typing import Any, Sequence
 
 import yaml
 
+from pipeline.lib.runs import member_name, run_name
 from pipeline.tools import studies
 
 ROOT = studies.ROOT
-VARIANTS = ("base", "ls", "ema", "pl", "bf16")
+VARIANTS = ("base", "ls", "ema", "pl", "bf16", "plft")
+SECOND_ROUND = ("pl", "plft")
 
 
 def params_file(path: Path, args: argparse.Namespace, variant: str) -> Path:
@@ -55,7 +59,9 @@ def params_file(path: Path, args: argparse.Namespace, variant: str) -> Path:
         train["precision"] = "bfloat16"
     studies.point_paths(params, args.records, run)
     params["tta"].update(n=args.tta_n, work=str(run / "work"))
-    params["pseudo"].update(fraction=args.pseudo_fraction)
+    params["pseudo"].update(fraction=args.pseudo_fraction,
+                            finetune_epochs=args.pseudo_finetune_epochs if variant == "plft"
+                            else 0)
     params["models"].update(nets=list(args.nets), folds=list(args.folds), pseudo_nets=[])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(params))
@@ -72,12 +78,12 @@ def sh(cmd: Sequence[str], log: Path) -> None:
 def train_and_predict(args: argparse.Namespace, variant: str, seed: int, params: Path) -> None:
     run = params.parent
     py = [sys.executable, "-m"]
-    pseudo = ["--pseudo"] if variant == "pl" else []
+    pseudo = ["--pseudo"] if variant in SECOND_ROUND else []
     for net in args.nets:
         for fold in args.folds:
             common = ["--fold", str(fold), "--seed", str(seed), "--params", str(params)]
             sh(py + ["pipeline.train", "--net", net, *common, *pseudo], run / "log.txt")
-            member = f"{net}-pl" if variant == "pl" else net
+            member = f"{net}-pl" if variant in SECOND_ROUND else net
             sh(py + ["pipeline.predict", "--net", member, *common], run / "log.txt")
 
 
@@ -104,11 +110,18 @@ def study_seed(args: argparse.Namespace, variant: str, seed: int) -> dict[str, A
     run = args.out / variant
     params = params_file(run / "params.yaml", args, variant)
     pseudo_nets: list[str] = []
-    if variant == "pl":  # the targets come from the base runs of the same seed
-        link = run / "predictions" / "models" / "round1"
-        if not link.exists():
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(args.out / "base" / "predictions" / "models" / "round1")
+    if variant in SECOND_ROUND:  # the targets come from the base runs of the same seed
+        base = args.out / "base"
+        links = [(run / "predictions" / "models" / "round1",
+                  base / "predictions" / "models" / "round1")]
+        if variant == "plft":  # and the first-round models it fine-tunes
+            names = [run_name(member_name(net, seed), fold)
+                     for net in args.nets for fold in args.folds]
+            links += [(run / "checkpoints" / n, base / "checkpoints" / n) for n in names]
+        for link, target in links:
+            if not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(target)
         sh([sys.executable, "-m", "pipeline.pseudo", "--params", str(params),
             "--set", f"models.seeds=[{seed}]"], run / "log.txt")
         pseudo_nets = list(args.nets)  # both rounds side by side, as the ensemble stage does
@@ -183,10 +196,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--ema-half-life", type=float, default=2.0)
     p.add_argument("--pseudo-fraction", type=float, default=0.25)
+    p.add_argument("--pseudo-finetune-epochs", type=int, default=None,
+                   help="plft: the schedule's last epochs the second round fine-tunes "
+                        "(default: a quarter of --epochs)")
     p.add_argument("--base-precision", choices=["float32", "bfloat16", "auto"],
                    help="train.precision of every variant but bf16 (default: params.yaml's)")
     args = p.parse_args(argv)
     args.out, args.records = args.out.resolve(), args.records.resolve()
+    if args.pseudo_finetune_epochs is None:
+        args.pseudo_finetune_epochs = max(1, args.epochs // 4)
+    if not 0 < args.pseudo_finetune_epochs <= args.epochs:
+        p.error(f"--pseudo-finetune-epochs must be in [1, --epochs = {args.epochs}]")
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     rows = [json.loads(x) for x in results.read_text().splitlines()] if results.exists() else []
