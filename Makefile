@@ -25,7 +25,7 @@ repro: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 
 test: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m "not gpu"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m "not gpu" -n auto --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m pipeline.tools.bench
