@@ -114,8 +114,8 @@ class Run:
     pseudo: Path | None = None
     pseudo_fraction: float = 0.25
     # > 0 (second round only): start from the first round's final weights of the same
-    # (net, seed, fold) and train only the schedule's last ``finetune_epochs`` epochs.
-    finetune_epochs: int = 0
+    # (net, seed, fold) and train only the schedule's last ceil(finetune x epochs) epochs.
+    finetune: float = 0.0
     member: str = field(init=False)
     name: str = field(init=False)
     # What the second round's weights depend on beyond train (its fingerprint): the fraction
@@ -141,28 +141,28 @@ class Run:
                 raise TrainingError(f"{npy} not found: run the pseudo stage first "
                                     "(python -m pipeline.pseudo)")
             self.pseudo_info = {"fraction": float(f), "targets": sha256(npy)}
-            if self.finetune_epochs:
+            if self.finetune:
                 self._finetune_from_first_round()
-        elif self.finetune_epochs:
-            raise TrainingError("pseudo.finetune_epochs applies to a second round only "
-                                "(--pseudo)")
+        elif self.finetune:
+            raise TrainingError("pseudo.finetune applies to a second round only (--pseudo)")
         self.name = run_name(self.member, self.fold)
 
     def _finetune_from_first_round(self) -> None:
-        n, epochs = self.finetune_epochs, self.cfg.epochs
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= epochs:
-            raise TrainingError(f"pseudo.finetune_epochs must be an integer in [0, "
-                                f"train.epochs = {epochs}], got {n!r}")
+        f, epochs = self.finetune, self.cfg.epochs
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise TrainingError(f"pseudo.finetune must be a number in [0, 1], got {f!r}")
+        # the last ceil(f x epochs) epochs (rounded first: 0.1 x 30 is 3, not 4)
+        n = max(1, math.ceil(round(f * epochs, 6)))
         first = member_name(self.net, self.seed)
         self.init_dir = checkpoint.run_dir(self.paths.checkpoints, first, self.fold)
         spec = self.init_dir / "model.json"
         if not spec.is_file() or not (self.init_dir / "model.params").is_file():
             seed = f" --seed {self.seed}" if self.seed is not None else ""
             raise TrainingError(
-                f"pseudo.finetune_epochs = {n} fine-tunes the first-round model "
+                f"pseudo.finetune = {f:g} fine-tunes the first-round model "
                 f"{run_name(first, self.fold)}, but {self.init_dir} holds no finished model: "
                 f"train it first (python -m pipeline.train --net {self.net} --fold "
-                f"{self.fold}{seed}) or set pseudo.finetune_epochs: 0")
+                f"{self.fold}{seed}) or set pseudo.finetune: 0")
         self.first_epoch = epochs - n
         self.pseudo_info["finetune"] = {"epochs": n, "from_epoch": self.first_epoch,
                                         "init": sha256(self.init_dir / "model.params")}
@@ -480,7 +480,7 @@ def _resume(s: Session) -> None:
 
 def _start_fresh(s: Session) -> None:
     """No checkpoint of these settings: the initialized weights at epoch 0, or, for a second
-    round that fine-tunes (``pseudo.finetune_epochs``), the first round's final weights at
+    round that fine-tunes (``pseudo.finetune``), the first round's final weights at
     the schedule's epoch ``first_epoch``, with a fresh optimizer state."""
     run = s.run
     if s.rank == 0:
@@ -493,11 +493,11 @@ def _start_fresh(s: Session) -> None:
     if differ:
         raise TrainingError(f"{run.name}: the first-round model in {run.init_dir} differs from "
                             f"this run in {', '.join(differ)}: retrain the first round on "
-                            "these records and settings, or set pseudo.finetune_epochs: 0")
+                            "these records and settings, or set pseudo.finetune: 0")
     params = run.init_dir / "model.params"
     if spec.get("sha256", {}).get("params") != run.pseudo_info["finetune"]["init"]:
         raise TrainingError(f"{params} does not match its model.json (damaged or replaced): "
-                            "retrain the first round, or set pseudo.finetune_epochs: 0")
+                            "retrain the first round, or set pseudo.finetune: 0")
     s.net.load_parameters(str(params), ctx=s.ctxs)
     if s.average is not None:
         s.average.load_from_net(0)
@@ -724,7 +724,7 @@ def _run(cfg, args) -> str:
         raise TrainingError(f"--seed must be >= 0, got {args.seed}")
     run = Run(args.net, args.fold, cfg.train, cfg.paths, args.seed,
               cfg.paths.pseudo if args.pseudo else None, cfg.pseudo.fraction,
-              cfg.pseudo.finetune_epochs if args.pseudo else 0)
+              cfg.pseudo.finetune if args.pseudo else 0.0)
     return json.dumps(train(run))
 
 

@@ -146,18 +146,17 @@ def _params(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_second_round_can_fine_tune_the_first_rounds_model(records, tmp_path):
-    """pseudo.finetune_epochs = n: the second round starts from the first round's final
-    weights (same net, seed, fold) and trains the schedule's last n epochs; it resumes like
-    any run, and new first-round weights start it afresh."""
+    """pseudo.finetune = f: the second round starts from the first round's final weights
+    (same net, seed, fold) and trains the schedule's last ceil(f x epochs) epochs; it resumes
+    like any run, and new first-round weights start it afresh."""
     meta = load_meta(records)
     pl, paths = tmp_path / "pl", where(tmp_path, records)
     names = [t["name"] for t in meta["test"]]
     save_predictions(pl, "test", "pseudo", 0, np.full((len(names), 3), 1 / 3, np.float32), names)
     cfg = config(tmp_path, epochs=3, lr_steps=[2])
 
-    def second(n: int = 2, c: TrainSection = cfg) -> T.Run:
-        return T.Run(NET, 0, c, paths, seed=1, pseudo=pl, pseudo_fraction=0.25,
-                     finetune_epochs=n)
+    def second(f: float = 0.5, c: TrainSection = cfg) -> T.Run:  # ceil(0.5 x 3) = 2 epochs
+        return T.Run(NET, 0, c, paths, seed=1, pseudo=pl, pseudo_fraction=0.25, finetune=f)
 
     with pytest.raises(T.TrainingError, match="holds no finished model: train it first "
                                               r"\(python -m pipeline.train --net lenet --fold 0 "
@@ -188,31 +187,30 @@ def test_second_round_can_fine_tune_the_first_rounds_model(records, tmp_path):
     for k, v in _params(tmp_path / "ck" / run.name / "model.params").items():
         np.testing.assert_array_equal(done[k], v)
     assert T.train(second())["origin"] == "already trained (3 epochs)"
-    # Another n or new first-round weights: a new second round.
-    assert T.train(second(1))["origin"].startswith("fine-tuned from")
+    # Another share or new first-round weights: a new second round.
+    assert T.train(second(0.2))["origin"].startswith("fine-tuned from")
+    assert json.loads((tmp_path / "ck" / run.name / "model.json").read_text())["history"][0][
+        "epoch"] == 3  # ceil(0.2 x 3) = 1: the last epoch
     T.train(T.Run(NET, 0, config(tmp_path, epochs=3, lr_steps=[2], lr=0.02), paths, seed=1))
-    assert T.train(second(1))["origin"].startswith("fine-tuned from")
+    assert T.train(second(0.2))["origin"].startswith("fine-tuned from")
     # Damaged first-round weights, a first round of another shape, bad values: one line each.
     (first / "model.params").write_bytes(b"damaged")
     with pytest.raises(T.TrainingError, match="does not match its model.json"):
-        T.train(second(1))
+        T.train(second(0.2))
     T.train(T.Run(NET, 0, config(tmp_path, epochs=3, lr_steps=[2],
                                  net_kwargs={NET: {"width": 2}}), paths, seed=1))
     with pytest.raises(T.TrainingError, match="differs from this run in kwargs"):
-        T.train(second(1))
-    with pytest.raises(T.TrainingError, match=r"must be an integer in \[0, train.epochs = 3\]"):
-        second(4)
+        T.train(second(0.2))
+    with pytest.raises(T.TrainingError, match=r"must be a number in \[0, 1\], got 1.5"):
+        second(1.5)
     with pytest.raises(T.TrainingError, match="applies to a second round only"):
-        T.Run(NET, 0, cfg, paths, seed=1, finetune_epochs=1)
+        T.Run(NET, 0, cfg, paths, seed=1, finetune=0.5)
 
 
-def test_finetune_epochs_is_checked_against_train_epochs():
+def test_finetune_share_is_checked_when_loaded():
     from pipeline.lib.settings import SettingsError, check
 
-    with pytest.raises(SettingsError, match=r"pseudo.finetune_epochs: at most train.epochs "
-                                            r"\(4\), got 5"):
-        check({"train": {"epochs": 4, "lr_steps": [2]}, "pseudo": {"finetune_epochs": 5}})
-    with pytest.raises(SettingsError, match="pseudo.finetune_epochs: an integer >= 0, got -1"):
-        check({"pseudo": {"finetune_epochs": -1}})
-    assert check({"train": {"epochs": 4, "lr_steps": [2]},
-                  "pseudo": {"finetune_epochs": 4}})["pseudo"].finetune_epochs == 4
+    for bad in (-0.1, 1.5, "half", True):
+        with pytest.raises(SettingsError, match="pseudo.finetune: a number in \\[0, 1\\], got"):
+            check({"pseudo": {"finetune": bad}})
+    assert check({"pseudo": {"finetune": 1}})["pseudo"].finetune == 1.0

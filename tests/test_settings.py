@@ -241,7 +241,7 @@ def test_dvc_yaml_lists_exactly_the_params_each_stage_reads():
         if module == "train":  # the pseudo section matters to the second round only
             expected = {k for k in expected if not k.startswith("pseudo.")}
             if "--pseudo" in stage["cmd"]:
-                expected |= {"pseudo.fraction", "pseudo.finetune_epochs"}
+                expected |= {"pseudo.fraction", "pseudo.finetune"}
         assert listed == expected, (name, sorted(listed ^ expected))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     listed = {k for stage in stages.values() for k in stage.get("params") or []}

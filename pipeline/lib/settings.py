@@ -491,9 +491,9 @@ class PseudoSection(Section):
     fraction: float = number(0.25, "share of every second-round batch that is "
                              "pseudo-labelled test images", lo=0, hi=1, lo_open=True,
                              hi_open=True)
-    finetune_epochs: int = integer(0, "0: the second round trains from scratch for "
-                                   "train.epochs; n > 0: it fine-tunes the first round's "
-                                   "model over the schedule's last n epochs", lo=0)
+    finetune: float = number(0.0, "0: the second round trains from scratch for train.epochs; "
+                             "f > 0: it fine-tunes the first round's model over the "
+                             "schedule's last ceil(f x train.epochs) epochs", lo=0, hi=1)
 
 
 @dataclass(frozen=True)
@@ -580,10 +580,6 @@ def _cross(p: dict[str, Any]) -> list[str]:
         bad = [k for k in models.folds if k >= data.folds]
         if bad:
             out.append(f"models.folds: each < data.folds ({data.folds}), got {bad}")
-    pseudo, train = p.get("pseudo"), p.get("train")
-    if pseudo is not None and train is not None and pseudo.finetune_epochs > train.epochs:
-        out.append(f"pseudo.finetune_epochs: at most train.epochs ({train.epochs}), got "
-                   f"{pseudo.finetune_epochs}")
     return out
 
 

@@ -11,7 +11,7 @@ through the stages' own commands (``python -m pipeline.train`` / ``predict`` / `
 * ``pl``: a second round on pseudo-labels from the base variant's fold models of the same
   seed (``pseudo.fraction`` = ``--pseudo-fraction``), blended with the base nets;
 * ``plft``: the same second round, but fine-tuning each base model over the schedule's last
-  ``--pseudo-finetune-epochs`` epochs (``pseudo.finetune_epochs``) instead of training anew;
+  ``--pseudo-finetune`` x ``--epochs`` epochs (``pseudo.finetune``) instead of training anew;
 * ``bf16``: ``train.precision: bfloat16`` (is bfloat16 training as good as float32 on this
   CPU? run the base with ``--base-precision float32``);
 
@@ -60,8 +60,7 @@ def params_file(path: Path, args: argparse.Namespace, variant: str) -> Path:
     studies.point_paths(params, args.records, run)
     params["tta"].update(n=args.tta_n, work=str(run / "work"))
     params["pseudo"].update(fraction=args.pseudo_fraction,
-                            finetune_epochs=args.pseudo_finetune_epochs if variant == "plft"
-                            else 0)
+                            finetune=args.pseudo_finetune if variant == "plft" else 0.0)
     params["models"].update(nets=list(args.nets), folds=list(args.folds), pseudo_nets=[])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(params))
@@ -196,17 +195,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--ema-half-life", type=float, default=2.0)
     p.add_argument("--pseudo-fraction", type=float, default=0.25)
-    p.add_argument("--pseudo-finetune-epochs", type=int, default=None,
-                   help="plft: the schedule's last epochs the second round fine-tunes "
-                        "(default: a quarter of --epochs)")
+    p.add_argument("--pseudo-finetune", type=float, default=0.25,
+                   help="plft: the share of the schedule's epochs, at its end, that the "
+                        "second round fine-tunes (pseudo.finetune)")
     p.add_argument("--base-precision", choices=["float32", "bfloat16", "auto"],
                    help="train.precision of every variant but bf16 (default: params.yaml's)")
     args = p.parse_args(argv)
     args.out, args.records = args.out.resolve(), args.records.resolve()
-    if args.pseudo_finetune_epochs is None:
-        args.pseudo_finetune_epochs = max(1, args.epochs // 4)
-    if not 0 < args.pseudo_finetune_epochs <= args.epochs:
-        p.error(f"--pseudo-finetune-epochs must be in [1, --epochs = {args.epochs}]")
+    if not 0 < args.pseudo_finetune <= 1:
+        p.error(f"--pseudo-finetune must be in (0, 1], got {args.pseudo_finetune}")
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     rows = [json.loads(x) for x in results.read_text().splitlines()] if results.exists() else []
