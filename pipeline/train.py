@@ -122,10 +122,8 @@ class Run:
     # and the targets' hash, so new targets start a new second round; when fine-tuning, the
     # first epoch and the first-round weights' hash too.
     pseudo_info: dict[str, Any] | None = field(init=False, default=None)
-    # Fine-tuning: the first-round run folder the weights come from, and the 0-based epoch
-    # of the schedule the second round starts at (0: a full second round from scratch).
+    # Fine-tuning: the first-round run folder the weights come from (None: from scratch).
     init_dir: Path | None = field(init=False, default=None)
-    first_epoch: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.member = member_name(pseudo_name(self.net) if self.pseudo else self.net, self.seed)
@@ -163,9 +161,13 @@ class Run:
                 f"{run_name(first, self.fold)}, but {self.init_dir} holds no finished model: "
                 f"train it first (python -m pipeline.train --net {self.net} --fold "
                 f"{self.fold}{seed}) or set pseudo.finetune: 0")
-        self.first_epoch = epochs - n
-        self.pseudo_info["finetune"] = {"epochs": n, "from_epoch": self.first_epoch,
+        self.pseudo_info["finetune"] = {"epochs": n, "from_epoch": epochs - n,
                                         "init": sha256(self.init_dir / "model.params")}
+
+    @property
+    def first_epoch(self) -> int:
+        """The 0-based epoch of the schedule the run starts at (> 0 only when fine-tuning)."""
+        return self.pseudo_info["finetune"]["from_epoch"] if self.init_dir else 0
 
     @property
     def settings(self) -> dict[str, Any]:
