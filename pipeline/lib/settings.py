@@ -491,7 +491,7 @@ class PseudoSection(Section):
     fraction: float = number(0.25, "share of every second-round batch that is "
                              "pseudo-labelled test images", lo=0, hi=1, lo_open=True,
                              hi_open=True)
-    finetune: float = number(0.0, "0: the second round trains from scratch for train.epochs; "
+    finetune: float = number(0.5, "0: the second round trains from scratch for train.epochs; "
                              "f > 0: it fine-tunes the first round's model over the "
                              "schedule's last ceil(f x train.epochs) epochs", lo=0, hi=1)
 

@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--ema-half-life", type=float, default=2.0)
     p.add_argument("--pseudo-fraction", type=float, default=0.25)
-    p.add_argument("--pseudo-finetune", type=float, default=0.25,
+    p.add_argument("--pseudo-finetune", type=float, default=0.5,
                    help="plft: the share of the schedule's epochs, at its end, that the "
                         "second round fine-tunes (pseudo.finetune)")
     p.add_argument("--base-precision", choices=["float32", "bfloat16", "auto"],
