@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import yaml
 
 from pipeline.lib.runs import member_name, run_name
+from pipeline.lib.settings import PseudoSection
 from pipeline.tools import studies
 
 ROOT = studies.ROOT
@@ -194,8 +195,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--tta-n", type=int, default=10)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--ema-half-life", type=float, default=2.0)
-    p.add_argument("--pseudo-fraction", type=float, default=0.25)
-    p.add_argument("--pseudo-finetune", type=float, default=0.5,
+    p.add_argument("--pseudo-fraction", type=float, default=PseudoSection.fraction)
+    p.add_argument("--pseudo-finetune", type=float, default=PseudoSection.finetune,
                    help="plft: the share of the schedule's epochs, at its end, that the "
                         "second round fine-tunes (pseudo.finetune)")
     p.add_argument("--base-precision", choices=["float32", "bfloat16", "auto"],
