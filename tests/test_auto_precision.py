@@ -53,6 +53,11 @@ def recorded(rates, calls=None, errors=None):
 @pytest.mark.parametrize("rates,expected", [
     ({"float32": 19.2, "bfloat16": 15.2}, "float32"),   # bf16 0.79x: the Xeon of issue 29
     ({"float32": 10.0, "bfloat16": 25.0}, "bfloat16"),  # bf16 2.5x: an AMX Xeon
+    # The same Emerald Rapids Xeon measured by `auto` itself, AMX exposed and hidden:
+    ({"float32": 19.18, "bfloat16": 45.79}, "bfloat16"),  # training, AMX
+    ({"float32": 74.66, "bfloat16": 201.41}, "bfloat16"),  # inference, AMX
+    ({"float32": 15.99, "bfloat16": 13.27}, "float32"),  # training, AMX hidden
+    ({"float32": 61.89, "bfloat16": 35.16}, "float32"),  # inference, AMX hidden
     ({"float32": 10.0, "bfloat16": 10.3}, "float32"),   # within the margin: the exact one
     ({"float32": 10.0, "bfloat16": 10.6}, "bfloat16"),
     ({"float32": 10.0, "bfloat16": 0.0}, "float32"),    # a path that failed
