@@ -48,7 +48,7 @@ from pipeline.lib.fsutil import hold_lock, sha256, sweep_stale, write_json, writ
 from pipeline.lib.predictions import prediction_files
 from pipeline.lib.runs import PSEUDO_TARGETS, artifact_name, member_name, pseudo_name, run_name
 from pipeline.lib.schedule import Schedule, needs_epochs, unused_keys
-from pipeline.lib.settings import Paths, TrainSection
+from pipeline.lib.settings import PSEUDO_CONTROL_PROBLEM, Paths, TrainSection
 from pipeline.lib.signals import graceful_stop
 
 
@@ -111,6 +111,8 @@ class Run:
     seed: int | None = None
     # Second round: the pseudo stage's folder of soft test targets, and the fraction of every
     # batch they fill. The run is then the net {net}-pl (pipeline.lib.runs.pseudo_name).
+    # Fraction 0 with finetune > 0 is the control: the same fine-tuning on the training images
+    # alone (no targets read), so what the pseudo-labels add can be measured.
     pseudo: Path | None = None
     pseudo_fraction: float = 0.25
     # > 0 (second round only): start from the first round's final weights of the same
@@ -131,14 +133,18 @@ class Run:
             self.cfg = self.cfg.replace(seed=int(self.seed))
         if self.pseudo is not None:
             f = self.pseudo_fraction
-            if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f < 1:
-                raise TrainingError(f"pseudo.fraction must be in (0, 1) for a second round, "
+            if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 <= f < 1:
+                raise TrainingError(f"pseudo.fraction must be in [0, 1) for a second round, "
                                     f"got {f!r}")
-            npy, _ = prediction_files(self.pseudo, "test", PSEUDO_TARGETS, self.fold)
-            if not npy.is_file():
-                raise TrainingError(f"{npy} not found: run the pseudo stage first "
-                                    "(python -m pipeline.pseudo)")
-            self.pseudo_info = {"fraction": float(f), "targets": sha256(npy)}
+            if f == 0 and not self.finetune:
+                raise TrainingError(PSEUDO_CONTROL_PROBLEM)
+            self.pseudo_info = {"fraction": float(f)}
+            if f > 0:
+                npy, _ = prediction_files(self.pseudo, "test", PSEUDO_TARGETS, self.fold)
+                if not npy.is_file():
+                    raise TrainingError(f"{npy} not found: run the pseudo stage first "
+                                        "(python -m pipeline.pseudo)")
+                self.pseudo_info["targets"] = sha256(npy)
             if self.finetune:
                 self._finetune_from_first_round()
         elif self.finetune:
@@ -366,7 +372,7 @@ def open_session(run: Run, held: contextlib.ExitStack | None = None) -> Session:
     transform = build_train_transform(ranges, meta["size"], background=meta["background"])
     batch = cfg.batch_size  # a multiple of the devices (TrainSection.problems)
     targets = None
-    if run.pseudo is None:
+    if run.pseudo is None or run.pseudo_fraction == 0:
         train_loader = BatchLoader(reader, train_idx, batch, transform, shuffle=True,
                                    seed=cfg.seed + rank, workers=cfg.workers,
                                    prefetch=cfg.prefetch, drop_last=len(train_idx) >= batch)

@@ -130,7 +130,9 @@ def test_second_round_trains_as_its_own_net_and_follows_its_targets(records, tmp
     assert T.train(again)["origin"] == "trained from scratch"
     spec = json.loads((tmp_path / "ck" / run.name / "model.json").read_text())
     assert spec["fingerprint"] != first
-    with pytest.raises(T.TrainingError, match="must be in \\(0, 1\\)"):
+    with pytest.raises(T.TrainingError, match="must be in \\[0, 1\\)"):
+        T.Run(NET, 0, config(tmp_path), where(tmp_path, records), pseudo=pl, pseudo_fraction=1.0)
+    with pytest.raises(T.TrainingError, match="needs pseudo.finetune > 0"):
         T.Run(NET, 0, config(tmp_path), where(tmp_path, records), pseudo=pl, pseudo_fraction=0.0)
     with pytest.raises(T.TrainingError, match="run the pseudo stage first"):
         T.Run(NET, 1, config(tmp_path), where(tmp_path, records), pseudo=pl)
@@ -205,6 +207,52 @@ def test_second_round_can_fine_tune_the_first_rounds_model(records, tmp_path):
         second(1.5)
     with pytest.raises(T.TrainingError, match="applies to a second round only"):
         T.Run(NET, 0, cfg, paths, seed=1, finetune=0.5)
+
+
+def test_fraction_zero_is_the_same_fine_tuning_without_pseudo_labels(records, tmp_path):
+    """pseudo.fraction 0 with pseudo.finetune > 0: the control. The second round fine-tunes
+    the first round's model over the same epochs on the training images alone (no targets
+    are read, so it needs no pseudo stage), with its own fingerprint: it is neither the first
+    round nor the pseudo-labelled second round, and switching between them starts afresh."""
+    meta = load_meta(records)
+    paths = where(tmp_path, records)
+    cfg = config(tmp_path, epochs=3, lr_steps=[2])
+    T.train(T.Run(NET, 0, cfg, paths, seed=1))
+    missing = tmp_path / "no-pseudo-stage"  # nothing there: fraction 0 reads no targets
+    control = T.Run(NET, 0, cfg, paths, seed=1, pseudo=missing, pseudo_fraction=0.0,
+                    finetune=0.5)
+    assert control.first_epoch == 1 and control.name == f"{NET}-pl-seed1--fold0"
+    with contextlib.ExitStack() as held:
+        s = T.open_session(control, held)
+        s.train_loader.close()
+        # only training images, a first round's batches: no test rows, no soft targets
+        assert s.targets is None and len(s.train_loader) == len(s.train_idx) // 8
+    metrics = T.train(control)
+    assert metrics["origin"].startswith(f"fine-tuned from {NET}-seed1--fold0")
+    spec = json.loads((tmp_path / "ck" / control.name / "model.json").read_text())
+    assert spec["train"]["pseudo"]["fraction"] == 0.0 and "targets" not in spec["train"]["pseudo"]
+    assert [h["epoch"] for h in spec["history"]] == [2, 3]
+    assert T.train(T.Run(NET, 0, cfg, paths, seed=1, pseudo=missing, pseudo_fraction=0.0,
+                         finetune=0.5))["origin"] == "already trained (3 epochs)"
+    # With pseudo-labels the same run is another model: it starts afresh from the first round.
+    pl = tmp_path / "pl"
+    names = [t["name"] for t in meta["test"]]
+    save_predictions(pl, "test", "pseudo", 0, np.full((len(names), 3), 1 / 3, np.float32), names)
+    with_pl = T.Run(NET, 0, cfg, paths, seed=1, pseudo=pl, pseudo_fraction=0.25, finetune=0.5)
+    assert T.train(with_pl)["origin"].startswith("fine-tuned from")
+    again = json.loads((tmp_path / "ck" / control.name / "model.json").read_text())
+    assert again["fingerprint"] != spec["fingerprint"]
+
+
+def test_fraction_zero_without_fine_tuning_is_refused_when_loaded():
+    from pipeline.lib.settings import SettingsError, check
+
+    with pytest.raises(SettingsError, match="pseudo.fraction: 0 .* needs pseudo.finetune > 0"):
+        check({"pseudo": {"fraction": 0, "finetune": 0}})
+    assert check({"pseudo": {"fraction": 0, "finetune": 0.5}})["pseudo"].fraction == 0.0
+    # without a second round the pair is harmless
+    assert check({"pseudo": {"fraction": 0, "finetune": 0},
+                  "models": {"pseudo_nets": []}})["pseudo"].fraction == 0.0
 
 
 def test_finetune_share_is_checked_when_loaded():

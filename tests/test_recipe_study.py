@@ -25,6 +25,11 @@ def test_summary_pairs_each_variant_with_the_base_run_of_its_seed():
     assert "| 2 | 1.4500 | 1.5000 | -0.0500 | 0.2121 | 1/2 |" in ls
     assert any(x.startswith("| 2 seeds averaged") and "-0.3000" in x for x in lines)
     assert not any(x.startswith("| ema") for x in lines)  # not run: no row
+    assert not any("against ft" in x for x in lines)
+    rows += [{"variant": "plft", "seed": 0, "oof": 0.7, "oof_calibrated": 0.7},
+             {"variant": "ft", "seed": 0, "oof": 0.75, "oof_calibrated": 0.75}]
+    own = next(x for x in R.summarize(rows, argparse.Namespace()) if "against ft" in x)
+    assert "| 1 | 0.7000 | 0.7500 | -0.0500 |" in own
 
 
 @pytest.mark.slow
@@ -43,17 +48,24 @@ def test_study_runs_base_and_pseudo_labels_over_two_seeds(tmp_path, capsys):
     assert set(pl["models"]) == {"lenet", "lenet-pl"} and all(r["oof"] > 0 for r in rows)
     out = capsys.readouterr().out
     assert "| pl | 2 |" in out and "| 2 seeds averaged" in out
-    # plft, added later for one seed: fine-tunes that seed's base model (the last epoch of
-    # the 1-epoch schedule); the base run is reused.
-    R.main(argv[:argv.index("--seeds")] + ["--seeds", "0", "--variants", "base", "plft",
+    # plft and its control ft, added later for one seed: both fine-tune that seed's base
+    # model (the last epoch of the 1-epoch schedule), ft without pseudo-labels (no pseudo
+    # stage run); the base run is reused.
+    R.main(argv[:argv.index("--seeds")] + ["--seeds", "0", "--variants", "base", "plft", "ft",
                                            "--epochs", "1", "--lr-steps", "--batch-size", "8",
                                            "--tta-n", "2"])
-    assert "fine-tuned from lenet-seed0--fold0" in (tmp_path / "study" / "plft" / "log.txt"
-                                                    ).read_text()
-    plft = json.loads((tmp_path / "study" / "results.jsonl").read_text().splitlines()[-1])
+    for variant in ("plft", "ft"):
+        assert "fine-tuned from lenet-seed0--fold0" in (tmp_path / "study" / variant /
+                                                        "log.txt").read_text()
+    assert not (tmp_path / "study" / "ft" / "predictions" / "pseudo").exists()
+    plft, ft = [json.loads(x) for x in (tmp_path / "study" / "results.jsonl").read_text()
+                .splitlines()[-2:]]
     assert plft["variant"] == "plft" and set(plft["models"]) == {"lenet", "lenet-pl"}
-    assert "| plft | 1 |" in capsys.readouterr().out
+    assert ft["variant"] == "ft" and set(ft["models"]) == {"lenet", "lenet-pl"}
+    assert ft["oof"] != plft["oof"]
+    out = capsys.readouterr().out
+    assert "| plft | 1 |" in out and "| ft | 1 |" in out and "| plft against ft" in out
     summary = json.loads((tmp_path / "study" / "summary.json").read_text())
     assert summary[-1]["variant"] == "seeds" and summary[-1]["seeds"] == [0, 1]
     R.main(argv)  # a rerun trains nothing: every (variant, seed) is in results.jsonl
-    assert len((tmp_path / "study" / "results.jsonl").read_text().splitlines()) == 5
+    assert len((tmp_path / "study" / "results.jsonl").read_text().splitlines()) == 6

@@ -489,7 +489,8 @@ class PseudoSection(Section):
     temperature: float = number(1.0, "< 1 sharpens the soft targets, > 1 softens them",
                                 lo=0, lo_open=True)
     fraction: float = number(0.25, "share of every second-round batch that is "
-                             "pseudo-labelled test images", lo=0, hi=1, lo_open=True,
+                             "pseudo-labelled test images; 0 with pseudo.finetune > 0 is the "
+                             "control: the same fine-tuning without them", lo=0, hi=1,
                              hi_open=True)
     finetune: float = number(0.5, "0: the second round trains from scratch for train.epochs; "
                              "f > 0: it fine-tunes the first round's model over the "
@@ -580,7 +581,18 @@ def _cross(p: dict[str, Any]) -> list[str]:
         bad = [k for k in models.folds if k >= data.folds]
         if bad:
             out.append(f"models.folds: each < data.folds ({data.folds}), got {bad}")
+    pseudo = p.get("pseudo")
+    if models is not None and pseudo is not None and models.pseudo_nets \
+            and pseudo.fraction == 0 and pseudo.finetune == 0:
+        out.append(PSEUDO_CONTROL_PROBLEM)
     return out
+
+
+# pseudo.fraction 0 keeps the test images out of the second round, the control that shows what
+# they add; from scratch that round would retrain the first one unchanged.
+PSEUDO_CONTROL_PROBLEM = ("pseudo.fraction: 0 (a second round without pseudo-labels) needs "
+                          "pseudo.finetune > 0; from scratch it would only retrain the first "
+                          "round")
 
 
 def read_file(file: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:

@@ -12,6 +12,9 @@ through the stages' own commands (``python -m pipeline.train`` / ``predict`` / `
   seed (``pseudo.fraction`` = ``--pseudo-fraction``), blended with the base nets;
 * ``plft``: the same second round, but fine-tuning each base model over the schedule's last
   ``--pseudo-finetune`` x ``--epochs`` epochs (``pseudo.finetune``) instead of training anew;
+* ``ft``: the control of ``plft``: the same fine-tuning without the pseudo-labelled images
+  (``pseudo.fraction: 0``), blended the same way, so ``plft - ft`` is what the pseudo-labels
+  add and ``ft - base`` what a second annealing cycle of the same weights adds;
 * ``bf16``: ``train.precision: bfloat16`` (is bfloat16 training as good as float32 on this
   CPU? run the base with ``--base-precision float32``);
 
@@ -38,8 +41,9 @@ from pipeline.lib.settings import PseudoSection
 from pipeline.tools import studies
 
 ROOT = studies.ROOT
-VARIANTS = ("base", "ls", "ema", "pl", "bf16", "plft")
-SECOND_ROUND = ("pl", "plft")
+VARIANTS = ("base", "ls", "ema", "pl", "bf16", "plft", "ft")
+SECOND_ROUND = ("pl", "plft", "ft")
+FINE_TUNED = ("plft", "ft")  # second rounds that start from the base variant's models
 
 
 def params_file(path: Path, args: argparse.Namespace, variant: str) -> Path:
@@ -60,8 +64,8 @@ def params_file(path: Path, args: argparse.Namespace, variant: str) -> Path:
         train["precision"] = "bfloat16"
     studies.point_paths(params, args.records, run)
     params["tta"].update(n=args.tta_n, work=str(run / "work"))
-    params["pseudo"].update(fraction=args.pseudo_fraction,
-                            finetune=args.pseudo_finetune if variant == "plft" else 0.0)
+    params["pseudo"].update(fraction=0.0 if variant == "ft" else args.pseudo_fraction,
+                            finetune=args.pseudo_finetune if variant in FINE_TUNED else 0.0)
     params["models"].update(nets=list(args.nets), folds=list(args.folds), pseudo_nets=[])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(params))
@@ -114,7 +118,7 @@ def study_seed(args: argparse.Namespace, variant: str, seed: int) -> dict[str, A
         base = args.out / "base"
         links = [(run / "predictions" / "models" / "round1",
                   base / "predictions" / "models" / "round1")]
-        if variant == "plft":  # and the first-round models it fine-tunes
+        if variant in FINE_TUNED:  # and the first-round models it fine-tunes
             names = [run_name(member_name(net, seed), fold)
                      for net in args.nets for fold in args.folds]
             links += [(run / "checkpoints" / n, base / "checkpoints" / n) for n in names]
@@ -122,8 +126,9 @@ def study_seed(args: argparse.Namespace, variant: str, seed: int) -> dict[str, A
             if not link.exists():
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(target)
-        sh([sys.executable, "-m", "pipeline.pseudo", "--params", str(params),
-            "--set", f"models.seeds=[{seed}]"], run / "log.txt")
+        if variant != "ft":  # the control reads no pseudo-labels
+            sh([sys.executable, "-m", "pipeline.pseudo", "--params", str(params),
+                "--set", f"models.seeds=[{seed}]"], run / "log.txt")
         pseudo_nets = list(args.nets)  # both rounds side by side, as the ensemble stage does
     train_and_predict(args, variant, seed, params)
     metrics = blend(args, run, args.nets, [seed], f"seed{seed}", pseudo_nets)
@@ -157,6 +162,10 @@ def summarize(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]
         line(f"{variant} + temperature", [(r["oof_calibrated"], base[r["seed"]]["oof"])
                                           for r in rows
                                           if r["variant"] == variant and r["seed"] in base])
+    ft = {r["seed"]: r for r in rows if r["variant"] == "ft"}
+    line("plft against ft: what the pseudo-labels add", [
+        (r["oof"], ft[r["seed"]]["oof"]) for r in rows
+        if r["variant"] == "plft" and r["seed"] in ft])
     seeds_row = next((r for r in rows if r["variant"] == "seeds"), None)
     if seeds_row:
         one = statistics.mean(r["oof"] for r in base.values())
@@ -197,8 +206,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--ema-half-life", type=float, default=2.0)
     p.add_argument("--pseudo-fraction", type=float, default=PseudoSection.fraction)
     p.add_argument("--pseudo-finetune", type=float, default=PseudoSection.finetune,
-                   help="plft: the share of the schedule's epochs, at its end, that the "
-                        "second round fine-tunes (pseudo.finetune)")
+                   help="plft and ft: the share of the schedule's epochs, at its end, that "
+                        "the second round fine-tunes (pseudo.finetune)")
     p.add_argument("--base-precision", choices=["float32", "bfloat16", "auto"],
                    help="train.precision of every variant but bf16 (default: params.yaml's)")
     args = p.parse_args(argv)
