@@ -115,6 +115,10 @@ ORDER = ("float32", "bfloat16", "int8")
 MARGIN = 0.05
 # Seconds of timed turns per decision (after one untimed call per candidate).
 BUDGET = 3.0
+# A measurement while other processes used more than this share of the machine's CPUs is used
+# for the run at hand but not cached: contention slows the paths unevenly (oneDNN's threads
+# wait on each other), so it can rank them wrongly, and a cached answer would stay wrong.
+BUSY_LIMIT = 0.25
 MODES = ("measure", "flags")
 
 
@@ -171,6 +175,8 @@ class Decision:
     int8_faster: bool | None = None
     measured_on: str = ""
     errors: dict[str, str] = field(default_factory=dict)
+    # measured now while other processes used this share of the CPUs (> BUSY_LIMIT: not cached)
+    busy: float | None = None
 
     def ratios(self) -> dict[str, float]:
         """Each measured path's speed relative to the chosen one."""
@@ -189,6 +195,9 @@ class Decision:
             others += [f"{p} failed ({e})" for p, e in self.errors.items()]
             when = f" (cached measurement of {self.measured_on})" if self.source == "cached" \
                 else ""
+            if self.source == "measured" and self.busy is not None and self.busy > BUSY_LIMIT:
+                when = (f" (other processes used {self.busy:.0%} of the CPUs meanwhile: not "
+                        "cached, measured again next time)")
             return f"{head}: {', '.join(others)}{when}"
         reason = {"kept": "the precision of the run being resumed",
                   "only candidate": "the only path this CPU runs",
@@ -206,6 +215,8 @@ class Decision:
             out["int8_faster"] = self.int8_faster
         if self.errors:
             out["errors"] = dict(self.errors)
+        if self.busy is not None:
+            out["busy_elsewhere"] = round(self.busy, 3)
         return out
 
 
@@ -263,13 +274,17 @@ def cached(key: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def record(key: dict[str, Any], rates: dict[str, float], errors: dict[str, str],
-           seconds: float) -> dict[str, Any]:
+           seconds: float, busy: float | None = None) -> dict[str, Any]:
     """Write the measurement of ``key`` to the cache (atomically) and return the entry; a
-    cache folder that cannot be written only costs a new measurement next time."""
+    cache folder that cannot be written only costs a new measurement next time. One made
+    while other processes used more than :data:`BUSY_LIMIT` of the CPUs is not written."""
     from pipeline.lib.fsutil import write_json
 
     entry = {"key": key, "rates": rates, "errors": errors, "seconds": round(seconds, 2),
+             "busy_elsewhere": None if busy is None else round(busy, 3),
              "date": datetime.date.today().isoformat()}
+    if busy is not None and busy > BUSY_LIMIT:
+        return json.loads(json.dumps(entry, default=str))
     try:
         cache_dir().mkdir(parents=True, exist_ok=True)
         write_json(_entry_path(key), entry)
@@ -301,9 +316,11 @@ def _measuring_lock(key: dict[str, Any]) -> Iterator[None]:
 
 def measure(kind: str, net: str, kwargs: dict[str, Any], size: int, batch: int,
             candidates: Sequence[str], int8_options: dict[str, Any] | None = None,
-            budget: float = BUDGET) -> tuple[dict[str, float], dict[str, str], float]:
-    """(rates, errors, seconds): each candidate's images/s, timed now (a path that fails to
-    build or run gets rate 0 and its error).
+            budget: float = BUDGET
+            ) -> tuple[dict[str, float], dict[str, str], float, float | None]:
+    """(rates, errors, seconds, busy): each candidate's images/s, timed now (a path that fails
+    to build or run gets rate 0 and its error), and the share of the machine's CPUs other
+    processes used meanwhile (:func:`pipeline.lib.runtime.busy_elsewhere`; None: unknown).
 
     A Ctrl-C or SIGTERM meanwhile stops the timing after the call in progress and is then
     delivered again, to whatever handled it before (a stage's one-line "interrupted", exit
@@ -313,9 +330,10 @@ def measure(kind: str, net: str, kwargs: dict[str, Any], size: int, batch: int,
     import time
 
     from pipeline.lib import speedtest
+    from pipeline.lib.runtime import busy_elsewhere, cpu_times
     from pipeline.lib.signals import graceful_stop
 
-    t0 = time.perf_counter()
+    t0, times = time.perf_counter(), cpu_times()
     signum = None
     with graceful_stop(f"auto: timing the {kind} precision paths") as stop:
         try:
@@ -331,7 +349,7 @@ def measure(kind: str, net: str, kwargs: dict[str, Any], size: int, batch: int,
     if signum is not None:  # the handlers of before are back: they get the signal now
         signal.raise_signal(signum)
         raise KeyboardInterrupt  # a handler that let it pass: stop anyway, nothing recorded
-    return rates, errors, time.perf_counter() - t0
+    return rates, errors, time.perf_counter() - t0, busy_elsewhere(times, cpu_times())
 
 
 def choose(kind: str, requested: str, net: str, kwargs: dict[str, Any], size: int,
@@ -363,14 +381,15 @@ def choose(kind: str, requested: str, net: str, kwargs: dict[str, Any], size: in
     candidates = floats + (("int8",) if int8 else ())
     key = cache_key(kind, net, kwargs, size, batch, candidates, int8_options if int8 else None)
     entry = cached(key)
-    source = "cached"
+    source, busy = "cached", None
     if entry is None:
         with _measuring_lock(key):
             entry = cached(key)  # measured by another process while this one waited
             if entry is None:
-                rates, errors, seconds = measure(kind, net, kwargs, size, batch, candidates,
-                                                 int8_options if int8 else None, budget)
-                entry = record(key, rates, errors, seconds)
+                rates, errors, seconds, busy = measure(kind, net, kwargs, size, batch,
+                                                       candidates,
+                                                       int8_options if int8 else None, budget)
+                entry = record(key, rates, errors, seconds, busy)
                 source = "measured"
     rates = {p: float(r) for p, r in entry["rates"].items()}
     usable = {p: r for p, r in rates.items() if p in floats and r > 0}
@@ -379,4 +398,4 @@ def choose(kind: str, requested: str, net: str, kwargs: dict[str, Any], size: in
     if int8:
         int8_faster = rates.get("int8", 0.0) >= rates.get(precision, 0.0) * (1 + MARGIN) > 0
     return Decision(kind, requested, precision, source, rates, int8_faster, entry["date"],
-                    dict(entry.get("errors") or {}))
+                    dict(entry.get("errors") or {}), busy)

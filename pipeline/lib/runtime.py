@@ -58,6 +58,42 @@ def configure_threads(n: int | None = None) -> int:
     return int(os.environ["OMP_NUM_THREADS"])
 
 
+# ---------------------------------------------------------------------- who else uses the CPUs
+
+
+def cpu_times() -> tuple[float, float, float] | None:
+    """(busy, total, own) CPU seconds so far: the machine's busy and total time over all its
+    CPUs (``/proc/stat``; steal, time a hypervisor gave to other guests, counts as busy) and
+    this process's own (every thread). None where Linux does not tell."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 8:
+        return None
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
+    values = [int(v) / tick for v in fields[1:9]]
+    idle = values[3] + values[4]
+    total = sum(values)
+    mine = os.times()
+    return total - idle, total, mine.user + mine.system
+
+
+def busy_elsewhere(before: tuple[float, float, float] | None,
+                   after: tuple[float, float, float] | None) -> float | None:
+    """The share of the machine's CPU time that other processes (and other guests) used
+    between two :func:`cpu_times` readings, 0..1; None if either is unknown or no time
+    passed."""
+    if before is None or after is None:
+        return None
+    busy, total, own = (a - b for a, b in zip(after, before))
+    if total <= 0:
+        return None
+    return min(1.0, max(0.0, (busy - own) / total))
+
+
 # -------------------------------------------------------------------------------- CPU features
 
 
