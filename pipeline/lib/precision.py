@@ -35,6 +35,7 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -115,10 +116,12 @@ ORDER = ("float32", "bfloat16", "int8")
 MARGIN = 0.05
 # Seconds of timed turns per decision (after one untimed call per candidate).
 BUDGET = 3.0
-# A measurement while other processes used more than this share of the machine's CPUs is used
-# for the run at hand but not cached: contention slows the paths unevenly (oneDNN's threads
-# wait on each other), so it can rank them wrongly, and a cached answer would stay wrong.
+# A measurement while other processes used more than this share of the machine's CPUs is
+# provisional: contention slows the paths unevenly (oneDNN's threads wait on each other), so it
+# can rank them wrongly, and a cached answer would stay wrong. It is reused for PROVISIONAL
+# seconds only, so that shards or workers started together still run the same path.
 BUSY_LIMIT = 0.25
+PROVISIONAL = 3600
 MODES = ("measure", "flags")
 
 
@@ -175,7 +178,7 @@ class Decision:
     int8_faster: bool | None = None
     measured_on: str = ""
     errors: dict[str, str] = field(default_factory=dict)
-    # measured now while other processes used this share of the CPUs (> BUSY_LIMIT: not cached)
+    # the share of the CPUs other processes used while it was timed (> BUSY_LIMIT: provisional)
     busy: float | None = None
 
     def ratios(self) -> dict[str, float]:
@@ -195,9 +198,10 @@ class Decision:
             others += [f"{p} failed ({e})" for p, e in self.errors.items()]
             when = f" (cached measurement of {self.measured_on})" if self.source == "cached" \
                 else ""
-            if self.source == "measured" and self.busy is not None and self.busy > BUSY_LIMIT:
-                when = (f" (other processes used {self.busy:.0%} of the CPUs meanwhile: not "
-                        "cached, measured again next time)")
+            if self.busy is not None and self.busy > BUSY_LIMIT:
+                when = (f" (other processes used {self.busy:.0%} of the CPUs while it was "
+                        f"timed{' now' if self.source == 'measured' else ''}: kept for an "
+                        "hour only, then measured again)")
             return f"{head}: {', '.join(others)}{when}"
         reason = {"kept": "the precision of the run being resumed",
                   "only candidate": "the only path this CPU runs",
@@ -270,21 +274,28 @@ def cached(key: dict[str, Any]) -> dict[str, Any] | None:
           and isinstance(entry.get("rates"), dict)
           and set(entry["rates"]) == set(key["candidates"])
           and all(isinstance(v, (int, float)) and v >= 0 for v in entry["rates"].values()))
+    if ok and _provisional(entry):  # timed on a busy machine: good for an hour at most
+        made = entry.get("time")
+        ok = isinstance(made, (int, float)) and 0 <= time.time() - made < PROVISIONAL
     return entry if ok else None
+
+
+def _provisional(entry: dict[str, Any]) -> bool:
+    busy = entry.get("busy_elsewhere")
+    return isinstance(busy, (int, float)) and busy > BUSY_LIMIT
 
 
 def record(key: dict[str, Any], rates: dict[str, float], errors: dict[str, str],
            seconds: float, busy: float | None = None) -> dict[str, Any]:
     """Write the measurement of ``key`` to the cache (atomically) and return the entry; a
     cache folder that cannot be written only costs a new measurement next time. One made
-    while other processes used more than :data:`BUSY_LIMIT` of the CPUs is not written."""
+    while other processes used more than :data:`BUSY_LIMIT` of the CPUs is provisional
+    (:func:`cached` serves it for :data:`PROVISIONAL` seconds)."""
     from pipeline.lib.fsutil import write_json
 
     entry = {"key": key, "rates": rates, "errors": errors, "seconds": round(seconds, 2),
              "busy_elsewhere": None if busy is None else round(busy, 3),
-             "date": datetime.date.today().isoformat()}
-    if busy is not None and busy > BUSY_LIMIT:
-        return json.loads(json.dumps(entry, default=str))
+             "date": datetime.date.today().isoformat(), "time": round(time.time(), 1)}
     try:
         cache_dir().mkdir(parents=True, exist_ok=True)
         write_json(_entry_path(key), entry)
@@ -381,7 +392,7 @@ def choose(kind: str, requested: str, net: str, kwargs: dict[str, Any], size: in
     candidates = floats + (("int8",) if int8 else ())
     key = cache_key(kind, net, kwargs, size, batch, candidates, int8_options if int8 else None)
     entry = cached(key)
-    source, busy = "cached", None
+    source = "cached"
     if entry is None:
         with _measuring_lock(key):
             entry = cached(key)  # measured by another process while this one waited
@@ -391,6 +402,7 @@ def choose(kind: str, requested: str, net: str, kwargs: dict[str, Any], size: in
                                                        int8_options if int8 else None, budget)
                 entry = record(key, rates, errors, seconds, busy)
                 source = "measured"
+    busy = entry.get("busy_elsewhere")
     rates = {p: float(r) for p, r in entry["rates"].items()}
     usable = {p: r for p, r in rates.items() if p in floats and r > 0}
     precision = decide(usable) if usable else "float32"
