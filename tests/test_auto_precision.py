@@ -123,7 +123,7 @@ def test_a_measurement_on_a_busy_machine_is_kept_for_an_hour_only(measuring, two
                            "processes used 60% of the CPUs while it was timed now: kept for an "
                            "hour only, then measured again)")
     assert busy.as_dict()["busy_elsewhere"] == 0.6
-    shard = prec.choose(prec.TRAINING, "auto", "lenet", KW, 32, 8)  # started with it
+    shard = prec.choose(prec.TRAINING, "auto", "lenet", KW, 32, 8)  # started with it, at once
     assert (shard.precision, shard.source) == ("float32", "cached")
     assert "60% of the CPUs while it was timed: kept for an hour only" in shard.line()
     assert calls == ["training"]

@@ -276,7 +276,8 @@ def cached(key: dict[str, Any]) -> dict[str, Any] | None:
           and all(isinstance(v, (int, float)) and v >= 0 for v in entry["rates"].values()))
     if ok and _provisional(entry):  # timed on a busy machine: good for an hour at most
         made = entry.get("time")
-        ok = isinstance(made, (int, float)) and 0 <= time.time() - made < PROVISIONAL
+        # (a clock set back by less than a minute is not a reason to measure again)
+        ok = isinstance(made, (int, float)) and -60 <= time.time() - made < PROVISIONAL
     return entry if ok else None
 
 
@@ -295,7 +296,7 @@ def record(key: dict[str, Any], rates: dict[str, float], errors: dict[str, str],
 
     entry = {"key": key, "rates": rates, "errors": errors, "seconds": round(seconds, 2),
              "busy_elsewhere": None if busy is None else round(busy, 3),
-             "date": datetime.date.today().isoformat(), "time": round(time.time(), 1)}
+             "date": datetime.date.today().isoformat(), "time": time.time()}
     try:
         cache_dir().mkdir(parents=True, exist_ok=True)
         write_json(_entry_path(key), entry)
