@@ -166,9 +166,15 @@ class Run:
                 f"pseudo.finetune = {f:g} fine-tunes the first-round model "
                 f"{run_name(first, self.fold)}, but {self.init_dir} holds no finished model: "
                 f"train it first (python -m pipeline.train --net {self.net} --fold "
-                f"{self.fold}{seed}) or set pseudo.finetune: 0")
+                f"{self.fold}{seed}){self.or_from_scratch}")
         self.pseudo_info["finetune"] = {"epochs": n, "from_epoch": epochs - n,
                                         "init": sha256(self.init_dir / "model.params")}
+
+    @property
+    def or_from_scratch(self) -> str:
+        """The other way out of a missing or unusable first-round model, for error messages:
+        none for the control, which only exists as a fine-tuning."""
+        return "" if self.pseudo_fraction == 0 else " or set pseudo.finetune: 0"
 
     @property
     def first_epoch(self) -> int:
@@ -501,11 +507,11 @@ def _start_fresh(s: Session) -> None:
     if differ:
         raise TrainingError(f"{run.name}: the first-round model in {run.init_dir} differs from "
                             f"this run in {', '.join(differ)}: retrain the first round on "
-                            "these records and settings, or set pseudo.finetune: 0")
+                            f"these records and settings{run.or_from_scratch}")
     params = run.init_dir / "model.params"
     if spec.get("sha256", {}).get("params") != run.pseudo_info["finetune"]["init"]:
         raise TrainingError(f"{params} does not match its model.json (damaged or replaced): "
-                            "retrain the first round, or set pseudo.finetune: 0")
+                            f"retrain the first round{run.or_from_scratch}")
     s.net.load_parameters(str(params), ctx=s.ctxs)
     if s.average is not None:
         s.average.load_from_net(0)

@@ -217,8 +217,11 @@ def test_fraction_zero_is_the_same_fine_tuning_without_pseudo_labels(records, tm
     meta = load_meta(records)
     paths = where(tmp_path, records)
     cfg = config(tmp_path, epochs=3, lr_steps=[2])
-    T.train(T.Run(NET, 0, cfg, paths, seed=1))
     missing = tmp_path / "no-pseudo-stage"  # nothing there: fraction 0 reads no targets
+    with pytest.raises(T.TrainingError) as no_first:  # the only way out: train the first round
+        T.Run(NET, 0, cfg, paths, seed=1, pseudo=missing, pseudo_fraction=0.0, finetune=0.5)
+    assert str(no_first.value).endswith("--seed 1)")
+    T.train(T.Run(NET, 0, cfg, paths, seed=1))
     control = T.Run(NET, 0, cfg, paths, seed=1, pseudo=missing, pseudo_fraction=0.0,
                     finetune=0.5)
     assert control.first_epoch == 1 and control.name == f"{NET}-pl-seed1--fold0"
