@@ -225,13 +225,15 @@ class Decision:
 
 
 def code_digest() -> str:
-    """Hash of the code that decides which kernels run: the network library and the timed
-    steps. An edit there measures again."""
+    """Hash of the code that decides which kernels run and how they are timed: the network
+    library, the timed steps, this module and the runtime settings. An edit there measures
+    again (an entry of older code may have been timed by rules since mended)."""
     import nets
 
     root = Path(nets.__file__).parent
     files = sorted([*root.glob("*.py"), *root.glob("native/*.cc")]) + [
-        Path(__file__).with_name(n) for n in ("speedtest.py", "sgd.py", "quantize.py")]
+        Path(__file__).with_name(n) for n in ("speedtest.py", "sgd.py", "quantize.py",
+                                              "precision.py", "runtime.py")]
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
