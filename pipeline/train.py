@@ -139,7 +139,7 @@ class Run:
             if f == 0 and not self.finetune:
                 raise TrainingError(PSEUDO_CONTROL_PROBLEM)
             self.pseudo_info = {"fraction": float(f)}
-            if f > 0:
+            if self.mixes_pseudo_labels:
                 npy, _ = prediction_files(self.pseudo, "test", PSEUDO_TARGETS, self.fold)
                 if not npy.is_file():
                     raise TrainingError(f"{npy} not found: run the pseudo stage first "
@@ -169,6 +169,12 @@ class Run:
                 f"{self.fold}{seed}){self.or_from_scratch}")
         self.pseudo_info["finetune"] = {"epochs": n, "from_epoch": epochs - n,
                                         "init": sha256(self.init_dir / "model.params")}
+
+    @property
+    def mixes_pseudo_labels(self) -> bool:
+        """Whether the batches hold pseudo-labelled test images (a second round, not the
+        control)."""
+        return self.pseudo is not None and self.pseudo_fraction > 0
 
     @property
     def or_from_scratch(self) -> str:
@@ -378,7 +384,7 @@ def open_session(run: Run, held: contextlib.ExitStack | None = None) -> Session:
     transform = build_train_transform(ranges, meta["size"], background=meta["background"])
     batch = cfg.batch_size  # a multiple of the devices (TrainSection.problems)
     targets = None
-    if run.pseudo is None or run.pseudo_fraction == 0:
+    if not run.mixes_pseudo_labels:
         train_loader = BatchLoader(reader, train_idx, batch, transform, shuffle=True,
                                    seed=cfg.seed + rank, workers=cfg.workers,
                                    prefetch=cfg.prefetch, drop_last=len(train_idx) >= batch)

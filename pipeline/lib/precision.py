@@ -341,7 +341,6 @@ def measure(kind: str, net: str, kwargs: dict[str, Any], size: int, batch: int,
     130/143): without this, one arriving inside MXNet's INT8 calibration callback would be
     swallowed there (ctypes ignores exceptions in callbacks) and the Ctrl-C lost."""
     import signal
-    import time
 
     from pipeline.lib import speedtest
     from pipeline.lib.runtime import busy_elsewhere, cpu_times
